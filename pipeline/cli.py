@@ -1,0 +1,90 @@
+"""`cbs <stage> ...`: a thin shell that loads a config, applies `--set` overrides and calls the stage's main().
+
+Stages: preprocess | pretrain | evaluate | fit | forecast | study | status. Heavy imports (torch, deepspeed,
+megatron-core) happen inside the stage that needs them, so `cbs --help` and `cbs fit` start fast.
+Exit codes: 0 done, 2 bad input (the message says which key or file and how to fix it), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline import __version__
+
+NOT_BUILT = {
+    "pretrain": "issue #3 (megatron-core GPT in a DeepSpeed engine)",
+    "evaluate": "issue #4 (held-out loss of raw and EWA weights)",
+    "study": "issue #5 (study YAML -> runs -> local or Slurm executor)",
+    "status": "issue #5 (table of a study's runs)",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the stage's YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, dotted for nested keys (repeatable): --set tokenizer.vocab_size=4096")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbs", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"cbs {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = sub.add_parser("preprocess", help="corpus -> SentencePiece tokenizer -> Megatron .bin/.idx shards")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if output_dir is up to date, replacing it")
+
+    sub.add_parser("fit", help="steps-vs-batch fits, CBS with intervals, scaling laws, report", add_help=False)
+    sub.add_parser("forecast", help="CBS forecast and batch plan from a fit's scaling.json", add_help=False)
+    for stage, where in NOT_BUILT.items():
+        sub.add_parser(stage, help=f"(not built yet: {where})", add_help=False)
+    return parser
+
+
+def _setup_logging() -> None:
+    # only our logger at INFO: megatron-core logs chatter at INFO through the root logger
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[cbs %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    logger = logging.getLogger("cbs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _run_preprocess(args) -> int:
+    from pipeline import preprocess
+    from pipeline.config import PreprocessConfig, load_config
+
+    cfg = load_config(PreprocessConfig, args.config, args.overrides)
+    preprocess.main(cfg, force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("fit", "forecast"):  # argparse of their own, in analysis/ (no torch import)
+        from analysis import cli as analysis_cli
+
+        return (analysis_cli.fit_main if argv[0] == "fit" else analysis_cli.forecast_main)(argv[1:])
+    if argv and argv[0] in NOT_BUILT:
+        print(f"cbs {argv[0]}: this stage is not built yet; it comes with {NOT_BUILT[argv[0]]}", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    from pipeline.config import ConfigError
+    from pipeline.corpus import CorpusError
+    from pipeline.preprocess import PreprocessError
+
+    try:
+        return _run_preprocess(args)
+    except (ConfigError, CorpusError, PreprocessError) as e:
+        print(f"cbs {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cbs {args.stage}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Config loading: types, unknown keys, required keys, overrides, and every shipped YAML validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_types_defaults_and_overrides(tmp_path):
+    path = write(tmp_path, "inputs: stdlib\noutput_dir: out\ntokenizer: {vocab_size: 1e3, type: unigram}\n")
+    cfg = load_config(PreprocessConfig, path, ["val_fraction=0.05", "tokenizer.split_digits=false", "workers=3"])
+    assert cfg.inputs == ["stdlib"]  # a single item where a list is expected
+    assert cfg.tokenizer.vocab_size == 1000 and isinstance(cfg.tokenizer.vocab_size, int)
+    assert cfg.tokenizer.type is TokenizerType.unigram and cfg.tokenizer.split_digits is False
+    assert cfg.val_fraction == 0.05 and cfg.workers == 3 and cfg.text_field == "text"
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("inputs: [stdlib]\noutput_dir: o\nval_fraction: 0.7\n", [], r"preprocess\.val_fraction must be in \(0, 0\.5\): got 0\.7"),
+    ("inputs: [stdlib]\noutput_dir: o\nval_fractoin: 0.1\n", [], r"preprocess\.val_fractoin is not a known key; did you mean preprocess\.val_fraction\?"),
+    ("inputs: [stdlib]\n", [], r"preprocess\.output_dir is required"),
+    ("inputs: [stdlib]\noutput_dir: o\n", ["tokenizer.vocab_size=lots"], r"preprocess\.tokenizer\.vocab_size must be an integer: got 'lots'"),
+    ("inputs: [stdlib]\noutput_dir: o\n", ["tokenizer.type=wordpiece"], r"preprocess\.tokenizer\.type must be one of 'bpe', 'unigram': got 'wordpiece'"),
+    ("inputs: [stdlib]\noutput_dir: o\n", ["on_error=ignore"], r"preprocess\.on_error must be one of 'fail', 'skip'"),
+    ("inputs: [stdlib]\noutput_dir: o\n", ["workers=0"], r"preprocess\.workers must be >= 1: got 0"),
+    ("inputs: [stdlib]\noutput_dir: o\n", ["tokenizer=3"], r"preprocess\.tokenizer must be a mapping"),
+    ("inputs: []\noutput_dir: o\n", [], r"preprocess\.inputs must list at least one source"),
+    ("- a\n- b\n", [], r"must hold a mapping"),
+    ("inputs: [stdlib]\noutput_dir: o\n", ["nonsense"], r"override 'nonsense' must look like key\.subkey=value"),
+])
+def test_errors_name_the_key_and_the_fix(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PreprocessConfig, write(tmp_path, text), overrides)
+
+
+def test_overrides_create_nested_keys_and_parse_yaml():
+    data = apply_overrides({"a": 1}, ["b.c.d=[1, 2]", "a=null", "e=3e-3"])
+    assert data == {"a": None, "b": {"c": {"d": [1, 2]}}, "e": "3e-3"}  # the float is coerced by its field
+
+
+def test_every_shipped_preprocess_config_validates():
+    shipped = sorted((ROOT / "configs").glob("preprocess*.yaml"))
+    assert shipped, "configs/ ships at least one preprocess example"
+    for path in shipped:
+        cfg = load_config(PreprocessConfig, path)
+        assert cfg.inputs
