@@ -1,0 +1,358 @@
+"""Steps-to-target table: for each setting (model, data budget) and global batch size, S(B).
+
+S(B) is the smallest number of optimizer steps after which the eval loss is <= the setting's target loss,
+minimised over the runs (hyper-parameters) tried at that batch size (Zhang et al. 2025, arXiv 2410.21676, sec. 2).
+A batch size at which no run reached the target is *censored*: it stays in the table, flagged, and out of the fit
+(its S is only known to exceed what was trained, and a diverged run says nothing about S).
+
+Two inputs:
+- a study directory: `runs/<run>/config.yaml` (`global_batch_seqs`, `study.settings`, `model.seq_len`) and
+  `runs/<run>/result.json` (`status`, `targets[].raw|ewa` crossings); a run without result.json is unfinished;
+- a CSV with columns `setting,model_params,tokens,batch_size,steps` (optional: `censored`, `runs`, `best_run`,
+  so a `steps.csv` written by `cbs fit` reads back), taken as given; repeated (setting, batch) rows keep the min.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from analysis import InputError
+
+CSV_COLUMNS = ("setting", "model_params", "tokens", "batch_size", "steps")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe_load's semantics; libyaml is ~10x faster
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"", "0", "false", "no", "n", "f"}
+
+
+class TargetKind(str, enum.Enum):
+    """Which crossing of the target counts for a run."""
+
+    RAW = "raw"  # the raw (last-iterate) weights' eval loss
+    EWA = "ewa"  # the min over the EWA decays tau recorded (the paper's choice)
+    BEST = "best"  # the min of both
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One (model, data budget) of a study; `target_loss` is None for CSV input."""
+
+    name: str
+    model_params: int
+    """Non-embedding parameters N."""
+    tokens: int
+    """Data budget D in tokens."""
+    target_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class StepsPoint:
+    """S(B) for one setting and one global batch size (in sequences)."""
+
+    setting: Setting
+    batch_size: int
+    steps: float | None
+    """Smallest steps-to-target over the runs at this batch; None when censored."""
+    runs: int
+    """Runs (hyper-parameter points) at this batch, censored ones included."""
+    best_run: str = ""
+
+    @property
+    def censored(self) -> bool:
+        return self.steps is None
+
+
+@dataclass
+class StepsTable:
+    """The table plus what the report needs to say about where it came from."""
+
+    points: list[StepsPoint]
+    source: str
+    input_kind: str
+    """'study' or 'csv'."""
+    target_kind: str | None = None
+    finished_runs: int = 0
+    unfinished_runs: list[str] = field(default_factory=list)
+    seq_len: int | None = None
+    """Sequence length (tokens per sequence) when all runs agree; None for CSV input or a mixed study."""
+    shared_runs: bool = False
+    """True when some run serves several settings (one sweep read at several budgets)."""
+
+    def settings(self) -> list[Setting]:
+        unique = {p.setting.name: p.setting for p in self.points}
+        return sorted(unique.values(), key=lambda s: (s.model_params, s.tokens, s.name))
+
+    def points_of(self, name: str) -> list[StepsPoint]:
+        return sorted((p for p in self.points if p.setting.name == name), key=lambda p: p.batch_size)
+
+
+@dataclass(frozen=True)
+class _Observation:
+    """One run's steps-to-target for one setting (None: censored)."""
+
+    setting: Setting
+    batch_size: int
+    steps: float | None
+    runs: int
+    run_name: str
+
+
+def load_steps(path: str | Path, target_kind: str | TargetKind = TargetKind.EWA) -> StepsTable:
+    """Read a study directory or a steps CSV; raise InputError if nothing can be fitted."""
+    path = Path(path)
+    if path.is_dir():
+        table = read_study(path, TargetKind(target_kind))
+    elif path.is_file():
+        table = read_steps_csv(path)
+    else:
+        raise InputError(f"{path}: no such file or directory")
+    _check_fittable(table)
+    return table
+
+
+def _check_fittable(table: StepsTable) -> None:
+    usable = [p for p in table.points if not p.censored]
+    if not usable:
+        raise InputError(f"{table.source}: no batch size reached its target loss in any setting; nothing to fit")
+    if len({p.batch_size for p in usable}) < 2:
+        only = usable[0].batch_size
+        raise InputError(f"{table.source}: only one batch size ({only}) has steps-to-target; a fit needs several")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reduction: min over runs at each (setting, batch)
+
+
+def reduce_observations(observations: Iterable[_Observation]) -> list[StepsPoint]:
+    """S(B) = min over the runs at B of their steps-to-target; censored only if every run at B is."""
+    groups: dict[tuple[str, int], list[_Observation]] = {}
+    for ob in observations:
+        groups.setdefault((ob.setting.name, ob.batch_size), []).append(ob)
+    points = []
+    for (_, batch), obs in sorted(groups.items()):
+        reached = [o for o in obs if o.steps is not None]
+        best = min(reached, key=lambda o: (o.steps, o.run_name)) if reached else None
+        points.append(StepsPoint(setting=obs[0].setting, batch_size=batch, steps=best.steps if best else None,
+                                 runs=sum(o.runs for o in obs), best_run=best.run_name if best else ""))
+    return points
+
+
+def _register(settings: dict[str, Setting], s: Setting, where: str) -> Setting:
+    """Keep one Setting per name; the same name with other numbers is an error."""
+    known = settings.setdefault(s.name, s)
+    same_target = (known.target_loss is None and s.target_loss is None) or (
+        known.target_loss is not None and s.target_loss is not None
+        and math.isclose(known.target_loss, s.target_loss, rel_tol=1e-9))
+    if (known.model_params, known.tokens) != (s.model_params, s.tokens) or not same_target:
+        raise InputError(f"{where}: setting {s.name!r} has model_params/tokens/target_loss "
+                         f"{s.model_params}/{s.tokens}/{s.target_loss}, elsewhere "
+                         f"{known.model_params}/{known.tokens}/{known.target_loss}")
+    return known
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numbers
+
+
+def _positive_number(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise InputError(f"{what} must be a positive number: got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a positive number: got {value!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise InputError(f"{what} must be a positive number: got {value!r}")
+    return x
+
+
+def _positive_int(value: Any, what: str) -> int:
+    x = _positive_number(value, what)
+    if not x.is_integer():
+        raise InputError(f"{what} must be a whole number: got {value!r}")
+    return int(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CSV input
+
+
+def read_steps_csv(path: Path) -> StepsTable:
+    """Rows `setting,model_params,tokens,batch_size,steps[,censored,runs,best_run]` -> table (taken as given)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [c.strip() for c in reader.fieldnames or []]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read as CSV: {e}") from None
+    if not header:
+        raise InputError(f"{path}: empty file; expected a header {','.join(CSV_COLUMNS)}")
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+    if not rows:
+        raise InputError(f"{path}: no data rows")
+    settings: dict[str, Setting] = {}
+    observations = [_csv_observation(row, i + 2, path, settings) for i, row in enumerate(rows)]
+    return StepsTable(points=reduce_observations(observations), source=str(path), input_kind="csv")
+
+
+def _csv_observation(row: dict, line: int, path: Path, settings: dict[str, Setting]) -> _Observation:
+    row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
+    where = f"{path}, line {line}"
+    name = row["setting"]
+    if not name:
+        raise InputError(f"{where}: empty setting name")
+    setting = _register(settings, Setting(name, _positive_int(row["model_params"], f"{where}: model_params"),
+                                          _positive_int(row["tokens"], f"{where}: tokens")), where)
+    censored = _csv_bool(row.get("censored", ""), f"{where}: censored")
+    steps = None if censored else _positive_number(row["steps"], f"{where}: steps")
+    runs = _positive_int(row["runs"], f"{where}: runs") if row.get("runs") else 1
+    return _Observation(setting, _positive_int(row["batch_size"], f"{where}: batch_size"), steps, runs,
+                        row.get("best_run") or "")
+
+
+def _csv_bool(value: str, what: str) -> bool:
+    v = (value or "").strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise InputError(f"{what} must be true/false (or 1/0): got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# study directory input
+
+
+def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
+    """`runs/*/config.yaml` + `result.json` -> table; runs without result.json are counted as unfinished."""
+    runs_dir = study_dir / "runs"
+    if not runs_dir.is_dir():
+        raise InputError(f"{study_dir}: not a study directory (no runs/ inside) and not a CSV file")
+    run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir())
+    finished = [p for p in run_dirs if (p / "result.json").is_file()]
+    unfinished = [p.name for p in run_dirs if p not in finished]
+    if not finished:
+        raise InputError(f"{study_dir}: no finished runs ({len(unfinished)} run director(y/ies) without "
+                         "result.json)")
+    settings: dict[str, Setting] = {}
+    observations, seq_lens, shared = [], set(), False
+    for run in finished:
+        config, result = _read_yaml(run / "config.yaml"), _read_json(run / "result.json")
+        run_settings = _run_settings(config, run / "config.yaml", settings)
+        shared |= len(run_settings) > 1
+        seq_lens.add(_seq_len(config))
+        observations += _run_observations(run, config, result, run_settings, target_kind)
+    seq_lens.discard(None)
+    return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
+                      target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
+                      seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: cannot read YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a YAML mapping")
+    return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> list[Setting]:
+    study = config.get("study")
+    entries = study.get("settings") if isinstance(study, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{where}: study.settings must be a non-empty list of "
+                         "{name, model_params, tokens, target_loss}")
+    out = []
+    for i, e in enumerate(entries):
+        key = f"{where}: study.settings[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+            raise InputError(f"{key} must be a mapping with a name")
+        s = Setting(e["name"], _positive_int(e.get("model_params"), f"{key}.model_params"),
+                    _positive_int(e.get("tokens"), f"{key}.tokens"),
+                    _positive_number(e.get("target_loss"), f"{key}.target_loss"))
+        out.append(_register(settings, s, str(where)))
+    return out
+
+
+def _seq_len(config: dict) -> int | None:
+    model = config.get("model")
+    value = model.get("seq_len") if isinstance(model, dict) else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _run_observations(run: Path, config: dict, result: dict, run_settings: list[Setting],
+                      kind: TargetKind) -> list[_Observation]:
+    batch = _positive_int(config.get("global_batch_seqs"), f"{run / 'config.yaml'}: global_batch_seqs")
+    status = result.get("status")
+    if status not in ("completed", "diverged", "failed"):
+        raise InputError(f"{run / 'result.json'}: status must be completed, diverged or failed: got {status!r}")
+    targets = result.get("targets") or []
+    if not isinstance(targets, list):
+        raise InputError(f"{run / 'result.json'}: targets must be a list")
+    out = []
+    for s in run_settings:
+        steps = None
+        if status == "completed":
+            try:
+                steps = steps_to_target(_find_target(targets, s), kind)
+            except ValueError as e:
+                raise InputError(f"{run / 'result.json'}: {e}") from None
+        out.append(_Observation(s, batch, steps, 1, run.name))
+    return out
+
+
+def _find_target(targets: list, s: Setting) -> dict:
+    for t in targets:
+        if isinstance(t, dict) and isinstance(t.get("loss"), (int, float)) and math.isclose(
+                float(t["loss"]), s.target_loss, rel_tol=1e-9):
+            return t
+    raise ValueError(f"no entry in targets with loss {s.target_loss} (setting {s.name})")
+
+
+def steps_to_target(target: dict, kind: TargetKind) -> float | None:
+    """Steps at which one run first reached one target: raw, min over EWA decays, or the min of both.
+
+    A crossing counts `step_interp` (the eval curve interpolated to the target) when recorded, else `step`;
+    None (never reached) is censoring; a recorded step that is not a positive number raises ValueError.
+    """
+    raw = _crossing_steps(target.get("raw"))
+    ewa_map = target.get("ewa") or {}
+    ewa_all = [_crossing_steps(c) for c in ewa_map.values()] if isinstance(ewa_map, dict) else []
+    ewa = min((x for x in ewa_all if x is not None), default=None)
+    choices = {TargetKind.RAW: [raw], TargetKind.EWA: [ewa], TargetKind.BEST: [raw, ewa]}[kind]
+    return min((x for x in choices if x is not None), default=None)
+
+
+def _crossing_steps(crossing: Any) -> float | None:
+    if not isinstance(crossing, dict):
+        return None
+    for key in ("step_interp", "step"):
+        value = crossing.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"crossing {key} must be a positive number: got {value!r}")
+        return float(value)
+    return None
