@@ -1,0 +1,123 @@
+"""The one place that initialises torch.distributed, megatron-core's parallel_state and DeepSpeed.
+
+A run works the same three ways: as a plain process (one rank; the rendezvous variables are set here), under
+`torchrun`, and under the `deepspeed` launcher (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*). The backend
+is nccl with CUDA, gloo on CPU (with DS_ACCELERATOR=cpu). Tensor and pipeline parallel sizes are 1: every rank is a
+data-parallel replica (ZeRO shards optimizer state, gradients or parameters across them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, PretrainConfig, gradient_accumulation
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(seed: int) -> Dist:
+    """Initialise (once) the process group, megatron-core's model-parallel state (TP = PP = 1) and its RNG."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # a plain process: one rank, our own rendezvous
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    from pipeline.model import seed_model_parallel
+
+    seed_model_parallel(seed)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_ds_path(path: str) -> Path:
+    """A ds_config given as a path, or a name in the project's ds_configs/ (`zero1.json` or `zero1`)."""
+    p = Path(path)
+    for candidate in (p, PROJECT_ROOT / "ds_configs" / p.name, PROJECT_ROOT / "ds_configs" / f"{p.name}.json"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"pretrain.deepspeed_config {path} not found (looked in the working directory and in "
+                      f"{PROJECT_ROOT / 'ds_configs'})")
+
+
+def deepspeed_config(cfg: PretrainConfig, world_size: int, cuda: bool) -> dict:
+    """The full DeepSpeed config: ZeRO and precision from the file, batch fields from the run config only."""
+    path = resolve_ds_path(cfg.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"pretrain.deepspeed_config {path} is not valid JSON: {e}") from None
+    owned = [k for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                         "gradient_clipping", "optimizer", "scheduler") if k in ds]
+    if owned:
+        raise ConfigError(f"{path} sets {', '.join(owned)}: batch size, clipping, optimizer and schedule come from "
+                          f"the pretrain config (global_batch_seqs, micro_batch_seqs, optimizer.*, schedule.*); "
+                          f"remove them from the file")
+    micro = cfg.micro_batch
+    ds["train_batch_size"] = cfg.global_batch_seqs
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = gradient_accumulation(cfg.global_batch_seqs, micro, world_size)
+    ds["gradient_clipping"] = cfg.optimizer.grad_clip
+    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    ds["bf16"]["enabled"] = bool(cuda) if bf16 == "auto" else bool(bf16)  # bf16 on GPU, fp32 on CPU
+    if ds["bf16"]["enabled"] and not cuda:
+        raise ConfigError(f"{path} enables bf16 but this run is on CPU: set \"bf16\": {{\"enabled\": \"auto\"}}")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**12)  # we log ourselves
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
