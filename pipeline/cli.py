@@ -14,7 +14,6 @@ import sys
 from pipeline import __version__
 
 NOT_BUILT = {
-    "pretrain": "issue #3 (megatron-core GPT in a DeepSpeed engine)",
     "evaluate": "issue #4 (held-out loss of raw and EWA weights)",
     "study": "issue #5 (study YAML -> runs -> local or Slurm executor)",
     "status": "issue #5 (table of a study's runs)",
@@ -36,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if output_dir is up to date, replacing it")
 
+    p = sub.add_parser("pretrain", help="train one GPT run (megatron-core layers in a DeepSpeed engine)")
+    _add_config_args(p)
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
     sub.add_parser("fit", help="steps-vs-batch fits, CBS with intervals, scaling laws, report", add_help=False)
     sub.add_parser("forecast", help="CBS forecast and batch plan from a fit's scaling.json", add_help=False)
     for stage, where in NOT_BUILT.items():
@@ -50,6 +54,13 @@ def _setup_logging() -> None:
     logger = logging.getLogger("cbs")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def _run_pretrain(args) -> int:
+    from pipeline import pretrain
+
+    result = pretrain.main(pretrain.load(args.config, args.overrides))
+    return 0 if result["status"] in ("completed", "diverged") else 1
 
 
 def _run_preprocess(args) -> int:
@@ -76,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.corpus import CorpusError
     from pipeline.preprocess import PreprocessError
 
+    from pipeline.data import DataError
+
     try:
-        return _run_preprocess(args)
-    except (ConfigError, CorpusError, PreprocessError) as e:
+        return {"preprocess": _run_preprocess, "pretrain": _run_pretrain}[args.stage](args)
+    except (ConfigError, CorpusError, PreprocessError, DataError) as e:
         print(f"cbs {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

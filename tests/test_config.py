@@ -55,3 +55,21 @@ def test_every_shipped_preprocess_config_validates():
     for path in shipped:
         cfg = load_config(PreprocessConfig, path)
         assert cfg.inputs
+
+
+def test_every_shipped_pretrain_config_and_ds_config_validates():
+    import json
+
+    from pipeline.config import PretrainConfig
+    from pipeline.distributed import deepspeed_config
+
+    shipped = sorted((ROOT / "configs").glob("pretrain*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.global_batch_seqs % cfg.micro_batch == 0, path
+        ds = deepspeed_config(cfg, world_size=1, cuda=True)
+        assert ds["train_batch_size"] == cfg.global_batch_seqs
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+        assert path.name == f"zero{stage}.json"
