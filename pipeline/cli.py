@@ -14,7 +14,6 @@ import sys
 from pipeline import __version__
 
 NOT_BUILT = {
-    "evaluate": "issue #4 (held-out loss of raw and EWA weights)",
     "study": "issue #5 (study YAML -> runs -> local or Slurm executor)",
     "status": "issue #5 (table of a study's runs)",
 }
@@ -40,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("evaluate", help="held-out loss of a checkpoint's raw and EWA weights -> eval.json")
+    p.add_argument("run_dir", help="a pretrain run directory")
+    p.add_argument("--checkpoint", default="latest", help="latest (default) or a step number")
+    p.add_argument("--eval-tokens", type=int, default=None, help="tokens to evaluate (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="another preprocessed data dir (default: the run's)")
+    p.add_argument("--out", default=None, help="where to write (default RUN_DIR/eval.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
     sub.add_parser("fit", help="steps-vs-batch fits, CBS with intervals, scaling laws, report", add_help=False)
     sub.add_parser("forecast", help="CBS forecast and batch plan from a fit's scaling.json", add_help=False)
     for stage, where in NOT_BUILT.items():
@@ -61,6 +68,13 @@ def _run_pretrain(args) -> int:
 
     result = pretrain.main(pretrain.load(args.config, args.overrides))
     return 0 if result["status"] in ("completed", "diverged") else 1
+
+
+def _run_evaluate(args) -> int:
+    from pipeline import evaluate
+
+    evaluate.main(args.run_dir, args.checkpoint, args.eval_tokens, args.data_dir, args.out)
+    return 0
 
 
 def _run_preprocess(args) -> int:
@@ -88,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.preprocess import PreprocessError
 
     from pipeline.data import DataError
+    from pipeline.evaluate import EvaluateError
 
     try:
-        return {"preprocess": _run_preprocess, "pretrain": _run_pretrain}[args.stage](args)
-    except (ConfigError, CorpusError, PreprocessError, DataError) as e:
+        stages = {"preprocess": _run_preprocess, "pretrain": _run_pretrain, "evaluate": _run_evaluate}
+        return stages[args.stage](args)
+    except (ConfigError, CorpusError, PreprocessError, DataError, EvaluateError) as e:
         print(f"cbs {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -261,32 +261,17 @@ class Trainer:
             self.stop_reason = "targets"
         self._window = (time.perf_counter(), step)  # eval time is not training throughput
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the fixed eval set, split across ranks (equal forward calls on every rank, so
-        ZeRO-3's gathers line up; padding sequences get weight 0); the result does not depend on world size."""
-        import torch.distributed as dist
+        """Mean token loss over the fixed eval set with the weights the model holds now (see sharded_eval_loss)."""
+        from pipeline.evaluate import sharded_eval_loss
 
-        from pipeline.model import forward_loss
-
-        n, world, rank = len(self.eval_set), self.dist.world_size, self.dist.rank
-        per_rank = -(-n // world)
-        idx = torch.arange(per_rank) * world + rank
-        valid = idx < n
-        idx[~valid] = 0
-        micro = self.cfg.eval.micro_batch_seqs or self.cfg.micro_batch
-        sums = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
         self._release_gathered_params()
         self.engine.eval()
-        for chunk, ok in zip(idx.split(micro), valid.split(micro)):
-            _, per_token = forward_loss(self.engine, self.eval_set[chunk].to(self.dist.device))
-            weight = ok.to(self.dist.device, torch.float64)[:, None]
-            sums[0] += (per_token.double() * weight).sum()
-            sums[1] += weight.sum() * per_token.shape[1]
+        loss = sharded_eval_loss(self.engine, self.eval_set, self.cfg.eval.micro_batch_seqs or self.cfg.micro_batch,
+                                 self.dist.rank, self.dist.world_size, self.dist.device)
         self.engine.train()
         self._release_gathered_params()
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        return (sums[0] / sums[1]).item()
+        return loss
 
     def _release_gathered_params(self) -> None:
         """ZeRO-3 keeps gathered parameters cached across forwards (stage3_max_reuse_distance), so weights
