@@ -49,9 +49,11 @@ def init_distributed(seed: int) -> Dist:
     import deepspeed
     import torch.distributed as dist
 
+    own_rendezvous = {}
     if "RANK" not in os.environ:  # a plain process: one rank, our own rendezvous
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        own_rendezvous = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        os.environ.update(own_rendezvous)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -62,6 +64,10 @@ def init_distributed(seed: int) -> Dist:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)
+    # only the process group needed them: children (sbatch jobs, study runs) must not inherit a rendezvous that
+    # points at this process. LOCAL_RANK stays: deepspeed.initialize reads it (and a launcher sets its own).
+    for key in own_rendezvous.keys() - {"LOCAL_RANK"}:
+        os.environ.pop(key, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         from megatron.core import parallel_state
