@@ -225,6 +225,11 @@ def _tokenizer_error(cfg: PreprocessConfig, reader: Reader, train_documents: int
         return _empty_corpus_error(cfg, reader)
     if train_documents == 0:
         return _split_error(cfg, reader, "train")
+    chars = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if chars:  # the corpus has more distinct characters than the vocabulary has pieces
+        return PreprocessError(
+            f"preprocess.tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this corpus: its "
+            f"characters alone need {chars.group(2)} pieces; raise tokenizer.vocab_size")
     limit = re.search(r"<= (\d+)", message)
     if "Vocabulary size too high" in message or "vocab_size" in message.lower():
         most = f"at most {limit.group(1)} pieces" if limit else "fewer pieces"

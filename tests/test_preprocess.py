@@ -192,10 +192,15 @@ def _bad_inputs(tmp: Path) -> dict:
         "empty": ([tmp / "empty.jsonl"], {}, PreprocessError, "empty corpus"),
         "too small": ([tmp / "small.jsonl"], {"val_fraction": 0.01}, PreprocessError,
                       r"corpus too small for preprocess\.tokenizer\.vocab_size=400: SentencePiece can make at most"),
+        "vocab too small": ([tmp / "badjson.jsonl"], {"on_error": OnError.skip, "tokenizer":
+                            TokenizerConfig(vocab_size=260)}, PreprocessError,
+                            r"vocab_size=260 is too small for this corpus: its characters alone need \d+ pieces; "
+                            r"raise tokenizer\.vocab_size"),
     }
 
 
-@pytest.mark.parametrize("case", ["no match", "bad json", "no field", "unreadable", "empty", "too small"])
+@pytest.mark.parametrize("case", ["no match", "bad json", "no field", "unreadable", "empty", "too small",
+                                  "vocab too small"])
 def test_bad_input_is_named_and_leaves_no_output(tmp_path, case):
     inputs, kw, error, message = _bad_inputs(tmp_path)[case]
     out = tmp_path / "out"
