@@ -13,10 +13,7 @@ import sys
 
 from pipeline import __version__
 
-NOT_BUILT = {
-    "study": "issue #5 (study YAML -> runs -> local or Slurm executor)",
-    "status": "issue #5 (table of a study's runs)",
-}
+NOT_BUILT: dict[str, str] = {}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -40,12 +37,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("evaluate", help="held-out loss of a checkpoint's raw and EWA weights -> eval.json")
-    p.add_argument("run_dir", help="a pretrain run directory")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="pretrain run directories (several: one process)")
     p.add_argument("--checkpoint", default="latest", help="latest (default) or a step number")
     p.add_argument("--eval-tokens", type=int, default=None, help="tokens to evaluate (default: the run's)")
     p.add_argument("--data-dir", default=None, help="another preprocessed data dir (default: the run's)")
     p.add_argument("--out", default=None, help="where to write (default RUN_DIR/eval.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("study", help="a whole study: preprocess -> runs -> evaluate -> fit, local or on Slurm")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="the study directory")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument("--parallel", type=int, default=1, help="local: runs trained at once (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs (and sbatch scripts) without running")
+    p.add_argument("--force", action="store_true", help="use a directory that holds another study")
+    for flag, kind in (("partition", str), ("account", str), ("nodes", int), ("gpus-per-node", int),
+                       ("cpus-per-task", int), ("time", str), ("max-parallel", int)):
+        p.add_argument(f"--{flag}", type=kind, default=None, help=f"slurm: overrides study.slurm.{flag.replace('-', '_')}")
+
+    p = sub.add_parser("status", help="a table of a study's runs: status, steps, targets reached")
+    p.add_argument("study_dir")
 
     sub.add_parser("fit", help="steps-vs-batch fits, CBS with intervals, scaling laws, report", add_help=False)
     sub.add_parser("forecast", help="CBS forecast and batch plan from a fit's scaling.json", add_help=False)
@@ -73,7 +84,38 @@ def _run_pretrain(args) -> int:
 def _run_evaluate(args) -> int:
     from pipeline import evaluate
 
-    evaluate.main(args.run_dir, args.checkpoint, args.eval_tokens, args.data_dir, args.out)
+    if args.out and len(args.run_dirs) > 1:
+        print("cbs evaluate: error: --out needs a single RUN_DIR", file=sys.stderr)
+        return 2
+    failed = []
+    for run_dir in args.run_dirs:  # keep going: one bad run does not stop the others
+        try:
+            evaluate.main(run_dir, args.checkpoint, args.eval_tokens, args.data_dir, args.out)
+        except evaluate.EvaluateError as e:
+            if len(args.run_dirs) == 1:
+                raise
+            failed.append(run_dir)
+            print(f"cbs evaluate: {run_dir}: error: {e}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _run_study(args) -> int:
+    from pipeline import study
+    from pipeline.config import StudyConfig, load_config
+
+    cfg = load_config(StudyConfig, args.config, args.overrides)
+    slurm = {k: getattr(args, k) for k in ("partition", "account", "nodes", "gpus_per_node", "cpus_per_task",
+                                           "time", "max_parallel") if getattr(args, k) is not None}
+    if args.parallel < 1:
+        print("cbs study: error: --parallel must be >= 1", file=sys.stderr)
+        return 2
+    return study.main(cfg, args.out, args.executor, args.parallel, args.dry_run, args.force, slurm)
+
+
+def _run_status(args) -> int:
+    from pipeline import study
+
+    print(study.status_table(args.study_dir))
     return 0
 
 
@@ -88,6 +130,8 @@ def _run_preprocess(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed --module pipeline.cli ...` puts --local_rank=N first, before the stage; LOCAL_RANK says the same
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if argv and argv[0] in ("fit", "forecast"):  # argparse of their own, in analysis/ (no torch import)
         from analysis import cli as analysis_cli
 
@@ -103,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.data import DataError
     from pipeline.evaluate import EvaluateError
+    from pipeline.study import StudyError
 
     try:
-        stages = {"preprocess": _run_preprocess, "pretrain": _run_pretrain, "evaluate": _run_evaluate}
+        stages = {"preprocess": _run_preprocess, "pretrain": _run_pretrain, "evaluate": _run_evaluate,
+                  "study": _run_study, "status": _run_status}
         return stages[args.stage](args)
-    except (ConfigError, CorpusError, PreprocessError, DataError, EvaluateError) as e:
+    except (ConfigError, CorpusError, PreprocessError, DataError, EvaluateError, StudyError) as e:
         print(f"cbs {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -55,6 +55,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
+        if hasattr(tp, "expand"):  # e.g. a model preset name
+            value = tp.expand(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields: got {value!r}")
         return from_dict(tp, value, key)
@@ -71,6 +73,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key} must be {_type_name(tp)}: got {value!r}") from None
     if tp is Any:
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping: got {value!r}")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -273,3 +279,409 @@ class PreprocessConfig:
     @property
     def num_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pretrain
+
+
+class PositionEmbedding(str, enum.Enum):
+    rope = "rope"
+    learned = "learned"
+
+
+class Activation(str, enum.Enum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class Norm(str, enum.Enum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+# The paper's GPT sizes (non-embedding params N = 12 L d^2; DESIGN.md) and small ones for CPU runs and tests.
+# Paper recipe: RoPE, QK-layernorm, GELU MLP 4d, no biases, untied embeddings, context 512.
+_PAPER = dict(seq_len=512, position_embedding="rope", qk_layernorm=True, activation="gelu", norm="layernorm",
+              bias=False, tied_embeddings=False)
+MODEL_PRESETS: dict[str, dict] = {
+    "85M": dict(layers=12, hidden=768, heads=12, **_PAPER),
+    "151M": dict(layers=12, hidden=1024, heads=16, **_PAPER),
+    "302M": dict(layers=24, hidden=1024, heads=16, **_PAPER),
+    "604M": dict(layers=12, hidden=2048, heads=16, **_PAPER),
+    "1.2B": dict(layers=24, hidden=2048, heads=32, **_PAPER),
+    # GPT-2 small shape, the throughput anchor of DESIGN.md
+    "gpt2-small": dict(layers=12, hidden=768, heads=12, seq_len=1024, position_embedding="learned",
+                       qk_layernorm=False, activation="gelu", norm="layernorm", bias=True, tied_embeddings=True),
+    # CPU scale: the DESIGN.md probe model (2 layers, d 128, seq 128) and a 4-layer one
+    "tiny": dict(layers=2, hidden=128, heads=4, **{**_PAPER, "seq_len": 128}),
+    "cpu-small": dict(layers=4, hidden=256, heads=4, **{**_PAPER, "seq_len": 256}),
+}
+
+
+@dataclass
+class ModelConfig:
+    """A GPT built from megatron-core layers. `preset` fills every field not given explicitly."""
+
+    preset: Optional[str] = None
+    """One of MODEL_PRESETS (85M 151M 302M 604M 1.2B gpt2-small tiny cpu-small); explicit fields override it.
+    In YAML `model: 85M` is short for `model: {preset: 85M}`."""
+    layers: int = 2
+    """Transformer layers L."""
+    hidden: int = 128
+    """Model width d."""
+    heads: int = 4
+    """Attention heads; hidden must divide by it."""
+    kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; default: heads (plain multi-head attention)."""
+    ffn_hidden: Optional[int] = None
+    """MLP width; default 4 d for gelu, and 8/3 d rounded up to a multiple of 64 for swiglu (same parameters)."""
+    seq_len: int = 128
+    """Context length T in tokens: every training sequence has exactly this many."""
+    position_embedding: PositionEmbedding = PositionEmbedding.rope
+    """rope | learned."""
+    rope_base: float = 10000.0
+    """RoPE base frequency."""
+    qk_layernorm: bool = True
+    """Normalise queries and keys per head before attention (stabilises large learning rates)."""
+    activation: Activation = Activation.gelu
+    """gelu | swiglu."""
+    norm: Norm = Norm.layernorm
+    """layernorm | rmsnorm."""
+    bias: bool = False
+    """Biases in linear layers."""
+    tied_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init (output projections scaled by 1/sqrt(2L), as Megatron)."""
+
+    @classmethod
+    def expand(cls, data: Any, key: str) -> Any:
+        """`model: NAME` or `model: {preset: NAME, ...}` -> the preset's fields, overridden by those given."""
+        if isinstance(data, str):
+            data = {"preset": data}
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = str(data["preset"])
+            if name not in MODEL_PRESETS:
+                raise ConfigError(f"{key}.preset must be one of {', '.join(MODEL_PRESETS)}: got {name!r}")
+            data = {**MODEL_PRESETS[name], **data}
+        return data
+
+    def validate(self, p: str) -> None:
+        for name in ("layers", "hidden", "heads", "seq_len"):
+            _check(getattr(self, name) >= 1, f"{p}.{name} must be >= 1: got {getattr(self, name)}")
+        _check(self.hidden % self.heads == 0,
+               f"{p}.hidden ({self.hidden}) must be divisible by {p}.heads ({self.heads})")
+        kv = self.kv_heads or self.heads
+        _check(kv >= 1 and self.heads % kv == 0, f"{p}.kv_heads ({kv}) must divide {p}.heads ({self.heads})")
+        _check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"{p}.ffn_hidden must be >= 1: got {self.ffn_hidden}")
+        _check(self.init_std > 0, f"{p}.init_std must be > 0: got {self.init_std}")
+        if self.position_embedding is PositionEmbedding.rope:
+            _check((self.hidden // self.heads) % 2 == 0,
+                   f"{p}: rope needs an even head size (hidden/heads = {self.hidden // self.heads})")
+
+    @property
+    def ffn(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.activation is Activation.swiglu:
+            return -(-8 * self.hidden // 3 // 64) * 64
+        return 4 * self.hidden
+
+    @property
+    def non_embedding_params(self) -> int:
+        """N = 12 L d^2: the paper's (and Kaplan's) count of attention + MLP weights, without embeddings."""
+        return 12 * self.layers * self.hidden**2
+
+
+class ScheduleKind(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+    wsd = "wsd"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3.16e-3
+    """Peak learning rate (the paper's ~3.16e-3)."""
+    beta1: float = 0.95
+    beta2: float = 0.99
+    """AdamW beta2; the paper tunes it per batch size (DESIGN.md table), studies fill it in."""
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices only (never norms, biases or embeddings)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+
+    def validate(self, p: str) -> None:
+        _check(self.lr > 0, f"{p}.lr must be > 0: got {self.lr}")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"{p}.{name} must be in [0, 1): got {getattr(self, name)}")
+        _check(self.eps > 0, f"{p}.eps must be > 0: got {self.eps}")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay must be >= 0: got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"{p}.grad_clip must be >= 0 (0 disables): got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, defined in tokens so that runs at different batch sizes share it."""
+
+    kind: ScheduleKind = ScheduleKind.constant
+    """constant | cosine | wsd (warmup-stable-decay)."""
+    warmup_tokens: int = 0
+    """Linear warmup from warmup_start_factor x lr to lr over this many tokens."""
+    warmup_start_factor: float = 0.1
+    """LR at token 0, as a fraction of the peak (the paper starts at 0.1 lr)."""
+    final_lr_factor: float = 0.0
+    """cosine and wsd end at this fraction of the peak LR, at train_tokens."""
+    decay_fraction: float = 0.2
+    """wsd: the decay takes the last decay_fraction of train_tokens (linear to final_lr_factor)."""
+
+    def validate(self, p: str) -> None:
+        _check(self.warmup_tokens >= 0, f"{p}.warmup_tokens must be >= 0: got {self.warmup_tokens}")
+        _check(0 <= self.warmup_start_factor <= 1,
+               f"{p}.warmup_start_factor must be in [0, 1]: got {self.warmup_start_factor}")
+        _check(0 <= self.final_lr_factor <= 1, f"{p}.final_lr_factor must be in [0, 1]: got {self.final_lr_factor}")
+        _check(0 < self.decay_fraction <= 1, f"{p}.decay_fraction must be in (0, 1]: got {self.decay_fraction}")
+
+
+@dataclass
+class EwaConfig:
+    taus: list[float] = field(default_factory=list)
+    """Decays of the exponential weight averages kept at once (w <- tau w + (1 - tau) theta each step); empty
+    disables EWA. The paper uses 0.99-0.9995 depending on the batch size."""
+
+    def validate(self, p: str) -> None:
+        for i, tau in enumerate(self.taus):
+            _check(0 < tau < 1, f"{p}.taus[{i}] must be in (0, 1): got {tau}")
+        _check(len(set(self.taus)) == len(self.taus), f"{p}.taus has duplicates: {self.taus}")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 100
+    """Evaluate every this many steps (plus step 1, the geometric grid, and the last step)."""
+    growth: float = 1.1
+    """Also evaluate on the geometric grid of steps 1, g, g^2, ... so that steps-to-target is resolved to about
+    (growth - 1) at every scale; 0 disables the grid."""
+    eval_tokens: int = 65536
+    """Tokens of validation data evaluated each time (a fixed set of sequences: the first ones of val)."""
+    micro_batch_seqs: Optional[int] = None
+    """Sequences per eval forward pass; default: the training micro-batch."""
+    at_tokens: list[int] = field(default_factory=list)
+    """Also evaluate at the first step that has seen at least each of these token counts (a study measures its
+    reference run's loss at every data budget this way)."""
+
+    def validate(self, p: str) -> None:
+        _check(self.every_steps >= 1, f"{p}.every_steps must be >= 1: got {self.every_steps}")
+        _check(all(t >= 1 for t in self.at_tokens), f"{p}.at_tokens must be >= 1: got {self.at_tokens}")
+        _check(self.growth == 0 or self.growth > 1, f"{p}.growth must be > 1 (or 0 to disable): got {self.growth}")
+        _check(self.eval_tokens >= 1, f"{p}.eval_tokens must be >= 1: got {self.eval_tokens}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Keep the newest this many checkpoints (older are deleted after a save succeeds)."""
+
+    def validate(self, p: str) -> None:
+        _check(self.every_steps >= 0, f"{p}.every_steps must be >= 0: got {self.every_steps}")
+        _check(self.keep >= 1, f"{p}.keep must be >= 1: got {self.keep}")
+
+
+class StopWeights(str, enum.Enum):
+    any = "any"
+    raw = "raw"
+    ewa = "ewa"
+
+
+class Resume(str, enum.Enum):
+    auto = "auto"
+    """Continue from the newest checkpoint in run_dir if there is one, else start."""
+    never = "never"
+    """Start afresh; refuse a run_dir that already holds checkpoints."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    """Train metrics (loss, lr, grad norm, tokens/s) every this many steps."""
+    tensorboard: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(self.every_steps >= 1, f"{p}.every_steps must be >= 1: got {self.every_steps}")
+
+
+@dataclass
+class PretrainConfig:
+    """`cbs pretrain`: train one GPT run and write the run-directory contract of DESIGN.md."""
+
+    section = "pretrain"
+
+    data_dir: str
+    """A directory made by `cbs preprocess` (manifest.json, train/val shards, tokenizer)."""
+    run_dir: str
+    """Where config.yaml, metrics.jsonl, tb/, checkpoints/ and result.json go."""
+    global_batch_seqs: int
+    """The global batch in sequences: the independent variable of every study. Tokens per step =
+    global_batch_seqs x model.seq_len. Gradient accumulation = global / (micro x data-parallel size)."""
+    train_tokens: int
+    """Token budget: the run stops after ceil(train_tokens / tokens per step) steps."""
+    micro_batch_seqs: Optional[int] = None
+    """Sequences per forward/backward pass on each rank; default min(global_batch_seqs, 8)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ewa: EwaConfig = field(default_factory=EwaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    targets: list[float] = field(default_factory=list)
+    """Target eval losses: result.json records the first step and tokens at which each is reached."""
+    stop_at_targets: bool = False
+    """End the run once every target is reached by some weights (see stop_weights): saves compute in sweeps."""
+    stop_weights: StopWeights = StopWeights.any
+    """Which weights count for stop_at_targets: any (raw or an EWA), raw, or ewa (any EWA tau). A study sets ewa
+    so that runs stop on the weights its fit reads."""
+    deepspeed_config: str = "ds_configs/zero1.json"
+    """ZeRO and precision settings (a file in ds_configs/); batch fields are written from this config."""
+    seed: int = 1234
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: Resume = Resume.auto
+    log: LogConfig = field(default_factory=LogConfig)
+    divergence_factor: float = 3.0
+    """The run is `diverged` when the train loss is NaN/inf or exceeds this many times its first value."""
+    study: Optional[dict] = None
+    """Written by `cbs study`: the settings (model, data budget, target) this run serves; passed through."""
+
+    def validate(self, p: str) -> None:
+        _check(self.global_batch_seqs >= 1, f"{p}.global_batch_seqs must be >= 1: got {self.global_batch_seqs}")
+        _check(self.micro_batch_seqs is None or self.micro_batch_seqs >= 1,
+               f"{p}.micro_batch_seqs must be >= 1: got {self.micro_batch_seqs}")
+        _check(self.train_tokens >= 1, f"{p}.train_tokens must be >= 1: got {self.train_tokens}")
+        for i, t in enumerate(self.targets):
+            _check(t > 0, f"{p}.targets[{i}] must be a loss > 0: got {t}")
+        _check(not self.stop_at_targets or self.targets, f"{p}.stop_at_targets needs {p}.targets")
+        _check(self.stop_weights is not StopWeights.ewa or self.ewa.taus,
+               f"{p}.stop_weights is ewa but {p}.ewa.taus is empty: give taus or stop_weights any")
+        _check(self.divergence_factor > 1, f"{p}.divergence_factor must be > 1: got {self.divergence_factor}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_seqs or min(self.global_batch_seqs, 8)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_seqs * self.model.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return -(-self.train_tokens // self.tokens_per_step)
+
+
+def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int) -> int:
+    """global = micro x data-parallel x accumulation, exactly; anything else is refused before a run starts."""
+    per_step = micro_batch_seqs * data_parallel
+    if global_batch_seqs % per_step:
+        raise ConfigError(
+            f"global_batch_seqs ({global_batch_seqs}) must be divisible by micro_batch_seqs ({micro_batch_seqs}) x "
+            f"data-parallel size ({data_parallel}) = {per_step}; change one of the three")
+    return global_batch_seqs // per_step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# study
+
+# The paper's near-optimal per-batch settings (DESIGN.md; B in sequences); batches between or beyond the table
+# take the nearest entry in log space.
+PAPER_BETA2 = {64: .999, 128: .999, 256: .995, 512: .99, 1024: .99, 2048: .95, 4096: .95, 8192: .95, 16384: .95}
+PAPER_TAU = {64: .9995, 128: .9995, 256: .9995, 512: .9995, 1024: .999, 2048: .998, 4096: .995, 8192: .99,
+             16384: .99}
+
+
+def paper_value(table: dict[int, float], batch: int) -> float:
+    import math
+
+    return table[min(table, key=lambda b: abs(math.log(b) - math.log(batch)))]
+
+
+@dataclass
+class HparamGrid:
+    """Hyper-parameters tried at every batch size; steps-to-target is the minimum over them."""
+
+    lr: list[float] = field(default_factory=lambda: [3.16e-3])
+    """Peak learning rates."""
+    beta2: Optional[list[float]] = None
+    """AdamW beta2 values; default: the paper's per-batch value (DESIGN.md table)."""
+    ewa_taus: Optional[list[float]] = None
+    """EWA decays kept at once in every run (the best is used); default: the paper's per-batch tau. Short CPU
+    runs want smaller taus (0.98-0.995) than the paper's long runs (0.99-0.9995)."""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.lr) and all(x > 0 for x in self.lr), f"{p}.lr must list learning rates > 0: {self.lr}")
+        _check(self.beta2 is None or all(0 <= b < 1 for b in self.beta2), f"{p}.beta2 must be in [0, 1)")
+        _check(self.ewa_taus is None or all(0 < t < 1 for t in self.ewa_taus), f"{p}.ewa_taus must be in (0, 1)")
+
+
+@dataclass
+class ReferenceTargets:
+    batch: Optional[int] = None
+    """B0: the reference batch whose runs go first; a setting's target is their best EWA eval loss after the
+    setting's budget of tokens. Default: the smallest of batch_sizes."""
+
+
+@dataclass
+class StudyTargets:
+    reference: Optional[ReferenceTargets] = None
+    """The paper's method (the default when losses is not given)."""
+    losses: Optional[dict] = None
+    """Explicit target loss per setting name (every setting needs one); no reference phase."""
+
+    def validate(self, p: str) -> None:
+        _check(not (self.reference and self.losses), f"{p}: give either reference or losses, not both")
+        for name, loss in (self.losses or {}).items():
+            _check(isinstance(loss, (int, float)) and loss > 0, f"{p}.losses.{name} must be a loss > 0: got {loss}")
+
+
+@dataclass
+class StudyConfig:
+    """`cbs study`: settings x batch sizes x hyper-parameters -> runs -> evaluate -> fit."""
+
+    section = "study"
+
+    data: Any
+    """A preprocess config (mapping; its output_dir defaults to STUDY_DIR/data) or an existing data directory."""
+    settings: Any
+    """A list of {model, train_tokens[, name, target]}, or a generator: {generator: fixed_model, model, tokens:
+    [D...]}, {generator: fixed_data, tokens: D, models: [...]}, {generator: chinchilla, models: [...],
+    tokens_per_param: 20} (D = 20 N)."""
+    batch_sizes: list[int]
+    """Global batch sizes in sequences (>= 3 of them for a fit; the paper sweeps 64 to 16384)."""
+    name: str = "study"
+    hparams: HparamGrid = field(default_factory=HparamGrid)
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    targets: StudyTargets = field(default_factory=StudyTargets)
+    base: dict = field(default_factory=dict)
+    """Pretrain config keys shared by every run (micro_batch_seqs, schedule, eval, deepspeed_config, ...)."""
+    one_sweep: bool = True
+    """Runs of one model serve all of its data budgets: trained once to the largest budget's target, each
+    budget's crossing read off the same eval curve (DESIGN.md). False: separate runs per setting."""
+    max_tokens_factor: float = 4.0
+    """Non-reference runs stop once every target is reached, or after this many times the largest budget of
+    their model (a run that gets there without reaching a target is censored in the fit)."""
+    slurm: dict = field(default_factory=dict)
+    """Resources for --executor slurm: partition, account, nodes, gpus_per_node, cpus_per_task, time,
+    max_parallel, extra (list of raw sbatch flags). Command-line flags override them."""
+
+    def validate(self, p: str) -> None:
+        _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
+               f"{p}.batch_sizes must list batch sizes >= 1: got {self.batch_sizes}")
+        _check(len(set(self.batch_sizes)) == len(self.batch_sizes), f"{p}.batch_sizes has duplicates")
+        _check(len(self.seeds) >= 1, f"{p}.seeds must list at least one seed")
+        _check(self.max_tokens_factor >= 1, f"{p}.max_tokens_factor must be >= 1: got {self.max_tokens_factor}")
+        ref = self.targets.reference
+        if ref and ref.batch is not None:
+            _check(ref.batch in self.batch_sizes,
+                   f"{p}.targets.reference.batch ({ref.batch}) must be one of batch_sizes {self.batch_sizes}")
+        for key in ("data_dir", "run_dir", "global_batch_seqs", "train_tokens", "model", "targets", "study"):
+            _check(key not in self.base, f"{p}.base.{key} is set by the study for each run: remove it from base")

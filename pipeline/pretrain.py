@@ -93,9 +93,10 @@ class TargetTracker:
             if math.isfinite(loss):
                 self.previous[kind] = (step, loss)
 
-    def all_reached(self) -> bool:
-        """Every target reached by some kind of weights."""
-        return all(any(self.crossings[k][i] is not None for k in self.kinds) for i in range(len(self.targets)))
+    def all_reached(self, weights: str = "any") -> bool:
+        """Every target reached by some kind of weights: any kind, `raw`, or `ewa` (any EWA tau)."""
+        kinds = [k for k in self.kinds if weights == "any" or k == weights or k.startswith(f"{weights}/")]
+        return all(any(self.crossings[k][i] is not None for k in kinds) for i in range(len(self.targets)))
 
     def to_json(self) -> list[dict]:
         out = []
@@ -153,6 +154,7 @@ class Trainer:
         self.samples = TrainSamples(cfg.data_dir, cfg.model.seq_len, cfg.seed)
         self.eval_set = eval_sequences(cfg.data_dir, cfg.model.seq_len, cfg.eval.eval_tokens)
         self.eval_grid = eval_steps(self.total_steps, cfg.eval.every_steps, cfg.eval.growth)
+        self.eval_grid |= {min(-(-t // self.tokens_per_step), self.total_steps) for t in cfg.eval.at_tokens}
         self.step = 0
         self.first_loss: Optional[float] = None
         self.last_eval: dict[str, float] = {}
@@ -257,7 +259,7 @@ class Trainer:
         if not math.isfinite(losses["raw"]):
             self.diverged = f"eval loss {losses['raw']} at step {step}"
             self.stop_reason = "diverged"
-        elif self.cfg.stop_at_targets and self.targets.all_reached():
+        elif self.cfg.stop_at_targets and self.targets.all_reached(self.cfg.stop_weights.value):
             self.stop_reason = "targets"
         self._window = (time.perf_counter(), step)  # eval time is not training throughput
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -52,3 +53,20 @@ def stdlib_data(tmp_path_factory) -> Path:
     preprocess.main(PreprocessConfig(inputs=["stdlib"], output_dir=str(out),
                                      tokenizer=TokenizerConfig(vocab_size=512)))
     return out
+
+
+CLUSTER = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running one-node Slurm; stopped at the end if this fixture started it (a cluster already up stays)."""
+    already_up = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
+    if proc.returncode == 3:  # the script's "cannot host a cluster here" (no root, apt cannot install)
+        pytest.skip(f"no Slurm on this machine: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, f"scripts/slurm_cluster.sh up failed:\n{proc.stdout}{proc.stderr}"
+    yield
+    if not already_up:
+        down = subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr

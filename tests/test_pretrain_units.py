@@ -146,3 +146,13 @@ def test_target_tracking_on_a_known_curve():
     first = TargetTracker([5.0], ["raw"])
     first.update(1, 10, {"raw": 4.0})  # below at the first eval: no earlier point to interpolate from
     assert first.to_json()[0]["raw"]["step_interp"] == 1
+
+
+def test_stop_weights_choose_which_crossings_count():
+    tracker = TargetTracker([3.0], ["raw", "ewa/0.9", "ewa/0.99"])
+    tracker.update(10, 100, {"raw": 2.9, "ewa/0.9": 3.2, "ewa/0.99": 3.5})
+    assert tracker.all_reached("any") and tracker.all_reached("raw") and not tracker.all_reached("ewa")
+    tracker.update(20, 100, {"raw": 2.8, "ewa/0.9": 3.1, "ewa/0.99": 2.95})
+    assert tracker.all_reached("ewa")
+    with pytest.raises(ConfigError, match="stop_weights is ewa but pretrain.ewa.taus is empty"):
+        cfg(stop_weights="ewa", targets=[3.0], stop_at_targets=True)

@@ -27,20 +27,6 @@ JOBS = ROOT / "jobs"
 POLL_S = 0.2
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running one-node Slurm; stopped at the end if this fixture started it (a cluster already up stays)."""
-    already_up = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
-    proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
-    if proc.returncode == 3:  # the script's "cannot host a cluster here" (no root, apt cannot install)
-        pytest.skip(f"no Slurm on this machine: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, f"scripts/slurm_cluster.sh up failed:\n{proc.stdout}{proc.stderr}"
-    yield
-    if not already_up:
-        down = subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0, down.stderr
-
-
 def script(path: Path, body: str) -> Path:
     path.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + body + "\n")
     path.chmod(0o755)
