@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/preprocess_throughput.py --repeat 2
+	$(PY) bench/throughput.py
+	$(PY) bench/fit_bench.py
 
 clean:
 	rm -rf $(VENV) out *.egg-info
