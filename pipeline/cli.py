@@ -13,9 +13,6 @@ import sys
 
 from pipeline import __version__
 
-NOT_BUILT: dict[str, str] = {}
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the stage's YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -60,8 +57,6 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("fit", help="steps-vs-batch fits, CBS with intervals, scaling laws, report", add_help=False)
     sub.add_parser("forecast", help="CBS forecast and batch plan from a fit's scaling.json", add_help=False)
-    for stage, where in NOT_BUILT.items():
-        sub.add_parser(stage, help=f"(not built yet: {where})", add_help=False)
     return parser
 
 
@@ -136,9 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         from analysis import cli as analysis_cli
 
         return (analysis_cli.fit_main if argv[0] == "fit" else analysis_cli.forecast_main)(argv[1:])
-    if argv and argv[0] in NOT_BUILT:
-        print(f"cbs {argv[0]}: this stage is not built yet; it comes with {NOT_BUILT[argv[0]]}", file=sys.stderr)
-        return 2
     args = _parser().parse_args(argv)
     _setup_logging()
     from pipeline.config import ConfigError

@@ -160,6 +160,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.elapsed = 0.0  # wall seconds of training before this process (from the checkpoint)
         self.stop_reason: Optional[str] = None
+        self.diverged: Optional[str] = None  # why, when the run diverged
         self.peak = peak_flops(dist)
         self._window = (time.perf_counter(), 0)  # perf window: start time, step at start
         self._loss_sum = torch.zeros((), device=dist.device)
@@ -350,7 +351,6 @@ class Trainer:
 
     def run(self) -> dict:
         self._started = time.perf_counter()
-        self.diverged = None
         resumed = self.resume()
         self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main, tensorboard=self.cfg.log.tensorboard,
                                resume_step=self.step if resumed else None)
