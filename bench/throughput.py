@@ -13,7 +13,6 @@ tokens. Prints tokens/s, MFU (GPU; peak FLOP/s by device name), peak memory and 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 import warnings

@@ -98,10 +98,11 @@ def _consolidated_weights(ckpt_dir: Path, tag: str) -> dict:
 def _ewa_state(tag_dir: Path, params: list[torch.nn.Parameter], zero_stage: int, world_size: int) -> dict:
     """The EWA state with full-shape averages. Under ZeRO-3 rank r saved elements [r p, (r + 1) p) of each
     flattened parameter, p = ceil(numel / world) (DeepSpeed pads the last shard): concatenate, trim, reshape."""
+    from pipeline.pretrain import ewa_file
+
     if zero_stage != 3:
-        return torch.load(tag_dir / "ewa_rank0.pt", map_location="cpu", weights_only=True)
-    shards = [torch.load(tag_dir / f"ewa_rank{r}.pt", map_location="cpu", weights_only=True)
-              for r in range(world_size)]
+        return torch.load(ewa_file(tag_dir, 0), map_location="cpu", weights_only=True)
+    shards = [torch.load(ewa_file(tag_dir, r), map_location="cpu", weights_only=True) for r in range(world_size)]
     state = {"taus": shards[0]["taus"], "steps": shards[0]["steps"], "averages": {}}
     for tau, first in shards[0]["averages"].items():
         if len(first) != len(params):

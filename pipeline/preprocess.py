@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import platform
 import re
 import time
@@ -30,7 +29,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import PreprocessConfig, to_dict
-from pipeline.corpus import CorpusError, Reader, resolve
+from pipeline.corpus import Reader, resolve
 from pipeline.utils import atomic_write_json, log, progress, sha256_file, staged_directory
 
 MANIFEST = "manifest.json"
@@ -393,12 +392,3 @@ def _manifest(cfg, sources, reader, counts, tokenizer_path: Path, trained: bool,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(total_tokens / max(counts["seconds"], 1e-9), 1),
     }
-
-
-def read_manifest(data_dir: str | os.PathLike) -> dict:
-    """The manifest of a data directory made by this stage; a clear error when it is not one."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise PreprocessError(f"{data_dir} is not a preprocessed data directory: no {MANIFEST} "
-                              f"(run `cbs preprocess` first)")
-    return json.loads(path.read_text())

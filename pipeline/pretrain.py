@@ -38,6 +38,16 @@ RESUME_MAY_CHANGE = ("run_dir", "micro_batch_seqs", "checkpoint", "log", "resume
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 
+def eval_key(kind: str) -> str:
+    """The metrics key of a weights kind: `raw` -> eval/loss, `ewa/0.99` -> eval/loss_ewa/0.99."""
+    return "eval/loss" if kind == "raw" else f"eval/loss_{kind}"
+
+
+def ewa_file(tag_dir: Path, rank: int) -> Path:
+    """A checkpoint's EWA state: rank 0's under ZeRO 1/2, every rank's shard under ZeRO-3."""
+    return tag_dir / f"ewa_rank{rank}.pt"
+
+
 def peak_flops(dist: Dist) -> Optional[float]:
     if not dist.cuda:
         return None
@@ -252,7 +262,7 @@ class Trainer:
                 losses[f"ewa/{tau}"] = self.evaluate()
         self.last_eval = losses
         self.targets.update(step, self.tokens_per_step, losses)
-        metrics = {("eval/loss" if k == "raw" else f"eval/loss_{k}"): v for k, v in losses.items()}
+        metrics = {eval_key(k): v for k, v in losses.items()}
         metrics["perf/eval_seconds"] = time.perf_counter() - started
         self.tracker.log(metrics, step, step * self.tokens_per_step)
         if self.dist.is_main:
@@ -289,9 +299,6 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / CHECKPOINTS
 
-    def _ewa_file(self, tag_dir: Path, rank: int) -> Path:
-        return tag_dir / f"ewa_rank{rank}.pt"
-
     def checkpoint_hook(self, step: int) -> None:
         self.save_checkpoint(step)
 
@@ -304,9 +311,9 @@ class Trainer:
         tag_dir = self.checkpoint_dir / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main or self.zero_stage == 3:  # ZeRO-3: each rank holds a shard of the averages
-            tmp = self._ewa_file(tag_dir, self.dist.rank).with_suffix(".tmp")
+            tmp = ewa_file(tag_dir, self.dist.rank).with_suffix(".tmp")
             torch.save(self.ewa.state_dict(), tmp)
-            os.replace(tmp, self._ewa_file(tag_dir, self.dist.rank))
+            os.replace(tmp, ewa_file(tag_dir, self.dist.rank))
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
@@ -332,7 +339,7 @@ class Trainer:
                               f"under ZeRO-3; resume it with the same number of ranks")
         tag_dir = self.checkpoint_dir / (self.checkpoint_dir / "latest").read_text().strip()
         rank = self.dist.rank if state["zero_stage"] == 3 else 0
-        self.ewa.load_state_dict(torch.load(self._ewa_file(tag_dir, rank), map_location=self.dist.device,
+        self.ewa.load_state_dict(torch.load(ewa_file(tag_dir, rank), map_location=self.dist.device,
                                             weights_only=True))
         self.step = state["step"]
         self.first_loss = state["first_loss"]
@@ -374,7 +381,7 @@ class Trainer:
         return self.result(reason)
 
     def result(self, reason: str) -> dict:
-        final = {("eval/loss" if k == "raw" else f"eval/loss_{k}"): v for k, v in self.last_eval.items()}
+        final = {eval_key(k): v for k, v in self.last_eval.items()}
         result = {
             "status": "diverged" if reason == "diverged" else "completed",
             "reason": self.diverged if reason == "diverged" else

@@ -32,7 +32,7 @@ import yaml
 
 from pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, ModelConfig, PreprocessConfig, StudyConfig,
                              from_dict, paper_value, to_dict)
-from pipeline.utils import atomic_write_json, atomic_write_text, log
+from pipeline.utils import atomic_write_json, atomic_write_text
 
 STUDY_FILE = "study.yaml"
 TARGETS_FILE = "targets.json"
@@ -314,26 +314,36 @@ def write_run_inputs(runs: list[Run], study_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- targets
 
 
-def _eval_curve(path: Path, key: str) -> list[tuple[int, int, float]]:
+def _eval_records(path: Path) -> list[dict]:
+    """The run's eval events, in order: each holds every weights kind's loss at one step."""
     from pipeline.metrics import read_metrics
 
-    return [(m["step"], m["tokens"], m[key]) for m in read_metrics(path) if key in m]
+    return [m for m in read_metrics(path) if "eval/loss" in m]
+
+
+def targets_reached(result: dict) -> tuple[int, int]:
+    """(targets reached by some weights, targets) of a result.json."""
+    targets = result.get("targets") or []
+    return sum(1 for t in targets if t.get("raw") or any((t.get("ewa") or {}).values())), len(targets)
 
 
 def reference_targets(runs: list[Run], study_dir: Path) -> dict[str, float]:
     """Each setting's target: the best EWA eval loss (over the reference runs at B0 and their taus) at the first
     eval having seen the setting's tokens (pretrain evaluates exactly there: eval.at_tokens)."""
+    from pipeline.pretrain import eval_key
+
     targets: dict[str, float] = {}
     for run in (r for r in runs if r.reference):
         path = run_dir(study_dir, run)
         if run_status(path) != "completed":
             continue
+        records = _eval_records(path)
+        keys = [eval_key(f"ewa/{tau}") for tau in run.taus] or [eval_key("raw")]
         for s in run.settings:
-            for tau in run.taus:
-                curve = _eval_curve(path, f"eval/loss_ewa/{tau}") or _eval_curve(path, "eval/loss")
-                at = next((loss for _, tokens, loss in curve if tokens >= s.tokens), None)
-                if at is not None and math.isfinite(at):
-                    targets[s.name] = min(targets.get(s.name, math.inf), at)
+            at = next((m for m in records if m["tokens"] >= s.tokens), None)
+            for loss in (at.get(k) for k in keys) if at else ():
+                if loss is not None and math.isfinite(loss):
+                    targets[s.name] = min(targets.get(s.name, math.inf), loss)
     return targets
 
 
@@ -341,7 +351,8 @@ def apply_targets(runs: list[Run], targets: dict[str, float], study_dir: Path, d
                   cfg: StudyConfig) -> None:
     """Fill the targets into every run's config; the finished reference runs get their crossings from their own
     eval curves (they were trained before the targets existed)."""
-    from pipeline.pretrain import TargetTracker
+    from pipeline.pretrain import TargetTracker, eval_key
+
 
     missing = sorted({s.name for r in runs for s in r.settings} - set(targets))
     if missing:
@@ -356,10 +367,9 @@ def apply_targets(runs: list[Run], targets: dict[str, float], study_dir: Path, d
         path = run_dir(study_dir, run)  # diverged too: the fit reads every run's targets (it is censored there)
         kinds = ["raw"] + [f"ewa/{t}" for t in run.taus]
         tracker = TargetTracker([s.target for s in run.settings], kinds)
-        curves = {k: _eval_curve(path, "eval/loss" if k == "raw" else f"eval/loss_{k}") for k in kinds}
         tps = run.batch * run.settings[0].model.seq_len
-        for i in range(len(curves["raw"])):
-            tracker.update(curves["raw"][i][0], tps, {k: c[i][2] for k, c in curves.items() if i < len(c)})
+        for m in _eval_records(path):
+            tracker.update(m["step"], tps, {k: m[eval_key(k)] for k in kinds if eval_key(k) in m})
         result = json.loads((path / "result.json").read_text())
         result["targets"] = tracker.to_json()
         atomic_write_json(path / "result.json", result)
@@ -424,8 +434,8 @@ def _result_note(path: Path) -> str:
         return f" (no result.json; see {path / 'pretrain.log'})"
     if result.get("status") == "failed":
         return f" ({result.get('reason', '')[:120]}; see {path / 'pretrain.log'})"
-    reached = sum(1 for t in result.get("targets", []) if t.get("raw") or any((t.get("ewa") or {}).values()))
-    return f", {result.get('steps')} steps, targets {reached}/{len(result.get('targets', []))}"
+    reached, total = targets_reached(result)
+    return f", {result.get('steps')} steps, targets {reached}/{total}"
 
 
 def evaluate_local(runs: list[Run], study_dir: Path) -> None:
@@ -467,9 +477,8 @@ def status_table(study_dir: Path) -> str:
         if (path / "result.json").exists():
             result = json.loads((path / "result.json").read_text())
             steps, tokens = str(result.get("steps", "")), human(result.get("tokens") or 0)
-            ts = result.get("targets", [])
-            reached = sum(1 for t in ts if t.get("raw") or any((t.get("ewa") or {}).values()))
-            targets = f"{reached}/{len(ts)}" if ts else "-"
+            reached, total = targets_reached(result)
+            targets = f"{reached}/{total}" if total else "-"
         rows.append((path.name, str(cfg.get("global_batch_seqs", "")), f"{cfg.get('optimizer', {}).get('lr', '')}",
                      status, steps, tokens, targets))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
