@@ -2,7 +2,7 @@
 
 CBS(x) = c x^alpha with an OLS prediction interval on the log scale (see fit.ScalingLaw.predict). The batch plan
 takes the largest global batch <= CBS that is a whole number of micro-batches on every GPU
-(global = k * gpus * micro_batch, gradient accumulation k; STYLE.md item 3), so that every step is still in the
+(global = k * gpus * micro_batch, gradient accumulation k), so that every step is still in the
 near-linear-scaling regime: at B* a step already buys only 1/(1 + o) of what linear scaling promises.
 """
 

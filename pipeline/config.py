@@ -300,7 +300,7 @@ class Norm(str, enum.Enum):
     rmsnorm = "rmsnorm"
 
 
-# The paper's GPT sizes (non-embedding params N = 12 L d^2; DESIGN.md) and small ones for CPU runs and tests.
+# The paper's GPT sizes (non-embedding params N = 12 L d^2; docs/method.md) and small ones for CPU runs and tests.
 # Paper recipe: RoPE, QK-layernorm, GELU MLP 4d, no biases, untied embeddings, context 512.
 _PAPER = dict(seq_len=512, position_embedding="rope", qk_layernorm=True, activation="gelu", norm="layernorm",
               bias=False, tied_embeddings=False)
@@ -310,10 +310,10 @@ MODEL_PRESETS: dict[str, dict] = {
     "302M": dict(layers=24, hidden=1024, heads=16, **_PAPER),
     "604M": dict(layers=12, hidden=2048, heads=16, **_PAPER),
     "1.2B": dict(layers=24, hidden=2048, heads=32, **_PAPER),
-    # GPT-2 small shape, the throughput anchor of DESIGN.md
+    # GPT-2 small shape, the throughput anchor of docs/method.md
     "gpt2-small": dict(layers=12, hidden=768, heads=12, seq_len=1024, position_embedding="learned",
                        qk_layernorm=False, activation="gelu", norm="layernorm", bias=True, tied_embeddings=True),
-    # CPU scale: the DESIGN.md probe model (2 layers, d 128, seq 128) and a 4-layer one
+    # CPU scale: the probe model of docs/method.md (2 layers, d 128, seq 128) and a 4-layer one
     "tiny": dict(layers=2, hidden=128, heads=4, **{**_PAPER, "seq_len": 128}),
     "cpu-small": dict(layers=4, hidden=256, heads=4, **{**_PAPER, "seq_len": 256}),
 }
@@ -406,7 +406,7 @@ class OptimizerConfig:
     """Peak learning rate (the paper's ~3.16e-3)."""
     beta1: float = 0.95
     beta2: float = 0.99
-    """AdamW beta2; the paper tunes it per batch size (DESIGN.md table), studies fill it in."""
+    """AdamW beta2; the paper tunes it per batch size (docs/method.md table), studies fill it in."""
     eps: float = 1e-8
     weight_decay: float = 0.0
     """Decoupled weight decay on matrices only (never norms, biases or embeddings)."""
@@ -516,7 +516,7 @@ class LogConfig:
 
 @dataclass
 class PretrainConfig:
-    """`cbs pretrain`: train one GPT run and write the run-directory contract of DESIGN.md."""
+    """`cbs pretrain`: train one GPT run and write the run-directory contract of docs/architecture.md."""
 
     section = "pretrain"
 
@@ -592,7 +592,7 @@ def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_pa
 # ----------------------------------------------------------------------------------------------------------------
 # study
 
-# The paper's near-optimal per-batch settings (DESIGN.md; B in sequences); batches between or beyond the table
+# The paper's near-optimal per-batch settings (docs/method.md; B in sequences); batches between or beyond the table
 # take the nearest entry in log space.
 PAPER_BETA2 = {64: .999, 128: .999, 256: .995, 512: .99, 1024: .99, 2048: .95, 4096: .95, 8192: .95, 16384: .95}
 PAPER_TAU = {64: .9995, 128: .9995, 256: .9995, 512: .9995, 1024: .999, 2048: .998, 4096: .995, 8192: .99,
@@ -612,7 +612,7 @@ class HparamGrid:
     lr: list[float] = field(default_factory=lambda: [3.16e-3])
     """Peak learning rates."""
     beta2: Optional[list[float]] = None
-    """AdamW beta2 values; default: the paper's per-batch value (DESIGN.md table)."""
+    """AdamW beta2 values; default: the paper's per-batch value (docs/method.md table)."""
     ewa_taus: Optional[list[float]] = None
     """EWA decays kept at once in every run (the best is used); default: the paper's per-batch tau. Short CPU
     runs want smaller taus (0.98-0.995) than the paper's long runs (0.99-0.9995)."""
@@ -665,7 +665,7 @@ class StudyConfig:
     """Pretrain config keys shared by every run (micro_batch_seqs, schedule, eval, deepspeed_config, ...)."""
     one_sweep: bool = True
     """Runs of one model serve all of its data budgets: trained once to the largest budget's target, each
-    budget's crossing read off the same eval curve (DESIGN.md). False: separate runs per setting."""
+    budget's crossing read off the same eval curve (docs/method.md, "Target loss"). False: separate runs per setting."""
     max_tokens_factor: float = 4.0
     """Non-reference runs stop once every target is reached, or after this many times the largest budget of
     their model (a run that gets there without reaching a target is censored in the fit)."""

@@ -2,11 +2,13 @@
 
 What this module adds to megatron-core 0.16.1 and why:
 - `SDPACoreAttention` replaces the local spec's `DotProductAttention` (baddbmm + masked softmax + bmm). The stock
-  module is 1.9x slower end to end on an H100 (DESIGN.md: 105k vs 201k tokens/s at GPT-2 small) and cannot run on
-  CPU at all without a mask built by the caller (its causal fallback builds the mask on CUDA).
+  module is 1.9x slower end to end on an H100 (105k vs 201k tokens/s at GPT-2 small; docs/method.md, "Throughput
+  and MFU") and cannot run on CPU at all without a mask built by the caller (its causal fallback builds the mask
+  on CUDA).
 - RoPE on CPU: megatron's `RotaryEmbedding.get_emb` moves its frequencies to `torch.cuda.current_device()` on the
   first forward, which fails without CUDA; CPU builds swap in `_HostRotaryEmbedding`, which leaves them in place.
-- Parameter and FLOP counts with the definitions of DESIGN.md (N = 12 L d^2; MFU's 6 x matmul params + 12 L d T).
+- Parameter and FLOP counts with the definitions of docs/method.md (N = 12 L d^2; MFU's 6 x matmul params +
+  12 L d T).
 
 Initialisation a process needs before `build_model` (pipeline/distributed.py owns it; tests do it themselves):
 1. `torch.distributed.init_process_group` (gloo on CPU, world size >= 1): megatron's linear layers and the
@@ -354,7 +356,7 @@ def param_counts(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, int]:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward) of DESIGN.md's MFU: 6 P + 12 L d T.
+    """Training FLOPs per token (forward + backward) of the MFU in docs/method.md: 6 P + 12 L d T.
 
     P = `matmul_params` (LM head included, padded vocab): 2 FLOPs per weight forward, 4 backward. 12 L d T is
     attention's QK^T and AV (2 x 2 T d forward per layer and token, times 3), counted over the full T x T

@@ -60,7 +60,7 @@ def local_tensor(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 class EWA:
-    """Exponential weight averages of the parameters for several decays at once (Zhang et al. 2025, DESIGN.md).
+    """Exponential weight averages of the parameters for several decays at once (Zhang et al. 2025; docs/method.md).
 
     w_tau <- tau w_tau + (1 - tau) theta every optimizer step, starting from w = 0; evaluated bias-corrected as
     w_tau / (1 - tau^t) after t updates (so that the early average is not pulled towards 0). Averages are fp32

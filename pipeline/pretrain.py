@@ -1,6 +1,6 @@
 """pretrain: one GPT run in a DeepSpeed engine, with EWA, periodic eval, steps-to-target and checkpoints.
 
-Run directory (DESIGN.md contract): config.yaml (resolved, with the DeepSpeed config), metrics.jsonl, tb/,
+Run directory (docs/architecture.md contract): config.yaml (resolved, with the DeepSpeed config), metrics.jsonl, tb/,
 checkpoints/, result.json. The loop is short; logging, evaluation and checkpointing are hooks with their own
 schedules. A run killed and resumed (resume: auto) continues exactly: model, optimizer, EWA, targets and data
 position (a function of the step) all come back from the checkpoint.

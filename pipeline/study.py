@@ -7,7 +7,7 @@ Phases (each skips what is already done, so re-running the command resumes a stu
 2. reference runs (the paper's targets): the runs at B0 train each model to its largest budget, evaluating
    at every budget; a setting's target is their best EWA loss after its budget's tokens (targets.json);
 3. the other runs: trained until every target of their model is reached (or max_tokens_factor x the largest
-   budget): one sweep serves every data budget of a model (DESIGN.md);
+   budget): one sweep serves every data budget of a model (docs/method.md);
 4. evaluate every finished run's last checkpoint (eval.json); 5. fit -> STUDY_DIR/fit/ (report.md, figures).
 
 Layout: STUDY_DIR/study.yaml (the resolved study; another study's directory is refused), data/,

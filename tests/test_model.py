@@ -212,7 +212,7 @@ def test_paper_presets_non_embedding_from_config(name, params):
 
 
 def test_flops_per_token_reproduces_the_design_mfu_anchor():
-    """DESIGN.md: GPT-2 small shape (50257-token vocab), 308k tokens/s on an H100 (989 TFLOP/s) is 26.6% MFU."""
+    """docs/method.md: GPT-2 small shape (50257-token vocab), 308k tokens/s on an H100 (989 TFLOP/s) is 26.6% MFU."""
     cfg = preset("gpt2-small")
     assert M.padded_vocab(50257) == 50304
     assert 308e3 * M.flops_per_token(cfg, 50257) / 989e12 == pytest.approx(0.266, abs=5e-4)

@@ -52,7 +52,7 @@ def test_plan_runs_names_and_paper_defaults(tmp_path):
     assert [r.name for r in runs] == ["mL2d128_d60K_b64_lr0.001", "mL2d128_d60K_b64_lr0.003",
                                       "mL2d128_d60K_b4096_lr0.001", "mL2d128_d60K_b4096_lr0.003"]
     b64, b4096 = runs[0], runs[2]
-    assert (b64.beta2, b64.taus, b4096.beta2, b4096.taus) == (0.999, [0.9995], 0.95, [0.995])  # DESIGN.md table
+    assert (b64.beta2, b64.taus, b4096.beta2, b4096.taus) == (0.999, [0.9995], 0.95, [0.995])  # docs/method.md table
     assert b64.reference and not b4096.reference
     assert b64.config["eval"]["at_tokens"] == [20000, 60000] and b64.config["train_tokens"] == 60000
     assert b4096.config["stop_at_targets"] is False and b4096.config["train_tokens"] == 4 * 60000
