@@ -485,10 +485,27 @@ class CheckpointConfig:
     """Save every this many steps (and at the end); 0 saves only at the end."""
     keep: int = 2
     """Keep the newest this many checkpoints (older are deleted after a save succeeds)."""
+    at_tokens: list[int] = field(default_factory=list)
+    """Also save at the first step that has seen at least each of these token counts, and keep those
+    checkpoints whatever `keep` says (a branched study starts its branches from them)."""
 
     def validate(self, p: str) -> None:
         _check(self.every_steps >= 0, f"{p}.every_steps must be >= 0: got {self.every_steps}")
         _check(self.keep >= 1, f"{p}.keep must be >= 1: got {self.keep}")
+        _check(all(t >= 1 for t in self.at_tokens), f"{p}.at_tokens must be >= 1: got {self.at_tokens}")
+
+
+@dataclass
+class InitFrom:
+    """A checkpoint of another run to start from (a branch of it)."""
+
+    run_dir: str
+    """The run directory holding the checkpoint."""
+    step: int
+    """Its step: a complete checkpoint must exist there."""
+
+    def validate(self, p: str) -> None:
+        _check(self.step >= 1, f"{p}.step must be >= 1: got {self.step}")
 
 
 class StopWeights(str, enum.Enum):
@@ -562,6 +579,10 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     divergence_factor: float = 3.0
     """The run is `diverged` when the train loss is NaN/inf or exceeds this many times its first value."""
+    init_from: Optional[InitFrom] = None
+    """Start from another run's checkpoint: its weights and optimizer state (it must have the same model and
+    number of ranks), continuing its data stream where it stopped; this run counts its own steps and tokens
+    from 0 and starts its EWA afresh. A branched study sets it."""
     study: Optional[dict] = None
     """Written by `cbs study`: the settings (model, data budget, target) this run serves; passed through."""
 
@@ -664,6 +685,47 @@ class StudyTargets:
             _check(isinstance(loss, (int, float)) and loss > 0, f"{p}.losses.{name} must be a loss > 0: got {loss}")
 
 
+class StudyMethod(str, enum.Enum):
+    sweep = "sweep"
+    """The paper's: a full run per batch size, steps-to-target fitted over them (docs/method.md)."""
+    branched = "branched"
+    """Merrill et al. 2025: short branches at k x B from checkpoints of one base run give CBS(t) along training
+    (docs/method.md, "Branched local CBS")."""
+
+
+class LrScaling(str, enum.Enum):
+    sqrt = "sqrt"
+    """LR x sqrt(k) at k times the batch: the rule for Adam."""
+    linear = "linear"
+    """LR x k (SGD's rule)."""
+    none = "none"
+
+
+@dataclass
+class BranchedConfig:
+    """Settings of `method: branched`. Each setting gets one base run at `batch_sizes`' smallest batch B,
+    trained to the setting's budget D and checkpointed at every branch point t; from each, one branch per batch
+    b of `batch_sizes` (k = b / B, B itself included) trains `branch_tokens` more tokens."""
+
+    at_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    """Branch points t as fractions of each setting's budget D (after the warmup: t >= warmup_tokens)."""
+    branch_tokens: Optional[int] = None
+    """Tokens each branch trains (Delta); default: 10% of the setting's budget."""
+    lr_scaling: LrScaling = LrScaling.sqrt
+    """How a branch at k x B scales the base LR: sqrt (Adam), linear, none."""
+    tolerance: float = 0.01
+    """The local CBS at t is the largest batch whose branch loss is within this relative tolerance of the best
+    loss of the branches at smaller batches."""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.at_fractions) and all(0 < f <= 1 for f in self.at_fractions),
+               f"{p}.at_fractions must list fractions of the budget in (0, 1]: got {self.at_fractions}")
+        _check(len(set(self.at_fractions)) == len(self.at_fractions), f"{p}.at_fractions has duplicates")
+        _check(self.branch_tokens is None or self.branch_tokens >= 1,
+               f"{p}.branch_tokens must be >= 1: got {self.branch_tokens}")
+        _check(0 < self.tolerance < 1, f"{p}.tolerance must be in (0, 1): got {self.tolerance}")
+
+
 @dataclass
 class StudyConfig:
     """`cbs study`: settings x batch sizes x hyper-parameters -> runs -> evaluate -> fit."""
@@ -693,6 +755,10 @@ class StudyConfig:
     slurm: dict = field(default_factory=dict)
     """Resources for --executor slurm: partition, account, nodes, gpus_per_node, cpus_per_task, time,
     max_parallel, extra (list of raw sbatch flags). Command-line flags override them."""
+    method: StudyMethod = StudyMethod.sweep
+    """sweep (the paper's full runs per batch size) | branched (CBS along training from one base run)."""
+    branched: BranchedConfig = field(default_factory=BranchedConfig)
+    """Settings of method: branched."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -704,6 +770,11 @@ class StudyConfig:
         if ref and ref.batch is not None:
             _check(ref.batch in self.batch_sizes,
                    f"{p}.targets.reference.batch ({ref.batch}) must be one of batch_sizes {self.batch_sizes}")
+        if self.method is StudyMethod.branched:
+            _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1 and len(self.seeds) == 1,
+                   f"{p}: method branched has one base run per setting: give one hparams.lr, hparams.beta2 and seed")
+            _check(len(self.batch_sizes) >= 2, f"{p}.batch_sizes: method branched needs the base batch and at least "
+                                               f"one larger one")
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):

@@ -52,10 +52,13 @@ def read_manifest(data_dir: str | Path) -> dict:
 class TrainSamples:
     """Samples of seq_len + 1 tokens from the train split, in a seeded per-epoch order."""
 
-    def __init__(self, data_dir: str | Path, seq_len: int, seed: int):
+    def __init__(self, data_dir: str | Path, seq_len: int, seed: int, offset_seqs: int = 0):
         self.tokens = _open_split(Path(data_dir), "train")
         self.seq_len = seq_len
         self.seed = seed
+        self.offset_seqs = offset_seqs
+        """Global order positions already consumed before this run's step 0 (a branch continues its base run's
+        stream)."""
         self.per_epoch = (self.tokens.size - 1) // seq_len
         if self.per_epoch < 1:
             raise DataError(f"the train split has {self.tokens.size} tokens: fewer than one sequence of "
@@ -84,7 +87,7 @@ class TrainSamples:
     def step_batch(self, step: int, global_batch: int, rank: int, world: int) -> torch.Tensor:
         """This rank's share of global step `step` (0-based): [global_batch / world, seq_len + 1]."""
         per_rank = global_batch // world
-        return self.batch(step * global_batch + rank * per_rank, per_rank)
+        return self.batch(self.offset_seqs + step * global_batch + rank * per_rank, per_rank)
 
     def epochs_for(self, total_sequences: int) -> float:
         return total_sequences / self.per_epoch

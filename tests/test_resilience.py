@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from pipeline import pretrain, rundir
+from pipeline.config import ConfigError
 from pipeline.metrics import read_metrics
-from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, torchrun, write_cfg
+from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, series, torchrun, write_cfg
 
 STEPS = 40
 
@@ -217,3 +218,20 @@ def _cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_branch_at_the_same_batch_continues_its_base_run_exactly(stdlib_data, tmp_path):
+    """init_from: the weights, the optimizer state and the data stream continue where the base checkpoint
+    stopped, so a branch at the base batch and LR logs what the base run logged after that step."""
+    base = make_cfg(stdlib_data, tmp_path / "base", train_tokens=8 * SEQ * 24, ewa={"taus": []},
+                    checkpoint={"every_steps": 0, "keep": 1, "at_tokens": [8 * SEQ * 8]})
+    pretrain.main(base)
+    assert sorted(rundir.tags(tmp_path / "base")) == [rundir.tag(8), rundir.tag(24)]  # at_tokens kept
+    branch = make_cfg(stdlib_data, tmp_path / "branch", train_tokens=8 * SEQ * 16, ewa={"taus": []},
+                      init_from={"run_dir": str(tmp_path / "base"), "step": 8})
+    pretrain.main(branch)
+    base_loss = {s - 8: v for s, v in series(tmp_path / "base", "train/loss").items() if s > 8}
+    assert series(tmp_path / "branch", "train/loss") == pytest.approx(base_loss, rel=1e-6)
+    with pytest.raises(ConfigError, match=r"init_from: the checkpoint .*step00000012 cannot be used"):
+        pretrain.main(make_cfg(stdlib_data, tmp_path / "other", init_from={"run_dir": str(tmp_path / "base"),
+                                                                          "step": 12}))
