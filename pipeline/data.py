@@ -129,6 +129,9 @@ def read_manifest(data_dir: str | Path, seq_len: Optional[int] = None,
 
 def _load_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
+    if not data_dir.is_dir():
+        raise DataError(f"data_dir {data_dir} does not exist or is not a directory: run `cbs preprocess` first and "
+                        f"give its output_dir")
     if not path.is_file():
         raise DataError(f"data_dir {data_dir} is not a preprocessed data directory: no manifest.json "
                         f"(run `cbs preprocess` first and give its output_dir)")
@@ -167,8 +170,9 @@ def _check_split(data_dir: Path, split: str, manifest: dict, index: SplitIndex, 
         raise DataError(f"{idx} holds {index.dtype.name} tokens but manifest.json says {manifest['dtype']}: "
                         f"the shards are not this directory's; {REBUILD}")
     if manifest["vocab_size"] - 1 > np.iinfo(index.dtype).max:
-        raise DataError(f"manifest.json's vocab_size {manifest['vocab_size']} does not fit the {index.dtype.name} "
-                        f"tokens of {idx}: ids above {np.iinfo(index.dtype).max} were cut; {REBUILD}")
+        raise DataError(f"{data_dir / 'manifest.json'} says vocab_size {manifest['vocab_size']}, but {idx} holds "
+                        f"{index.dtype.name} tokens, which cannot store ids above {np.iinfo(index.dtype).max}; "
+                        f"{REBUILD}")
     if index.tokens != manifest["tokens"][split] or index.documents - 1 != manifest["documents"][split]:
         raise DataError(f"{idx} holds {index.documents - 1} documents and {index.tokens} tokens but manifest.json "
                         f"counted {manifest['documents'][split]} and {manifest['tokens'][split]}: the shards are "
