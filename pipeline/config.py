@@ -177,8 +177,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: {key} is given twice in one "
                                   f"mapping: keep one")
             seen.add(key)

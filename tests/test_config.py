@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config
+from pipeline.config import (ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config,
+                             read_yaml)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,3 +107,8 @@ def test_yaml_problems_name_the_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml:5: vocab_size is given twice in one mapping: keep one"):
         load_config(PreprocessConfig, write(tmp_path, "inputs: [stdlib]\noutput_dir: o\ntokenizer:\n"
                                                       "  vocab_size: 400\n  vocab_size: 500\n"))
+    anchors = write(tmp_path, "inputs: [stdlib]\noutput_dir: o\nbase: &b {vocab_size: 400, type: unigram}\n"
+                              "tokenizer:\n  <<: *b\n  vocab_size: 500\n")  # a merge key may be overridden
+    with pytest.raises(ConfigError, match=r"preprocess\.base is not a known key"):  # the anchor parsed fine
+        load_config(PreprocessConfig, anchors)
+    assert read_yaml(anchors)["tokenizer"] == {"vocab_size": 500, "type": "unigram"}
