@@ -83,9 +83,10 @@ def _read_index(idx: str, bin_: str, idx_stat: tuple[int, int], bin_stat: tuple[
         raise DataError(f"{idx} is {idx_bytes} bytes but its header ({sequences} sequences, {documents} document "
                         f"entries) needs {want}: the file is truncated or damaged; {REBUILD}")
     dtype = np.dtype(_TOKEN_DTYPES[code])
-    lengths = np.fromfile(idx, dtype=np.int32, count=sequences, offset=_IDX_HEADER.size)
-    bounds = np.fromfile(idx, dtype=np.int64, count=documents, offset=_IDX_HEADER.size + 12 * sequences)
-    if (lengths < 0).any() or documents < 1 or bounds[0] != 0 or bounds[-1] != sequences:
+    # mapped, not read: a corpus of 10^8 documents has a 400 MB lengths array, and every rank does this
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_IDX_HEADER.size, shape=(sequences,))
+    bounds = np.memmap(idx, dtype=np.int64, mode="r", offset=_IDX_HEADER.size + 12 * sequences, shape=(documents,))
+    if documents < 1 or bounds[0] != 0 or bounds[-1] != sequences or (sequences and lengths.min() < 0):
         raise DataError(f"{idx} holds negative lengths or document entries that do not span its {sequences} "
                         f"sequences: the file is damaged; {REBUILD}")
     tokens = int(lengths.sum(dtype=np.int64))
