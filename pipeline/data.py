@@ -117,8 +117,8 @@ def read_manifest(data_dir: str | Path, seq_len: Optional[int] = None,
     made with (its sha256 is the manifest's; and `tokenizer_sha256`'s, when a caller knows the tokenizer its
     model was trained with); each split's .idx/.bin are whole (read_index) and are the ones the manifest counted,
     in a dtype that holds every token id; with `seq_len`, each split holds at least one sequence of seq_len + 1
-    tokens. Pretrain and evaluate call it before they write anything. Cost: hashing the tokenizer (a few MB) and
-    one pass over each split's sequence lengths."""
+    tokens. Pretrain calls it as it starts, before it writes anything; evaluate should too, for `--data-dir`.
+    Cost: hashing the tokenizer (a few MB) and one pass over each split's sequence lengths."""
     data_dir = Path(data_dir)
     manifest = _load_manifest(data_dir)
     _check_tokenizer(data_dir, manifest, tokenizer_sha256)
