@@ -155,12 +155,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
         node = data
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a mapping")
+                whole = ".".join(parts[:i + 1])
+                raise ConfigError(f"override {item!r}: {whole} is not a mapping (it is {child!r}); set it whole: "
+                                  f"--set {whole}=VALUE")
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
@@ -169,28 +171,80 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: {key} is given twice in one "
+                                  f"mapping: keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config file as a mapping; every problem is a ConfigError naming the file (and line) and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory: give the path of a YAML file")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {e.strerror}; check the path") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        started = (f"{e.context} that starts at line {e.context_mark.line + 1}: "
+                   if e.context and e.context_mark and e.problem_mark else "")
+        raise ConfigError(f"{where}: not valid YAML ({started}{e.problem or e.context}): fix the YAML "
+                          f"there") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML ({e}): fix the YAML") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(data).__name__}: write one "
+                          f"`key: value` per line")
+    return data
+
+
+def _expand_shorthands(cls: type, data: dict) -> dict:
+    """A scalar where a section with a shorthand (an `expand` hook) is expected stands for the section's first
+    field: `model: tiny` -> `model: {preset: tiny}`. Done before overrides, so `--set model.seq_len=64` refines
+    a shorthand instead of failing on it."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], data.get(f.name)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if not dataclasses.is_dataclass(tp) or value is None:
+            continue
+        if hasattr(tp, "expand") and isinstance(value, str):
+            value = data[f.name] = {dataclasses.fields(tp)[0].name: value}
+        if isinstance(value, dict):
+            _expand_shorthands(tp, value)
     return data
 
 
 def load_config(cls: type, path: str | os.PathLike | None, overrides: list[str] = (), prefix: str = "") -> Any:
     """YAML file (optional) + dotted overrides -> validated config of class `cls`."""
-    data = read_yaml(path) if path is not None else {}
+    prefix = prefix or cls.section
+    data = _expand_shorthands(cls, read_yaml(path) if path is not None else {})
     apply_overrides(data, list(overrides))
-    return from_dict(cls, data, prefix or cls.section)
+    return from_dict(cls, data, prefix)
 
 
 def _check(cond: bool, message: str) -> None:
