@@ -517,6 +517,7 @@ def _write_config(trainer: Trainer) -> None:
         "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps,
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
         "data_manifest_fingerprint": trainer.manifest.get("fingerprint"),
+        "tokenizer_sha256": trainer.manifest["tokenizer"].get("sha256"),
         "data_offset_seqs": trainer.samples.offset_seqs,
         "eval_sequences": len(trainer.eval_set), "device": str(trainer.dist.device),
         "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
@@ -529,7 +530,7 @@ def main(cfg: PretrainConfig) -> dict:
     one `preempted` (no exception)."""
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
-    read_manifest(cfg.data_dir)
+    read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split at least one sequence long
     done = _check_run_dir(cfg)
     if done is not None:
         log.info("%s already finished (%s at step %d); nothing to do", cfg.run_dir, done["status"], done["steps"])

@@ -466,10 +466,6 @@ def test_binary_file_is_skipped_and_counted_with_on_error_skip(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs pipeline/pretrain.py fix: pretrain.main calls read_manifest(data_dir) "
-                                       "without seq_len, so a split shorter than one sequence is found inside the "
-                                       "Trainer, after run_dir and a 'failed' result.json were written; call "
-                                       "data.read_manifest(cfg.data_dir, cfg.model.seq_len) before run_dir is made")
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_pretrain_split_shorter_than_one_sequence_writes_nothing(tmp_path, data, split):
     tokens = json.loads((data / "manifest.json").read_text())["tokens"][split]
@@ -505,10 +501,6 @@ def test_evaluate_on_a_damaged_data_dir_exits_2_and_writes_nothing(tmp_path, dat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs pipeline/evaluate.py fix: --data-dir made with another tokenizer is "
-                                       "evaluated silently (ids are read under the wrong vocabulary); check it with "
-                                       "data.read_manifest(data_dir, seq_len, tokenizer_sha256=<the run's tokenizer "
-                                       "sha256>) before loading the model")
 def test_evaluate_refuses_a_data_dir_of_another_tokenizer(tmp_path, trained_run, other_data, capsys):
     run_before = snapshot(trained_run)
     code = cli.main(["evaluate", str(trained_run), "--data-dir", str(other_data), "--out",
