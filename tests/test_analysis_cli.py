@@ -142,7 +142,7 @@ def test_study_cbs_recovers_truth_and_laws(study_fit):
         assert float(r["cbs_low"]) < float(r["cbs"]) < float(r["cbs_high"])
         assert int(r["n_batches"]) == len(BATCHES) - (r["setting"] == CENSORED[0])
     scaling = json.loads((out / "scaling.json").read_text())
-    assert scaling["seq_len"] == SEQ_LEN and set(scaling["laws"]) == {"tokens", "model_params"}
+    assert scaling["seq_len"] == SEQ_LEN and set(scaling["laws"]) == {"tokens", "model_params", "compute", "joint"}
     law = scaling["laws"]["tokens"]
     for key in ("variable", "coefficient", "coefficient_ci", "exponent", "exponent_ci", "r2", "n_points",
                 "cov_log_coefficient_exponent", "residual_variance"):
@@ -162,8 +162,9 @@ def test_study_report_and_figures(study_fit):
 
     pngs = sorted((out / "figures").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"steps_normalized.png", "cbs_vs_tokens.png", "cbs_vs_model_params.png"} <= names
-    assert len(pngs) == 3 + len(MODELS) * len(BUDGETS)
+    assert {"steps_normalized.png", "cbs_vs_tokens.png", "cbs_vs_model_params.png", "cbs_vs_compute.png",
+            "degradation.png"} <= names
+    assert len(pngs) == 5 + len(MODELS) * len(BUDGETS)
     for p in pngs:
         assert p.read_bytes()[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(p)
@@ -328,7 +329,7 @@ def test_forecast_bad_scaling_file(tmp_path, capsys, content, message):
 
 
 def test_forecast_with_only_an_n_law(tmp_path, capsys):
-    from analysis.fit import fit_scaling_law, law_to_json
+    from analysis.laws import fit_scaling_law, law_to_json
 
     law = fit_scaling_law([1e8, 3e8, 1e9], [200.0, 240.0, 300.0], "model_params")
     path = tmp_path / "scaling.json"
@@ -343,7 +344,7 @@ def test_forecast_with_only_an_n_law(tmp_path, capsys):
 
 
 def test_figure_names_are_unique_file_names():
-    from analysis.report import figure_names
+    from analysis.figures import figure_names
     from analysis.steps import Setting, StepsPoint, StepsTable
 
     settings = [Setting(n, 1, 1) for n in ("a/b", "a b", "A_B", "ok-1.5")]
@@ -357,7 +358,7 @@ def test_figure_names_are_unique_file_names():
 
 
 def test_analysis_never_imports_the_training_stack():
-    code = ("import sys, analysis.cli, analysis.steps, analysis.fit, analysis.report, analysis.forecast\n"
+    code = ("import sys, analysis.cli, analysis.steps, analysis.fit, analysis.laws, analysis.cost, analysis.report, analysis.forecast\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'megatron', 'pipeline')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

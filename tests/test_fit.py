@@ -9,9 +9,9 @@ import pytest
 from scipy.optimize import least_squares
 
 from analysis.fit import (
-    MIN_BATCHES, critical_batch_size, estimate_setting, fit_hyperbola, fit_log_hyperbola, fit_scaling_law,
-    law_from_json, law_to_json, setting_rng, steps_model,
+    MIN_BATCHES, critical_batch_size, estimate_setting, fit_hyperbola, fit_log_hyperbola, setting_rng, steps_model,
 )
+from analysis.laws import fit_scaling_law, law_from_json, law_to_json
 from analysis.forecast import batch_plan, forecast_cbs
 from analysis.steps import Setting, StepsPoint, TargetKind, steps_to_target
 
