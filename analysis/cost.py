@@ -9,8 +9,9 @@ S(B) is the measured steps-to-target (in `cbs fit`) or the fitted/forecast S_min
 windows; the strings "nan"/"inf" that metrics.jsonl writes for non-finite values are read as floats and skipped)
 at the run's world size, or from a `--throughput` CSV. A (B, G) not measured is modelled as data parallelism
 with per-GPU throughput a function of the local batch b = B / G only: tokens_per_s(B, G) = G t(B / G), t
-interpolated linearly in log b between measured local batches and held constant beyond them (communication
-costs are those of the measurements; more GPUs than measured are assumed to scale perfectly). For another model
+interpolated linearly in log b between measured local batches, held constant above the largest (a saturated
+GPU) and proportional to b below the smallest (a step takes no less time than there). Communication costs are
+those of the measurements; more GPUs than measured are assumed to scale perfectly. For another model
 size N' (a forecast) t is scaled by N / N' (the same model FLOP/s per GPU: 6 N FLOPs per token).
 """
 
@@ -186,8 +187,11 @@ class ThroughputModel:
             by_local.setdefault(p.local_batch, []).append(p.per_gpu)
         local = sorted(by_local)
         per_gpu = [math.log(statistics.median(by_local[b])) for b in local]
-        t = math.exp(float(np.interp(math.log(batch / gpus), np.log(local), per_gpu)))  # clamps at both ends
-        return gpus * t * scale, False
+        b = batch / gpus
+        # above the largest measured local batch: held (a GPU is saturated); below the smallest: proportional to
+        # b (a step takes no less time than at the smallest measured one), so small local batches are not flattered
+        t = math.exp(float(np.interp(math.log(max(b, local[0])), np.log(local), per_gpu)))
+        return gpus * t * min(1.0, b / local[0]) * scale, False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis import InputError
-from analysis.cost import ThroughputModel, ThroughputPoint, TimeToTarget, fastest, plan_rows
+from analysis.cost import ThroughputModel, ThroughputPoint, TimeToTarget, fastest, plan_rows, time_rows
 from analysis.laws import SYMBOLS, PowerLaw, law_from_json
 
 DEFAULT_SEQ_LEN = 512  # the paper's context length (Zhang et al. 2025, sec. 2)
@@ -285,11 +285,9 @@ def time_plan(sf: ScalingFile, choice: Choice, model_params: float | None, throu
     rows = plan_rows("forecast", s_min, b_noise, n, throughput, plan.seq_len, plan.gpus, plan.micro_batch_seqs, top)
     if not rows:
         return "no time plan: no batch fits the GPU budget"
-    at_plan = [r for r in rows if r.batch_size == plan.global_batch_seqs and r.gpus == plan.gpus]
-    if not at_plan:
-        at_plan = plan_rows("forecast", s_min, b_noise, n, throughput, plan.seq_len, plan.gpus, 1,
-                            plan.global_batch_seqs)
-        at_plan = [r for r in at_plan if r.batch_size == plan.global_batch_seqs and r.gpus == plan.gpus]
+    b = plan.global_batch_seqs
+    at_plan = [r for r in time_rows("forecast", n, {b: s_min * (1 + b_noise / b)}, throughput, plan.seq_len,
+                                    plan.gpus) if r.gpus == plan.gpus]
     return TimePlan(fastest(rows), at_plan[0] if at_plan else None, s_min, b_noise, plan.gpus)
 
 

@@ -29,7 +29,8 @@ def test_throughput_model_measured_interpolated_and_clamped():
     assert model.tokens_per_s(100, 64, 8) == (80_000.0, True)
     tps, measured = model.tokens_per_s(100, 128, 8)  # local 16: halfway in log between 8 (10k/GPU) and 32 (25k/GPU)
     assert not measured and tps == pytest.approx(8 * 10_000 * math.sqrt(2.5))
-    assert model.tokens_per_s(100, 64, 16)[0] == pytest.approx(16 * 10_000)  # local 4: held at the smallest
+    # local 4, half the smallest measured: a step takes as long as at local 8, so half the tokens/s per GPU
+    assert model.tokens_per_s(100, 64, 16)[0] == pytest.approx(16 * 10_000 / 2)
     assert model.tokens_per_s(100, 1024, 8)[0] == pytest.approx(8 * 25_000)  # local 128: held at the largest
     # another model size (a forecast): the same FLOP/s per GPU, so tokens/s scale as N_measured / N
     assert model.tokens_per_s(200, 64, 8) == (pytest.approx(40_000.0), False)
