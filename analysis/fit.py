@@ -37,6 +37,8 @@ DEGRADATION_OVERHEADS = (0.1, 0.2, 0.5, 1.0)
 SIGMA_FLOOR = 0.01
 """Smallest residual s.d. of log S used by the censored likelihood: with 3 points the estimate has 1 dof and can
 be ~0, which would turn a lower bound into a hard wall; 1% is below any run-to-run spread we have seen."""
+BOUND_CONFLICT_Z = 2.0
+"""Warn when a censored batch's bound stays this many residual s.d. (of log S) above the fitted curve."""
 B0_SHARE_WARNING = 0.5
 """Warn when (1 + o) B0 is at least this share of the CBS: the CBS then says more about B0 than about B_noise."""
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -375,9 +377,15 @@ def diagnostics(fit: HyperbolaFit, batch: np.ndarray, steps: np.ndarray) -> Diag
 
 
 def fit_warnings(fit: HyperbolaFit, batch: np.ndarray, cbs: float, reference_batch: float, overhead: float,
-                 cbs_ci: tuple[float, float]) -> tuple[str, ...]:
+                 cbs_ci: tuple[float, float], bounds: list[StepsPoint] = ()) -> tuple[str, ...]:
     """What makes a setting's CBS less trustworthy than its interval says (docs/method.md, "Diagnostics")."""
     out = []
+    for p in bounds:
+        fitted = float(fit.steps(p.batch_size))
+        if math.log(p.censored_at_steps / fitted) > BOUND_CONFLICT_Z * fit.sigma:
+            out.append(f"at B={p.batch_size} no run reached the target in {p.censored_at_steps:.4g} steps, but the "
+                       f"fit puts S there at {fitted:.4g}: the lower bound conflicts with the other batches (more "
+                       f"than {BOUND_CONFLICT_Z:g} residual s.d. above the curve) and pulls the fit; check those runs")
     if fit.bound == 1:
         out.append(f"B_noise at the upper search bound: S ~ 1/B up to B={batch.max():g} (no saturation); "
                    "add larger batches")
@@ -428,7 +436,7 @@ def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float
     fit = fit_hyperbola(batch, steps, [p.batch_size for p in bounds], [p.censored_at_steps for p in bounds])
     base.update(fit=fit, diagnostics=diagnostics(fit, batch, steps), n_censored=len(bounds))
     if fit.bound == 1:
-        return CbsEstimate(**base, warnings=fit_warnings(fit, batch, math.nan, b0, overhead, NAN2),
+        return CbsEstimate(**base, warnings=fit_warnings(fit, batch, math.nan, b0, overhead, NAN2, bounds),
                            note=f"no saturation: S ~ 1/B up to B={batch.max():g}; CBS is beyond the measured "
                                 "batch sizes")
     cbs = float(critical_batch_size(fit.b_noise, b0, overhead))
@@ -441,7 +449,7 @@ def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float
         base.update(s_min_ci=ci.s_min, b_noise_ci=ci.b_noise, cbs_ci=cbs_ci)
     return CbsEstimate(**base, degradation=degradation_range(fit.b_noise, base.get("b_noise_ci", NAN2), b0,
                                                              overheads),
-                       warnings=fit_warnings(fit, batch, cbs, b0, overhead, base.get("cbs_ci", NAN2)))
+                       warnings=fit_warnings(fit, batch, cbs, b0, overhead, base.get("cbs_ci", NAN2), bounds))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -285,12 +285,17 @@ def test_a_lower_bound_moves_the_fit_only_when_it_binds():
 def test_censored_batches_enter_estimate_setting_and_its_bootstrap():
     steps = list(steps_model(BATCHES, 1000.0, 300.0) * np.exp([0.05, -0.05, 0.03, -0.02, 0.04, -0.06]))
     plain = estimate_setting(SETTING, _points(BATCHES[:-1], steps[:-1]), 0.2, n_resamples=200)
-    cap = float(plain.fit.steps(BATCHES[-1]) * 1.3)
+    cap = float(plain.fit.steps(BATCHES[-1]) * 1.2)
     points = _points(BATCHES[:-1], steps[:-1]) + [StepsPoint(SETTING, int(BATCHES[-1]), None, 3,
                                                              censored_at_steps=cap)]
     est = estimate_setting(SETTING, points, 0.2, n_resamples=200)
     assert est.n_censored == 1 and est.n_batches == len(BATCHES) - 1
     assert est.b_noise < plain.b_noise and est.cbs_ci[0] < est.cbs < est.cbs_ci[1]
+    assert not any("conflicts" in w for w in est.warnings)  # the curve met the bound
+    far = points[:-1] + [StepsPoint(SETTING, int(BATCHES[-1]), None, 3, censored_at_steps=cap * 3)]
+    conflict = estimate_setting(SETTING, far, 0.2, n_resamples=0)
+    assert any(f"at B={int(BATCHES[-1])} no run reached the target" in w and "conflicts" in w
+               for w in conflict.warnings)
     unbounded = points[:-1] + [StepsPoint(SETTING, int(BATCHES[-1]), None, 3, lost_runs=3)]  # all diverged
     assert estimate_setting(SETTING, unbounded, 0.2, n_resamples=0).b_noise == pytest.approx(plain.b_noise)
 
