@@ -3,11 +3,13 @@
 interval (docs/method.md, "Scaling laws" and the sections after it).
 
 Zhang et al. 2025 (arXiv 2410.21676, sec. 4) fit B* = c D^a and B* = c N^b one variable at a time. cbs adds:
-- the joint law log B* = log c + a log D + b log N (Kaplan et al. 2020, arXiv 2001.08361, sec. 5, fit loss the
-  same way), identifiable only when log D and log N are not collinear: in the paper's Chinchilla design D = 20 N
-  they are, and the split between a and b is arbitrary; such a law is marked not identifiable, with why;
-- the compute law B* = c C^g, C = 6 N D (the form of compute-optimal studies, e.g. DeepSeek-AI 2024, arXiv
-  2401.02954, sec. 3.1; Porian et al. 2024, arXiv 2406.19146);
+- the joint law log B* = log c + a log D + b log N, fitted over all settings at once (as Hoffmann et al. 2022,
+  arXiv 2203.15556, sec. 3.3, fit the loss in N and D jointly), identifiable only when log D and log N are not
+  collinear: in the paper's Chinchilla design D = 20 N they are, and the split between a and b is arbitrary; such
+  a law is marked not identifiable, with why (collinearity: R^2 of log D on log N, i.e. the variance inflation
+  factor 1 / (1 - R^2) of either exponent);
+- the compute law B* = c C^g, C = 6 N D, the form compute-optimal studies fit the batch size in (DeepSeek-AI
+  2024, arXiv 2401.02954, sec. 3.1: B_opt = 0.292 C^0.327);
 - laws on B_noise: B* = (1 + o) B0 + o B_noise has a floor (1 + o) B0 that flattens the exponent of B* whenever
   o B_noise is not >> (1 + o) B0, while B_noise itself has none;
 - the weighted CBS law: log B*_i has measurement variance se_i^2 = ((log hi_i - log lo_i) / (2 z_q))^2 from its
@@ -33,6 +35,9 @@ JOINT = ("tokens", "model_params")
 JOINT_KEYS = {"tokens": "tokens", "model_params": "params"}
 """scaling.json names of the joint law's variables (`exponents: {tokens: a, params: b}`)."""
 RESPONSES = {"cbs": "CBS", "b_noise": "B_noise", "s_min": "S_min"}
+SE_FLOOR = 0.01
+"""Smallest se of log CBS a weight may assume (1%): a zero-width interval (noiseless points) must not take all
+the weight."""
 COLLINEAR_R2 = 0.99
 """R^2 of log D on log N at or above which the joint law is not identifiable (variance inflation >= 100: the
 standard error of each exponent is >= 10x what an orthogonal design of the same spread would give)."""
@@ -293,7 +298,7 @@ def fit_laws(estimates: list[CbsEstimate], level: float = LEVEL) -> LawSet:
                        f"CBS interval [{e.cbs_ci[0]:.4g}, {e.cbs_ci[1]:.4g}] is open") for e, s in zip(ok, se)
                       if not math.isfinite(s)]
     if np.isfinite(se).sum() >= 2:
-        weights = np.where(np.isfinite(se), 1.0 / np.maximum(se, 1e-12) ** 2, 0.0)
+        weights = np.where(np.isfinite(se), 1.0 / np.maximum(se, SE_FLOOR) ** 2, 0.0)
         out.cbs_weighted = _family(ok, [e.cbs for e in ok], "cbs", coll, weights, level)
     return out
 
