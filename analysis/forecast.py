@@ -145,7 +145,7 @@ def choose_law(sf: ScalingFile, tokens: float | None, model_params: float | None
         if joint is not None and joint.identifiable:
             return Choice("joint", (tokens, model_params))
         if joint is not None:
-            notes.append(f"note: no joint law ({joint.reason}); using the one-variable law")
+            notes.append(f"note: no joint law: {joint.reason}; using the one-variable law")
             notes += _ratio_note(sf, tokens, model_params)
     if tokens and "tokens" in sf.laws:
         if model_params and "model_params" not in sf.laws and not notes:

@@ -184,10 +184,10 @@ def _law_lines(fit: StudyFit) -> list[str]:
         lines.append(f"- Joint law: **CBS = c D^a N^b** with a = {a:.3f} [{a_lo:.3f}, {a_hi:.3f}] and b = {b:.3f} "
                      f"[{b_lo:.3f}, {b_hi:.3f}]: the exponent of each with the other held fixed.")
     elif joint is not None:
-        lines.append(f"- Joint law in (D, N): not identifiable ({joint.reason}). "
-                     + ("D and N cannot be separated: the D, N and C laws are one line in different units; "
-                        "`cbs forecast` uses the D law." if laws.collinearity and laws.collinearity.collinear
-                        else ""))
+        collinear = laws.collinearity is not None and laws.collinearity.collinear
+        lines.append(f"- Joint law in (D, N): not identifiable: {joint.reason}."
+                     + (" The D, N and C laws are then one line in different units, and `cbs forecast` uses the "
+                        "D law." if collinear else ""))
     for key in ("tokens", "model_params"):
         law = laws.cbs.get(key)
         if law is not None and law.pooled:
