@@ -221,7 +221,9 @@ def _time_lines(fit: StudyFit) -> list[str]:
     lines += [f"Wall-clock hours and GPU-hours to reach each setting's target at the measured S(B), with GPU "
               f"counts up to the budget of {fit.gpu_budget} GPU(s) (throughput: {fit.throughput.source}; a (B, G) "
               "not measured is modelled as data parallelism at the measured per-GPU throughput of its local batch, "
-              "docs/method.md). Every row is in time_to_target.csv.", ""]
+              "docs/method.md). Every row is in time_to_target.csv. The CBS is about steps, not hours: the fastest "
+              "batch also depends on how throughput grows with the batch per GPU, and above the CBS each step buys "
+              "less than linear scaling promises, so the same target costs more GPU-hours.", ""]
     rows = []
     for s in fit.table.settings():
         mine = fit.times_of(s.name)
