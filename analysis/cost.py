@@ -18,6 +18,7 @@ size N' (a forecast) t is scaled by N / N' (the same model FLOP/s per GPU: 6 N F
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import statistics
@@ -174,24 +175,34 @@ class ThroughputModel:
         nearest = min({p.model_params for p in self.points}, key=lambda m: abs(math.log(m / n)))
         return [p for p in self.points if p.model_params == nearest], nearest / n
 
-    def tokens_per_s(self, n: int | None, batch: int, gpus: int) -> tuple[float, bool]:
-        """(tokens/s, measured at exactly this N, B, G)."""
+    @functools.cache
+    def _curve(self, n: int | None):
+        """(exact medians by (B, G), log local batches, log per-GPU medians, scale) of model N; None if no data."""
         points, scale = self._for_model(n)
         if not points:
-            return math.nan, False
-        exact = [p.tokens_per_s for p in points if p.batch_size == batch and p.gpus == gpus]
-        if exact and scale == 1.0:
-            return statistics.median(exact), True
+            return None
+        exact: dict[tuple[int, int], list[float]] = {}
         by_local: dict[float, list[float]] = {}
         for p in points:
+            exact.setdefault((p.batch_size, p.gpus), []).append(p.tokens_per_s)
             by_local.setdefault(p.local_batch, []).append(p.per_gpu)
         local = sorted(by_local)
-        per_gpu = [math.log(statistics.median(by_local[b])) for b in local]
-        b = batch / gpus
+        return ({k: statistics.median(v) for k, v in exact.items()}, np.log(local),
+                np.log([statistics.median(by_local[b]) for b in local]), scale)
+
+    def tokens_per_s(self, n: int | None, batch: int, gpus: int) -> tuple[float, bool]:
+        """(tokens/s, measured at exactly this N, B, G)."""
+        curve = self._curve(n)
+        if curve is None:
+            return math.nan, False
+        exact, log_local, log_per_gpu, scale = curve
+        if (batch, gpus) in exact and scale == 1.0:
+            return exact[batch, gpus], True
+        b, smallest = batch / gpus, math.exp(log_local[0])
         # above the largest measured local batch: held (a GPU is saturated); below the smallest: proportional to
         # b (a step takes no less time than at the smallest measured one), so small local batches are not flattered
-        t = math.exp(float(np.interp(math.log(max(b, local[0])), np.log(local), per_gpu)))
-        return gpus * t * min(1.0, b / local[0]) * scale, False
+        t = math.exp(float(np.interp(math.log(max(b, smallest)), log_local, log_per_gpu)))
+        return gpus * t * min(1.0, b / smallest) * scale, False
 
 
 # ----------------------------------------------------------------------------------------------------------------
