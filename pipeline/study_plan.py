@@ -302,14 +302,17 @@ def _branch(cfg: StudyConfig, base: Run, tokens: int, batch: int, study_dir: Pat
     seq_len = base.settings[0].model.seq_len
     step = -(-tokens // (base.batch * seq_len))  # the checkpoint pretrain saves for checkpoint.at_tokens
     delta = cfg.branched.branch_tokens or max(1, base.train_tokens // 10)
+    # EWA restarts at the branch; tau^k averages over the same tokens at every batch (k times fewer steps)
+    taus = [round(tau ** k, 6) for tau in base.taus]
     run = Run(f"{base.name[:-len('_base')]}_t{human(tokens)}_b{batch}", base.settings, batch,
-              base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, [], base.seed, False, delta)
+              base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta)
     run.branch = {"setting": base.settings[0].name, "base_run": base.name, "base_batch": base.batch,
                   "base_tokens": step * base.batch * seq_len, "base_step": step, "multiplier": k,
-                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance}
+                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance,
+                  "loss_key": f"eval/loss_ewa/{taus[0]}" if taus else "eval/loss"}
     run.config = run_config(cfg, run, study_dir, data_dir)
     steps = -(-delta // (batch * seq_len))
-    run.config.update(init_from={"run_dir": base.config["run_dir"], "step": step}, ewa={"taus": []},
+    run.config.update(init_from={"run_dir": base.config["run_dir"], "step": step},
                       schedule={**run.config.get("schedule", {}), "kind": "constant", "warmup_tokens": 0},
                       eval={**run.config.get("eval", {}), "every_steps": steps, "growth": 0, "at_tokens": []})
     run.config["study"]["branch"] = run.branch

@@ -310,7 +310,8 @@ def test_branched_plan_branches_every_batch_from_each_checkpoint_of_one_base_run
     b16 = branches[2]
     assert b16.config["init_from"] == {"run_dir": base.config["run_dir"], "step": 125}  # 16000 / (4 x 32)
     assert b16.config["optimizer"]["lr"] == pytest.approx(base.lr * 2)  # sqrt(16 / 4)
-    assert b16.config["train_tokens"] == 4096 and b16.config["ewa"]["taus"] == []
+    assert b16.config["train_tokens"] == 4096
+    assert b16.config["ewa"]["taus"] == [pytest.approx(base.taus[0] ** 4)]  # averages over the same tokens
     assert b16.config["schedule"]["warmup_tokens"] == 0 and b16.branch["multiplier"] == 4
     with pytest.raises(ConfigError, match=r"branch points \[1024\] \(tokens\) fall inside the warmup"):
         study.plan(study_cfg(method="branched", branched={"at_fractions": [0.05, 0.5]},
