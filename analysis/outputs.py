@@ -6,12 +6,14 @@ OUT_DIR or none, never a half-written one."""
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -183,9 +185,11 @@ def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    _remove_stale_stages(out_dir)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{owner}-{secrets.token_hex(4)}"
     staging.mkdir()  # not mkdtemp: its 0700 would become OUT_DIR's mode
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    old = out_dir.parent / f".{out_dir.name}.old-{owner}-{secrets.token_hex(4)}"
     moved_aside = False
     try:
         for rel, data in files.items():
@@ -205,3 +209,23 @@ def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Remove `.OUT.tmp-HOST-PID-*` / `.OUT.old-HOST-PID-*` beside OUT_DIR left by a fit that was killed (its
+    process is gone from this host); another host's, or a live concurrent fit's, are left alone."""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        prefix = f".{out_dir.name}.{kind}-{host}-"
+        for path in out_dir.parent.glob(glob.escape(prefix) + "*"):
+            pid = path.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
