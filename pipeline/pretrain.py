@@ -34,6 +34,7 @@ from pipeline.config import ConfigError, PretrainConfig, Resume, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
 from pipeline.metrics import Tracker, eval_records
+from pipeline.noise import NoiseScale
 from pipeline.optim import EWA, lr_at, make_optimizer
 from pipeline.targets import TargetTracker, eval_key, weight_kinds
 from pipeline.utils import atomic_write_json, atomic_write_text, log
@@ -122,8 +123,14 @@ class Trainer:
         self._window = (time.perf_counter(), 0)  # perf window: start time, step at start
         self._loss_sum = torch.zeros((), device=dist.device)
         self._loss_count = 0
+        self.log_due = lambda s: s % cfg.log.every_steps == 0 or s in (1, self.total_steps)
+        self.noise = NoiseScale(self.engine.module.parameters(), cfg.micro_batch, cfg.global_batch_seqs,
+                                self.grad_accum, dist.device)
+        if not self.noise.possible and dist.is_main:
+            log.info("train/noise_scale is not measured: it needs >= 2 micro-batches or ranks per step (here one "
+                     "micro-batch of %d sequences is the whole step)", cfg.micro_batch)
         self.hooks = [
-            Hook(self.log_hook, lambda s: s % cfg.log.every_steps == 0 or s in (1, self.total_steps)),
+            Hook(self.log_hook, self.log_due),
             Hook(self.eval_hook, lambda s: s in self.eval_grid),
             Hook(self.checkpoint_hook, lambda s: (cfg.checkpoint.every_steps > 0
                                                   and s % cfg.checkpoint.every_steps == 0) or s in self.kept_steps),
@@ -158,7 +165,12 @@ class Trainer:
 
     def train(self) -> str:
         while self.step < self.total_steps and self.stop_reason is None:
+            measure = self.noise.possible and self.log_due(self.step + 1)
+            if measure:
+                self.noise.arm()
             loss = self.train_step()
+            if measure:
+                self.noise.collect(self.engine.get_global_grad_norm(), self.dist.world_size)
             self._loss_sum += loss
             self._loss_count += 1
             for hook in self.hooks:
@@ -206,7 +218,7 @@ class Trainer:
         start, start_step = self._window
         tokens_per_s = (step - start_step) * self.tokens_per_step / max(now - start, 1e-9)
         metrics = {"train/loss": loss, "lr": self._lr, "perf/tokens_per_s": tokens_per_s,
-                   "perf/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size}
+                   "perf/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size, **self.noise.metrics()}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -290,7 +302,7 @@ class Trainer:
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
-                          "torch_rng": torch.get_rng_state()}}
+                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state()}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
                                     save_latest=False)
         dist.barrier()
@@ -398,6 +410,7 @@ class Trainer:
             self.targets = TargetTracker(self.cfg.targets, self.targets.kinds)
             self.targets.replay(eval_records(self.run_dir), self.tokens_per_step, until_step=self.step)
         self.elapsed = state["elapsed"]
+        self.noise.load_state_dict(state.get("noise_scale", self.noise.state_dict()))
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)

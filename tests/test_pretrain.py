@@ -127,6 +127,10 @@ def test_two_ranks_match_one_rank(stdlib_data, reference, tmp_path, stage):
     assert_same_curve(reference, tmp_path / "run")
     ref_eval, got_eval = series(reference, "eval/loss_ewa/0.9"), series(tmp_path / "run", "eval/loss_ewa/0.9")
     assert ref_eval.keys() == got_eval.keys() and max(abs(ref_eval[s] - got_eval[s]) for s in ref_eval) < 1e-4
+    # the noise scale from the same two micro-batches of 4: on one rank in turn, or on two ranks at once
+    ref_noise, got_noise = series(reference, "train/noise_scale"), series(tmp_path / "run", "train/noise_scale")
+    assert ref_noise.keys() == got_noise.keys() and len(ref_noise) == 20
+    assert all(got_noise[s] == pytest.approx(ref_noise[s], rel=1e-3) for s in ref_noise)
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]
     assert resolved["world_size"] == 2 and resolved["deepspeed"]["gradient_accumulation_steps"] == 1
 
