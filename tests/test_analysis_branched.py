@@ -256,3 +256,23 @@ def test_forecast_ramp_from_the_fitted_curve(branched_fit, capsys):
     assert "stage 1: global batch 4 (accumulation 1) from 0 to 16,000 tokens: 125 steps" in text
     assert "stage 2: global batch 8 (accumulation 2) from 16,000 to 64,000 tokens: 188 steps" in text
     assert "total 313 steps vs 500 at the fixed batch 4: 37.4% fewer steps" in text  # 1 - 313 / 500
+
+
+def test_mixed_or_unfinished_branched_studies_exit_2_and_write_nothing(tmp_path, capsys):
+    study = tmp_path / "study"
+    runs = study_mod.plan(study_config(), study, study / "data")
+    study_mod.write_run_inputs(runs, study)  # planned, nothing trained: only run.yaml files
+    assert fit_main([str(study), "--out", str(tmp_path / "fit")]) == 2
+    assert "no finished branch (16 branch run(s) without a final result.json)" in capsys.readouterr().err
+    make_branched_study(tmp_path / "mixed")
+    sweep_run = tmp_path / "mixed" / "runs" / "zz_sweep_run"
+    sweep_run.mkdir()
+    (sweep_run / "config.yaml").write_text(yaml.safe_dump({"global_batch_seqs": 4, "study": {"method": "sweep"}}))
+    assert fit_main([str(tmp_path / "mixed"), "--out", str(tmp_path / "fit")]) == 2
+    assert "zz_sweep_run/config.yaml: study.method is 'sweep' in a branched study directory" in \
+        capsys.readouterr().err
+    first = tmp_path / "mixed" / "runs" / "a_sweep_run"  # read first: the directory is taken for a sweep
+    sweep_run.rename(first)
+    assert fit_main([str(tmp_path / "mixed"), "--out", str(tmp_path / "fit")]) == 2
+    assert "study.method is 'branched' in a directory read as a sweep study" in capsys.readouterr().err
+    assert not (tmp_path / "fit").exists()
