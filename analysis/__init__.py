@@ -10,11 +10,18 @@ scipy, statsmodels, matplotlib and pyyaml.
                   degradation range, per-setting diagnostics
     laws.py       laws over settings: CBS, B_noise, S_min in D, N, C = 6ND and (D, N) jointly; weighted CBS laws
     cost.py       throughput (metrics.jsonl or a CSV) -> wall-clock and GPU-hours to target
+    noise_scale.py  the gradient noise scale B_simple logged in metrics.jsonl, per setting or along a run
     study_fit.py  all of the above for one study, and its warnings
+    branched.py   a branched study (study.method: branched) -> local CBS(t) per branch point
+    compare.py    a sweep fit's cbs.csv beside CBS(t) at matching D
+    branched_fit.py  CBS(t), B_simple along t and the comparison for one branched study, and its warnings
     figures.py    PNG figures
+    branched_figures.py  PNG figures of a branched study
     report.py     report.md
+    branched_report.py  report.md, cbs_curve.csv and branches.csv of a branched study
     outputs.py    every output file, written as one staged directory
     forecast.py   scaling.json -> CBS forecast for a new budget, a batch plan and a time plan
+    ramp.py       CBS(t) (a curve or the D law) -> a batch ramp and the steps it saves
     cli.py        `cbs fit` and `cbs forecast`
 """
 

@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 from analysis import InputError
+from analysis.branched import check_tolerance, is_branched, read_branched
+from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
+from analysis.branched_report import render_branched_outputs
+from analysis.compare import read_sweep_cbs
 from analysis.cost import ThroughputModel, read_throughput_csv, study_throughput
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL
 from analysis.forecast import (
@@ -21,6 +25,7 @@ from analysis.forecast import (
 )
 from analysis.laws import SYMBOLS
 from analysis.outputs import check_out_dir, render_outputs, write_outputs
+from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
 from analysis.steps import StepsTable, TargetKind, load_steps
 from analysis.study_fit import StudyFit, fit_study, study_warnings
 
@@ -62,7 +67,8 @@ def fit_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cbs fit", description="Fit S(B) per setting, the critical batch size with bootstrap "
                 "intervals and its degradation range, the scaling laws of CBS and B_noise in D, N, C and (D, N), "
                 "and time and cost to target; write steps.csv, cbs.csv, degradation.csv, time_to_target.csv, "
-                "scaling.json, report.md, figures/.")
+                "scaling.json, report.md, figures/. On a branched study (study.method: branched): the local CBS(t) "
+                "per branch point; write cbs_curve.csv, branches.csv, report.md, figures/.")
     p.add_argument("input", metavar="STUDY_DIR_OR_CSV",
                    help="a study directory (runs/*/config.yaml + result.json) or a CSV with columns "
                         "setting,model_params,tokens,batch_size,steps")
@@ -84,6 +90,11 @@ def fit_parser() -> argparse.ArgumentParser:
                    help="GPU budget of the time/cost table (default: the largest GPU count measured)")
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, for time and cost (default: the runs' model.seq_len)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="branched study: relative loss tolerance of the local CBS (default: the branches' "
+                        "study.branch.tolerance)")
+    p.add_argument("--compare", default=None, metavar="SWEEP_FIT_DIR",
+                   help="branched study: a sweep's `cbs fit` output (its cbs.csv) to put beside CBS(t)")
     return p
 
 
@@ -130,21 +141,57 @@ def _summary(fit: StudyFit, out: Path, n_files: int, seconds: float) -> list[str
     return lines
 
 
+def _write(out: Path, files: dict[str, bytes]) -> None:
+    try:
+        write_outputs(out, files)
+    except OSError as e:  # permissions, disk full: write_outputs has already removed its staging directory
+        raise InputError(f"cannot write {out}: {e}") from None
+
+
+def _branched_summary(fit: BranchedFit, out: Path, n_files: int, seconds: float) -> list[str]:
+    complete = sum(p.complete for p in fit.points)
+    lines = [f"cbs fit: branched study, {len(fit.study.settings)} setting(s), {len(fit.points)} branch point(s) "
+             f"({complete} complete), loss compared: {fit.study.loss_kind}"]
+    for p in fit.points[:MAX_SUMMARY_SETTINGS]:
+        cbs = f"CBS {p.cbs:g} [{p.cbs_low:g}, {p.cbs_high:g})" if math.isfinite(p.cbs) else p.note
+        lines.append(f"  {p.setting.name} at t = {p.tokens:,} tokens: {cbs}")
+    if len(fit.points) > MAX_SUMMARY_SETTINGS:
+        lines.append(f"  ... {len(fit.points) - MAX_SUMMARY_SETTINGS} more in cbs_curve.csv")
+    warnings = branched_warnings(fit)
+    if warnings:
+        lines.append(f"  {len(warnings)} warning(s): see report.md")
+    lines.append(f"wrote {out} ({n_files} files) in {seconds:.1f} s")
+    return lines
+
+
+def _fit_branched(args: argparse.Namespace, out: Path, start: float) -> int:
+    study = read_branched(Path(args.input), args.target_kind)
+    sweep, source = read_sweep_cbs(args.compare) if args.compare else ([], None)
+    fit = fit_branched(study, args.tolerance, sweep, source)
+    files = render_branched_outputs(fit)
+    _write(out, files)
+    print("\n".join(_branched_summary(fit, out, len(files), time.perf_counter() - start)))
+    return 0
+
+
 def _fit(argv: list[str]) -> int:
     start = time.perf_counter()
     args = fit_parser().parse_args(argv)
     _check_fit_args(args)
+    check_tolerance(args.tolerance)
     out = Path(args.out).expanduser().resolve()  # resolved: `--out .` must have a parent to stage beside
     check_out_dir(out)  # refuse early, before minutes of fitting; write_outputs checks again
+    if Path(args.input).is_dir() and is_branched(Path(args.input)):
+        return _fit_branched(args, out, start)
+    for flag, value in (("--tolerance", args.tolerance), ("--compare", args.compare)):
+        if value is not None:
+            raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")
     table = load_steps(args.input, args.target_kind)
     throughput = _throughput(args, table)
     fit = fit_study(table, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL, args.overheads,
                     throughput, args.gpus, args.seq_len)
     files = render_outputs(fit)
-    try:
-        write_outputs(out, files)
-    except OSError as e:  # permissions, disk full: write_outputs has already removed its staging directory
-        raise InputError(f"cannot write {out}: {e}") from None
+    _write(out, files)
     print("\n".join(_summary(fit, out, len(files), time.perf_counter() - start)))
     return 0
 
@@ -161,8 +208,9 @@ def fit_main(argv: list[str] | None = None) -> int:
 def forecast_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cbs forecast", description="Forecast the critical batch size of a data budget (and model "
                 "size) from a fit's scaling.json, plan a global batch <= CBS, and with throughput the batch that "
-                "reaches the target fastest on --gpus GPUs.")
-    p.add_argument("--scaling", required=True, metavar="SCALING_JSON", help="OUT_DIR/scaling.json of `cbs fit`")
+                "reaches the target fastest on --gpus GPUs. With --ramp: a batch schedule that grows with the "
+                "tokens seen, from a branched fit's CBS(t) (--curve) or the CBS law in D (--scaling).")
+    p.add_argument("--scaling", default=None, metavar="SCALING_JSON", help="OUT_DIR/scaling.json of `cbs fit`")
     p.add_argument("--tokens", required=True, type=float, metavar="D", help="data budget in tokens")
     p.add_argument("--model-params", type=float, default=None, metavar="N",
                    help="non-embedding parameters (with --tokens: the joint law, when identifiable)")
@@ -173,6 +221,13 @@ def forecast_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput", default=None, metavar="CSV",
                    help="throughput for the time plan, columns batch_size,gpus,tokens_per_s[,model_params] "
                         "(default: the one in scaling.json)")
+    p.add_argument("--ramp", action="store_true",
+                   help="propose a batch ramp (batch as a function of tokens seen) and the steps it saves")
+    p.add_argument("--curve", default=None, metavar="CBS_CURVE_CSV",
+                   help="with --ramp: OUT_DIR/cbs_curve.csv of `cbs fit` on a branched study")
+    p.add_argument("--setting", default=None, help="with --curve: the setting to ramp (when the curve has several)")
+    p.add_argument("--fixed-batch", type=int, default=None, metavar="B",
+                   help="with --ramp: the fixed batch to count saved steps against (default: the ramp's first)")
     return p
 
 
@@ -185,9 +240,47 @@ def _check_forecast_args(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} must be >= 1: got {value}")
 
 
+def _check_ramp_args(args: argparse.Namespace) -> None:
+    if not args.ramp:
+        for flag, value in (("--curve", args.curve), ("--setting", args.setting), ("--fixed-batch", args.fixed_batch)):
+            if value is not None:
+                raise InputError(f"{flag} goes with --ramp")
+        if args.scaling is None:
+            raise InputError("--scaling is required (or --ramp --curve CBS_CURVE_CSV for a batch ramp)")
+        return
+    if (args.curve is None) == (args.scaling is None):
+        raise InputError("--ramp needs one of --curve (a branched fit's cbs_curve.csv) or --scaling (the CBS law in D)")
+    if args.setting is not None and args.curve is None:
+        raise InputError("--setting goes with --curve")
+    if args.fixed_batch is not None and args.fixed_batch < 1:
+        raise InputError(f"--fixed-batch must be >= 1: got {args.fixed_batch}")
+
+
+def _ramp(args: argparse.Namespace) -> list[str]:
+    """--ramp: CBS(t) from the curve, or CBS(t) = the D law at t (analysis/ramp.py)."""
+    if args.curve is not None:
+        curve, _, seq_len = read_curve(args.curve, args.setting)
+    else:
+        sf = load_scaling(args.scaling)
+        law = sf.laws.get("tokens")
+        if law is None or not law.identifiable:
+            raise InputError(f"{sf.path}: no CBS law in D (the fit's settings had one data budget); a ramp needs "
+                             "CBS(t) as a function of tokens: fit a study with several budgets, or use --curve")
+        curve = curve_from_law(law.coefficient, law.exponent, f"the CBS law in D of {sf.path} "
+                               f"(CBS = {law.coefficient:.4g} D^{law.exponent:.3f})")
+        seq_len = sf.seq_len
+    seq_len = args.seq_len or seq_len or DEFAULT_SEQ_LEN
+    ramp = batch_ramp(curve, args.tokens, args.gpus * args.micro_batch, seq_len, args.fixed_batch)
+    return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
+
+
 def _forecast(argv: list[str]) -> int:
     args = forecast_parser().parse_args(argv)
     _check_forecast_args(args)
+    _check_ramp_args(args)
+    if args.ramp:
+        print("\n".join(_ramp(args)))
+        return 0
     sf = load_scaling(args.scaling)
     throughput = (ThroughputModel(tuple(read_throughput_csv(args.throughput)), str(args.throughput))
                   if args.throughput else ThroughputModel(sf.throughput, "scaling.json"))

@@ -1,6 +1,7 @@
 """The figures of `cbs fit`, as PNG bytes: S(B) per setting, all settings normalised, CBS and B_noise vs D, N and
-C with their laws, and the degradation range. matplotlib's object API on the Agg canvas (no pyplot, no global
-backend switch), so rendering is headless and leaves no figures alive."""
+C with their laws, the degradation range and B_simple against the fit (a branched study's are in
+branched_figures.py). matplotlib's object API on the Agg canvas (no pyplot, no global backend switch), so rendering
+is headless and leaves no figures alive."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import numpy as np
 
 from analysis.fit import CbsEstimate
 from analysis.laws import SYMBOLS, VARIABLE_NAMES, PowerLaw
+from analysis.noise_scale import BSimple
 from analysis.steps import StepsPoint, StepsTable
 
 MAX_LEGEND = 12
 
 
-def _new_axes(size=(5.6, 4.0)):
+def new_axes(size=(5.6, 4.0)):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,7 +30,7 @@ def _new_axes(size=(5.6, 4.0)):
     return fig, fig.add_subplot()
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -36,7 +38,7 @@ def _png(fig) -> bytes:
 
 def figure_steps(est: CbsEstimate, points: list[StepsPoint], overhead: float) -> bytes:
     """Steps vs batch (log-log): measured S(B), lower bounds, the fit, linear scaling from B0, the CBS."""
-    fig, ax = _new_axes()
+    fig, ax = new_axes()
     usable = [p for p in points if not p.censored]
     ax.plot([p.batch_size for p in usable], [p.steps for p in usable], "o", color="C0", label="S(B), min over runs")
     flagged = [p for p in usable if p.diverged_after]
@@ -70,12 +72,12 @@ def figure_steps(est: CbsEstimate, points: list[StepsPoint], overhead: float) ->
         low = min(shown + ([est.fit.s_min] if est.fit else []))
         ax.set_ylim(low / 2, max(shown) * 2)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def figure_normalized(table: StepsTable) -> bytes:
     """log2(S / S(B_min)) vs log2 B for all settings; slope -1 = perfect linear scaling."""
-    fig, ax = _new_axes((6.4, 4.4))
+    fig, ax = new_axes((6.4, 4.4))
     settings = table.settings()
     starts = set()
     for i, s in enumerate(settings):
@@ -92,7 +94,7 @@ def figure_normalized(table: StepsTable) -> bytes:
     ax.set(xlabel="log2 global batch (sequences)", ylabel="log2 S(B) / S(B_min)", title="Steps to target, normalised")
     if len(settings) <= MAX_LEGEND:
         ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _x_of(e: CbsEstimate, variable: str) -> float:
@@ -101,7 +103,7 @@ def _x_of(e: CbsEstimate, variable: str) -> float:
 
 def figure_law(cbs_law: PowerLaw, noise_law: PowerLaw | None, estimates: list[CbsEstimate]) -> bytes:
     """CBS and B_noise vs X (log-log): settings with their 95% intervals, each law and its 95% band."""
-    fig, ax = _new_axes()
+    fig, ax = new_axes()
     ok = [e for e in estimates if e.fitted]
     x = np.array([_x_of(e, cbs_law.variable) for e in ok], float)
     grid = np.geomspace(x.min() / 1.3, x.max() * 1.3, 100)
@@ -121,12 +123,12 @@ def figure_law(cbs_law: PowerLaw, noise_law: PowerLaw | None, estimates: list[Cb
     ax.set(xscale="log", yscale="log", xlabel=VARIABLE_NAMES[cbs_law.variable], ylabel="batch (sequences)",
            title=f"CBS and B_noise vs {SYMBOLS[cbs_law.variable]}")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def figure_degradation(estimates: list[CbsEstimate]) -> bytes:
     """B(o) = (1 + o) B0 + o B_noise vs the overhead o, per setting, with 95% bands: the degradation range."""
-    fig, ax = _new_axes((6.4, 4.4))
+    fig, ax = new_axes((6.4, 4.4))
     ok = [e for e in estimates if e.fitted and e.degradation]
     for i, e in enumerate(ok):
         o = [d.overhead for d in e.degradation]
@@ -138,21 +140,61 @@ def figure_degradation(estimates: list[CbsEstimate]) -> bytes:
            ylabel="batch B(o) (sequences)", title="Degradation range: batch at each overhead")
     if len(ok) <= MAX_LEGEND:
         ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def figure_names(table: StepsTable) -> dict[str, str]:
-    """Setting name -> figures/steps_<slug>.png, unique even when two names share a slug."""
-    names, used = {}, set()
-    for s in table.settings():
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", s.name).strip("._") or "setting"
+def plain_log_axes(ax, batches: list[float] | None = None) -> None:
+    """Log axes labelled with plain numbers at the major ticks only (matplotlib's minor labels on a short log axis
+    overlap); `batches`: label the y axis at these batch sizes instead."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
+    if batches:
+        ax.set_yticks(sorted(set(batches)))
+
+
+def figure_b_simple(estimates: list[CbsEstimate], b_simple: dict[str, BSimple]) -> bytes:
+    """B_simple (y) against the fitted B_noise and CBS (x) per setting, log-log, with y = x: how far the cheap
+    predictor is from the measured critical batch (McCandlish et al. 2018, sec. 2.2 and appendix A.1)."""
+    fig, ax = new_axes()
+    ok = [e for e in estimates if e.fitted and e.setting.name in b_simple]
+    y = np.array([b_simple[e.setting.name].value for e in ok])
+    for attr, marker, color, name in (("b_noise", "o", "C2", "fitted B_noise"), ("cbs", "s", "C0", "fitted CBS")):
+        x = np.array([getattr(e, attr) for e in ok])
+        ci = np.array([getattr(e, f"{attr}_ci") for e in ok], float).reshape(len(ok), 2)
+        has = np.isfinite(ci).all(axis=1)
+        xerr = [x - np.where(has, ci[:, 0], x), np.where(has, ci[:, 1], x) - x]
+        ax.errorbar(x, y, xerr=xerr, fmt=marker, color=color, capsize=3, label=f"{name} (95% interval)")
+    values = np.concatenate([y] + [[getattr(e, a) for e in ok] for a in ("b_noise", "cbs")])
+    lo, hi = values.min() / 2, values.max() * 2
+    ax.plot([lo, hi], [lo, hi], ":", color="0.4", label="y = x")
+    ax.set(xscale="log", yscale="log", xlabel="measured batch (sequences)", ylabel="B_simple (sequences)",
+           title="Gradient noise scale vs the measured critical batch")
+    plain_log_axes(ax)
+    ax.legend(fontsize=7)
+    return png_bytes(fig)
+
+
+def slug_names(names: list[str], prefix: str) -> dict[str, str]:
+    """Name -> figures/<prefix><slug>.png, unique even when two names share a slug."""
+    out, used = {}, set()
+    for name in names:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "setting"
         candidate, k = slug, 1
         while candidate.lower() in used:
             k += 1
             candidate = f"{slug}_{k}"
         used.add(candidate.lower())
-        names[s.name] = f"figures/steps_{candidate}.png"
-    return names
+        out[name] = f"figures/{prefix}{candidate}.png"
+    return out
+
+
+def figure_names(table: StepsTable) -> dict[str, str]:
+    """Setting name -> figures/steps_<slug>.png, unique even when two names share a slug."""
+    return slug_names([s.name for s in table.settings()], "steps_")
 
 
 def law_figure_variables(cbs_laws: dict[str, PowerLaw]) -> list[str]:
@@ -160,7 +202,8 @@ def law_figure_variables(cbs_laws: dict[str, PowerLaw]) -> list[str]:
 
 
 def render_figures(table: StepsTable, estimates: list[CbsEstimate], cbs_laws: dict[str, PowerLaw],
-                   noise_laws: dict[str, PowerLaw], overhead: float) -> dict[str, bytes]:
+                   noise_laws: dict[str, PowerLaw], overhead: float,
+                   b_simple: dict[str, BSimple] | None = None) -> dict[str, bytes]:
     paths = figure_names(table)
     files = {paths[e.setting.name]: figure_steps(e, table.points_of(e.setting.name), overhead) for e in estimates}
     files["figures/steps_normalized.png"] = figure_normalized(table)
@@ -168,4 +211,10 @@ def render_figures(table: StepsTable, estimates: list[CbsEstimate], cbs_laws: di
         files[f"figures/cbs_vs_{v}.png"] = figure_law(cbs_laws[v], noise_laws.get(v), estimates)
     if any(e.fitted and e.degradation for e in estimates):
         files["figures/degradation.png"] = figure_degradation(estimates)
+    if has_b_simple_figure(estimates, b_simple):
+        files["figures/b_simple.png"] = figure_b_simple(estimates, b_simple)
     return files
+
+
+def has_b_simple_figure(estimates: list[CbsEstimate], b_simple: dict[str, BSimple] | None) -> bool:
+    return bool(b_simple) and any(e.fitted and e.setting.name in b_simple for e in estimates)

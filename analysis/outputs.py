@@ -30,13 +30,14 @@ SCALING_VERSION = 2
 laws_s_min, collinearity, excluded settings, warnings and throughput; version 1 keys are unchanged."""
 CBS_COLUMNS = ["setting", "model_params", "tokens", "s_min", "b_noise", "cbs", "cbs_low", "cbs_high",
                "s_min_low", "s_min_high", "b_noise_low", "b_noise_high", "reference_batch", "n_batches", "note",
-               "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "warnings"]
+               "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "warnings", "b_simple",
+               "b_simple_source"]
 STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "censored", "runs", "best_run",
                  "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual"]
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
 TIME_COLUMNS = ["setting", "batch_size", "gpus", "steps", "tokens_to_target", "tokens_per_s", "hours",
                 "gpu_hours", "throughput", "fastest"]
-OUTPUT_MARKERS = ("scaling.json", "cbs.csv")
+OUTPUT_MARKERS = ("scaling.json", "cbs.csv", "cbs_curve.csv")
 """A directory holding one of these is a previous `cbs fit` output and may be replaced."""
 
 
@@ -55,7 +56,7 @@ def _cell(v) -> str:
     return str(v)
 
 
-def _csv(columns: list[str], rows: list[list]) -> bytes:
+def csv_bytes(columns: list[str], rows: list[list]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -74,31 +75,32 @@ def steps_csv(fit: StudyFit) -> bytes:
             residual = math.log(p.steps / fitted) if fitted and not p.censored else None
             rows.append([s.name, s.model_params, s.tokens, p.batch_size, p.steps, p.censored, p.runs, p.best_run,
                          p.censored_at_steps, p.diverged_after, p.lost_runs, fitted, residual])
-    return _csv(STEPS_COLUMNS, rows)
+    return csv_bytes(STEPS_COLUMNS, rows)
 
 
 def cbs_csv(fit: StudyFit) -> bytes:
     in_laws = set(next(iter(fit.laws.cbs.values())).settings) if fit.laws.cbs else set()
     rows = []
     for e in fit.estimates:
-        d = e.diagnostics
+        d, noise = e.diagnostics, fit.b_simple.get(e.setting.name)
         rows.append([e.setting.name, e.setting.model_params, e.setting.tokens, e.s_min, e.b_noise, e.cbs,
                      *e.cbs_ci, *e.s_min_ci, *e.b_noise_ci, e.reference_batch, e.n_batches, e.note, e.n_censored,
                      d.residual_sd if d else None, d.max_abs_residual if d else None, d.r2 if d else None,
-                     e.b0_share, e.setting.name in in_laws, " | ".join(e.warnings)])
-    return _csv(CBS_COLUMNS, rows)
+                     e.b0_share, e.setting.name in in_laws, " | ".join(e.warnings), noise and noise.value,
+                     noise and noise.source])
+    return csv_bytes(CBS_COLUMNS, rows)
 
 
 def degradation_csv(fit: StudyFit) -> bytes:
     rows = [[e.setting.name, d.overhead, d.batch, d.low, d.high] for e in fit.estimates for d in e.degradation]
-    return _csv(DEGRADATION_COLUMNS, rows)
+    return csv_bytes(DEGRADATION_COLUMNS, rows)
 
 
 def time_csv(fit: StudyFit) -> bytes:
     best = {name: fastest(fit.times_of(name)) for name in {r.setting for r in fit.times}}
     rows = [[r.setting, r.batch_size, r.gpus, r.steps, r.tokens, r.tokens_per_s, r.hours, r.gpu_hours,
              "measured" if r.measured else "modelled", r is best[r.setting]] for r in fit.times]
-    return _csv(TIME_COLUMNS, rows)
+    return csv_bytes(TIME_COLUMNS, rows)
 
 
 def scaling_json(fit: StudyFit) -> bytes:
@@ -140,7 +142,8 @@ def render_outputs(fit: StudyFit) -> dict[str, bytes]:
     """Every output file, relative path -> content; nothing touches the disk."""
     files = {"steps.csv": steps_csv(fit), "cbs.csv": cbs_csv(fit), "degradation.csv": degradation_csv(fit),
              "scaling.json": scaling_json(fit), "report.md": report_md(fit),
-             **render_figures(fit.table, fit.estimates, fit.laws.cbs, fit.laws.b_noise, fit.overhead)}
+             **render_figures(fit.table, fit.estimates, fit.laws.cbs, fit.laws.b_noise, fit.overhead,
+                              fit.b_simple)}
     if fit.times:
         files["time_to_target.csv"] = time_csv(fit)
     return files

@@ -6,15 +6,16 @@ from __future__ import annotations
 import math
 
 from analysis.cost import cheapest, fastest
-from analysis.figures import figure_names, law_figure_variables
+from analysis.figures import figure_names, has_b_simple_figure, law_figure_variables
 from analysis.laws import JOINT, SYMBOLS, PowerLaw
+from analysis.noise_scale import NEAR
 from analysis.steps import StepsTable
 from analysis.study_fit import StudyFit, study_warnings
 
 MAX_RESIDUAL_COLUMNS = 12
 
 
-def _g(x: float | None, digits: int = 3) -> str:
+def fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
     if math.isinf(x):
@@ -25,10 +26,10 @@ def _g(x: float | None, digits: int = 3) -> str:
 def _with_ci(v: float, ci: tuple[float, float]) -> str:
     if math.isnan(v):
         return ""
-    return f"{_g(v)} [{_g(ci[0])}, {_g(ci[1])}]" if not math.isnan(ci[0]) else _g(v)
+    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]" if not math.isnan(ci[0]) else fmt(v)
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + \
         ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
@@ -93,19 +94,19 @@ def _steps_table_lines(t: StepsTable) -> list[str]:
         cells = {}
         for p in t.points_of(s.name):
             if not p.censored:
-                cells[p.batch_size] = f"{_g(p.steps, 4)} ({p.runs})" + (" †" if p.diverged_after else "")
+                cells[p.batch_size] = f"{fmt(p.steps, 4)} ({p.runs})" + (" †" if p.diverged_after else "")
             elif p.lower_bound:
-                cells[p.batch_size] = f"> {_g(p.censored_at_steps, 4)} ({p.runs})"
+                cells[p.batch_size] = f"> {fmt(p.censored_at_steps, 4)} ({p.runs})"
             else:
                 cells[p.batch_size] = f"no observation ({p.runs})"
-        rows.append([s.name, _g(s.model_params), _g(s.tokens)] + [cells.get(b, "") for b in batches])
+        rows.append([s.name, fmt(s.model_params), fmt(s.tokens)] + [cells.get(b, "") for b in batches])
     lines = ["## Steps to target", "", "S(B) (runs at B) for each global batch B in sequences; `> S`: censored, no "
              "run reached the target within S steps; † the best run diverged after crossing the target.", "",
-             *_md_table(["setting", "N", "D"] + [f"B={b}" for b in batches], rows), ""]
+             *md_table(["setting", "N", "D"] + [f"B={b}" for b in batches], rows), ""]
     flagged = [p for p in t.points if p.diverged_after]
     if flagged:
         lines += ["Points whose best run diverged after crossing the target (its crossing counts):", "",
-                  *(f"- {p.setting.name}, B={p.batch_size}: S={_g(p.steps, 4)} from `{p.best_run}`" for p in flagged),
+                  *(f"- {p.setting.name}, B={p.batch_size}: S={fmt(p.steps, 4)} from `{p.best_run}`" for p in flagged),
                   ""]
     return lines
 
@@ -115,13 +116,13 @@ def _cbs_table_lines(fit: StudyFit) -> list[str]:
     rows = []
     for e in fit.estimates:
         d = e.diagnostics
-        quality = f"{_g(d.residual_sd)} / {_g(d.r2)}" if d else ""
-        rows.append([e.setting.name, _g(e.setting.model_params), _g(e.setting.tokens), e.n_batches, e.n_censored,
+        quality = f"{fmt(d.residual_sd)} / {fmt(d.r2)}" if d else ""
+        rows.append([e.setting.name, fmt(e.setting.model_params), fmt(e.setting.tokens), e.n_batches, e.n_censored,
                      _with_ci(e.s_min, e.s_min_ci), _with_ci(e.b_noise, e.b_noise_ci), _with_ci(e.cbs, e.cbs_ci)]
-                    + ([_g(e.cbs * seq) if e.fitted else ""] if seq else []) + [quality, e.note])
+                    + ([fmt(e.cbs * seq) if e.fitted else ""] if seq else []) + [quality, e.note])
     header = ["setting", "N", "D", "batches", "lower bounds", "S_min", "B_noise", "CBS (sequences)"] + \
         (["CBS (tokens)"] if seq else []) + ["residual sd / R^2 (log S)", "note"]
-    return ["## Critical batch size per setting", "", *_md_table(header, rows), ""]
+    return ["## Critical batch size per setting", "", *md_table(header, rows), ""]
 
 
 def _residual_lines(fit: StudyFit) -> list[str]:
@@ -136,7 +137,7 @@ def _residual_lines(fit: StudyFit) -> list[str]:
                     + [f"{100 * e.diagnostics.max_abs_residual:.1f}%"])
     return ["## Fit diagnostics", "", "Residuals of log S (measured over fitted, in %) at each batch; a trend "
             "across B means the hyperbola does not describe the setting. All residuals are in steps.csv.", "",
-            *_md_table(["setting"] + [f"B={b}" for b in batches] + ["max"], rows), ""]
+            *md_table(["setting"] + [f"B={b}" for b in batches] + ["max"], rows), ""]
 
 
 def _degradation_lines(fit: StudyFit) -> list[str]:
@@ -150,7 +151,7 @@ def _degradation_lines(fit: StudyFit) -> list[str]:
             "S(B) B / (S(B0) B0) = (B + B_noise) / (B0 + B_noise). B(o) is the batch at which training needs (1 + o)x "
             "the steps of perfect linear scaling from B0 (95% intervals; degradation.csv, "
             "figures/degradation.png).", "",
-            *_md_table(["setting"] + [f"o = {o:g}" for o in overheads], rows), ""]
+            *md_table(["setting"] + [f"o = {o:g}" for o in overheads], rows), ""]
 
 
 def _law_row(family: str, law: PowerLaw) -> list[str]:
@@ -176,7 +177,7 @@ def _law_lines(fit: StudyFit) -> list[str]:
             for key, law in group.items() if law.identifiable]
     lines += [f"Natural-log OLS (WLS for the weighted laws) over the fitted settings; exponents and coefficients "
               f"with {fit.level:.0%} t intervals (`exact`: as many settings as parameters, no interval).", "",
-              *_md_table(["Y", "law", "exponent(s)", "c", "R^2", "settings"], rows), ""]
+              *md_table(["Y", "law", "exponent(s)", "c", "R^2", "settings"], rows), ""]
     joint = laws.cbs.get("joint")
     if joint is not None and joint.identifiable:
         a, b = (joint.exponents[v] for v in JOINT)
@@ -232,11 +233,41 @@ def _time_lines(fit: StudyFit) -> list[str]:
             rows.append([s.name, "no throughput for this model", "", ""])
             continue
         rows.append([s.name, f"B={best.batch_size} on {best.gpus} GPU(s): {_hours(best.hours)}, "
-                             f"{_g(best.gpu_hours)} GPU-h", f"B={low.batch_size} on {low.gpus} GPU(s): "
-                             f"{_hours(low.hours)}, {_g(low.gpu_hours)} GPU-h",
-                     next((_g(e.cbs) for e in fit.estimates if e.setting.name == s.name and e.fitted), "")])
-    return lines + [*_md_table(["setting", f"fastest with <= {fit.gpu_budget} GPU(s)", "fewest GPU-hours",
+                             f"{fmt(best.gpu_hours)} GPU-h", f"B={low.batch_size} on {low.gpus} GPU(s): "
+                             f"{_hours(low.hours)}, {fmt(low.gpu_hours)} GPU-h",
+                     next((fmt(e.cbs) for e in fit.estimates if e.setting.name == s.name and e.fitted), "")])
+    return lines + [*md_table(["setting", f"fastest with <= {fit.gpu_budget} GPU(s)", "fewest GPU-hours",
                                 "CBS"], rows), ""]
+
+
+NOISE_CAVEAT = ("B_simple = tr(Sigma) / |G|^2 is read off single runs, without a sweep: McCandlish et al. 2018 (sec. "
+                "2.2) obtain it from B_noise = tr(H Sigma) / (G^T H G) by taking the Hessian H as a multiple of the "
+                "identity, and with an ill-conditioned Hessian it under-estimates the critical batch. It is reported "
+                "beside the measured B_noise and CBS, never instead of them.")
+NO_NOISE = ("No run logged `train/noise_scale`: pretrain measures it only when a step sees two batch sizes, i.e. "
+            ">= 2 micro-batches (gradient accumulation) or >= 2 data-parallel ranks; every run here had a single "
+            "micro-batch on a single rank.")
+
+
+def _noise_lines(fit: StudyFit) -> list[str]:
+    if fit.table.input_kind != "study":
+        return []
+    lines = ["## Gradient noise scale", ""]
+    if not fit.noise_logged:
+        return lines + [NO_NOISE, ""]
+    rows = []
+    for e in fit.estimates:
+        b = fit.b_simple.get(e.setting.name)
+        where = (f"{'reference runs' if b.source == 'reference' else 'median over the model'} ({b.runs}), at "
+                 f"{fmt(b.tokens)} tokens") if b else f"none logged within {NEAR:.0%} of D"
+        ratio = fmt(b.value / e.b_noise) if b and e.fitted else ""
+        rows.append([e.setting.name, fmt(e.setting.tokens), fmt(b.value) if b else "", where,
+                     _with_ci(e.b_noise, e.b_noise_ci), _with_ci(e.cbs, e.cbs_ci), ratio])
+    return lines + [
+        "B_simple per setting (sequences): the EMA-smoothed gradient noise scale the reference runs logged closest "
+        "to the setting's budget D (else the median over every run of the model), beside the fitted B_noise and "
+        "CBS (cbs.csv `b_simple`, `b_simple_source`).", "", NOISE_CAVEAT, "",
+        *md_table(["setting", "D", "B_simple", "read from", "B_noise", "CBS", "B_simple / B_noise"], rows), ""]
 
 
 def _hours(h: float) -> str:
@@ -252,7 +283,7 @@ def _meaning(fit: StudyFit) -> list[str]:
     ok = [e for e in fit.estimates if e.fitted]
     if ok:
         lo, hi = min(ok, key=lambda e: e.cbs), max(ok, key=lambda e: e.cbs)
-        text += f" Here the CBS ranges from {_g(lo.cbs)} ({lo.setting.name}) to {_g(hi.cbs)} ({hi.setting.name})."
+        text += f" Here the CBS ranges from {fmt(lo.cbs)} ({lo.setting.name}) to {fmt(hi.cbs)} ({hi.setting.name})."
     law, noise = fit.laws.cbs.get("tokens"), fit.laws.b_noise.get("tokens")
     if law:
         text += (f" With the data budget it scales as D^{law.exponent:.2f}: doubling D multiplies the CBS by "
@@ -272,6 +303,8 @@ def _figure_lines(fit: StudyFit) -> list[str]:
     lines += [f"![CBS vs {SYMBOLS[v]}](figures/cbs_vs_{v}.png)" for v in law_figure_variables(fit.laws.cbs)]
     if any(e.fitted and e.degradation for e in fit.estimates):
         lines.append("![degradation range](figures/degradation.png)")
+    if has_b_simple_figure(fit.estimates, fit.b_simple):
+        lines.append("![B_simple vs the fit](figures/b_simple.png)")
     lines += ["", *(f"- {e.setting.name}: ![{e.setting.name}]({paths[e.setting.name]})" for e in fit.estimates)]
     return lines + [""]
 
@@ -282,7 +315,8 @@ def report_md(fit: StudyFit) -> bytes:
             f"{len(fit.estimates)} setting(s): {n_ok} fitted, {len(fit.estimates) - n_ok} not. "
             "Batch sizes are global batches in sequences.", ""]
     parts = [head, _method_lines(fit), _warning_lines(fit), _steps_table_lines(fit.table), _cbs_table_lines(fit),
-             _residual_lines(fit), _degradation_lines(fit), _law_lines(fit), _time_lines(fit), _meaning(fit),
+             _residual_lines(fit), _degradation_lines(fit), _law_lines(fit), _time_lines(fit),
+             _noise_lines(fit), _meaning(fit),
              _figure_lines(fit)]
     return ("\n".join(line for part in parts for line in part)).encode("utf-8")
 

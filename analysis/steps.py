@@ -110,6 +110,10 @@ class RunInfo:
     """Data-parallel ranks (`resolved.world_size` in config.yaml); None when not recorded."""
     model_params: tuple[int, ...]
     """N of the settings the run serves (one model: normally one value)."""
+    reference: bool = False
+    """`study.reference` in config.yaml: a run at the reference batch B0, trained to the budget."""
+    settings: tuple[str, ...] = ()
+    """Names of the settings the run serves."""
 
 
 @dataclass
@@ -236,7 +240,7 @@ def as_float(value: Any) -> float | None:
     return None
 
 
-def _positive_number(value: Any, what: str) -> float:
+def positive_number(value: Any, what: str) -> float:
     if isinstance(value, bool):
         raise InputError(f"{what} must be a positive number: got {value!r}")
     try:
@@ -248,8 +252,8 @@ def _positive_number(value: Any, what: str) -> float:
     return x
 
 
-def _positive_int(value: Any, what: str) -> int:
-    x = _positive_number(value, what)
+def positive_int(value: Any, what: str) -> int:
+    x = positive_number(value, what)
     if not x.is_integer():
         raise InputError(f"{what} must be a whole number: got {value!r}")
     return int(x)
@@ -261,7 +265,7 @@ def _count(value: Any, what: str) -> int:
         return 0
     if value in ("0", 0):
         return 0
-    return _positive_int(value, what)
+    return positive_int(value, what)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,18 +319,18 @@ def _csv_observation(row: dict, where: str, settings: dict[str, Setting]) -> _Ob
     name = row["setting"]
     if not name:
         raise InputError(f"{where}: empty setting name")
-    setting = _register(settings, Setting(name, _positive_int(row["model_params"], f"{where}: model_params"),
-                                          _positive_int(row["tokens"], f"{where}: tokens")), where)
+    setting = _register(settings, Setting(name, positive_int(row["model_params"], f"{where}: model_params"),
+                                          positive_int(row["tokens"], f"{where}: tokens")), where)
     censored = _csv_bool(row.get("censored", ""), f"{where}: censored")
     if censored and row.get("steps"):
         raise InputError(f"{where}: censored is {row['censored']!r} but steps is {row['steps']!r}; a censored row "
                          "has empty steps (put the steps trained in censored_at_steps)")
-    steps = None if censored else _positive_number(row["steps"], f"{where}: steps")
+    steps = None if censored else positive_number(row["steps"], f"{where}: steps")
     cap = row.get("censored_at_steps") or ""
     return _Observation(
-        setting, _positive_int(row["batch_size"], f"{where}: batch_size"), steps,
-        _positive_int(row["runs"], f"{where}: runs") if row.get("runs") else 1, row.get("best_run") or "",
-        censored_at=_positive_number(cap, f"{where}: censored_at_steps") if cap and censored else None,
+        setting, positive_int(row["batch_size"], f"{where}: batch_size"), steps,
+        positive_int(row["runs"], f"{where}: runs") if row.get("runs") else 1, row.get("best_run") or "",
+        censored_at=positive_number(cap, f"{where}: censored_at_steps") if cap and censored else None,
         diverged=_csv_bool(row.get("diverged_after", ""), f"{where}: diverged_after"),
         lost=_count(row.get("lost_runs"), f"{where}: lost_runs"))
 
@@ -350,7 +354,7 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     if not runs_dir.is_dir():
         raise InputError(f"{study_dir}: not a study directory (no runs/ inside) and not a CSV file")
     run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir())
-    results = {p: _read_json(p / "result.json") for p in run_dirs if (p / "result.json").is_file()}
+    results = {p: read_json(p / "result.json") for p in run_dirs if (p / "result.json").is_file()}
     finished = [p for p in run_dirs if p in results and results[p].get("status") not in UNFINISHED_STATUSES]
     unfinished = [p.name for p in run_dirs if p not in finished]
     if not finished:
@@ -359,21 +363,23 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     settings: dict[str, Setting] = {}
     observations, seq_lens, shared, infos = [], set(), False, []
     for run in finished:
-        config = _read_yaml(run / "config.yaml")
+        config = read_yaml(run / "config.yaml")
+        _check_sweep_run(config, run / "config.yaml")
         run_settings = _run_settings(config, run / "config.yaml", settings)
         shared |= len(run_settings) > 1
-        seq_lens.add(_seq_len(config))
-        batch = _positive_int(config.get("global_batch_seqs"), f"{run / 'config.yaml'}: global_batch_seqs")
+        seq_lens.add(seq_len_of(config))
+        batch = positive_int(config.get("global_batch_seqs"), f"{run / 'config.yaml'}: global_batch_seqs")
         observations += _run_observations(run, batch, results[run], run_settings, target_kind)
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
-                             tuple(sorted({s.model_params for s in run_settings}))))
+                             tuple(sorted({s.model_params for s in run_settings})),
+                             _study(config).get("reference") is True, tuple(s.name for s in run_settings)))
     seq_lens.discard(None)
     return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
                       seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared, runs=infos)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -383,7 +389,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -391,6 +397,24 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data
+
+
+def _study(config: dict) -> dict:
+    study = config.get("study")
+    return study if isinstance(study, dict) else {}
+
+
+def study_method(config: dict) -> str:
+    """`study.method` of a run's config.yaml: 'sweep' (the default, also for configs written before the key) or
+    'branched'."""
+    method = _study(config).get("method")
+    return method if isinstance(method, str) and method else "sweep"
+
+
+def _check_sweep_run(config: dict, where: Path) -> None:
+    if study_method(config) != "sweep":
+        raise InputError(f"{where}: study.method is {study_method(config)!r} in a directory read as a sweep study: "
+                         "one study directory holds the runs of one study; move the other study's runs out")
 
 
 def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> list[Setting]:
@@ -404,14 +428,14 @@ def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> li
         key = f"{where}: study.settings[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
             raise InputError(f"{key} must be a mapping with a name")
-        s = Setting(e["name"], _positive_int(e.get("model_params"), f"{key}.model_params"),
-                    _positive_int(e.get("tokens"), f"{key}.tokens"),
-                    _positive_number(e.get("target_loss"), f"{key}.target_loss"))
+        s = Setting(e["name"], positive_int(e.get("model_params"), f"{key}.model_params"),
+                    positive_int(e.get("tokens"), f"{key}.tokens"),
+                    positive_number(e.get("target_loss"), f"{key}.target_loss"))
         out.append(_register(settings, s, str(where)))
     return out
 
 
-def _seq_len(config: dict) -> int | None:
+def seq_len_of(config: dict) -> int | None:
     model = config.get("model")
     value = model.get("seq_len") if isinstance(model, dict) else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

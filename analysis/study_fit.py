@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from analysis.cost import ThroughputModel, TimeToTarget, time_rows
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL, CbsEstimate, fit_settings
 from analysis.laws import SYMBOLS, LawSet, fit_laws
+from analysis.noise_scale import BSimple, NoiseReader, sweep_b_simple
 from analysis.steps import StepsTable
 
 EXPONENT_GAP = 0.05
@@ -32,6 +33,10 @@ class StudyFit:
     seq_len: int | None = None
     time_note: str = ""
     """Why there is no time/cost table (empty when there is one)."""
+    b_simple: dict[str, BSimple] = field(default_factory=dict)
+    """Setting name -> the gradient noise scale the runs logged at its budget (analysis/noise_scale.py)."""
+    noise_logged: bool = False
+    """Whether any run logged train/noise_scale at all."""
 
     def times_of(self, name: str) -> list[TimeToTarget]:
         return [r for r in self.times if r.setting == name]
@@ -50,6 +55,10 @@ def fit_study(table: StepsTable, overhead: float = 0.2, reference_batch: float |
                    overheads=overheads, throughput=throughput or ThroughputModel(()),
                    seq_len=seq_len or table.seq_len)
     _add_times(fit, gpu_budget)
+    if table.input_kind == "study":
+        reader = NoiseReader()
+        fit.b_simple = sweep_b_simple(table, reader)
+        fit.noise_logged = bool(fit.b_simple) or any(reader.points(r.path) for r in table.runs)
     return fit
 
 
