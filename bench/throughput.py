@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/throughput.py                          # CPU: tiny and cpu-small
     .venv/bin/python bench/throughput.py --shapes host --accum 4  # CPU, one thread: per-step host overhead
+    .venv/bin/python bench/throughput.py --shapes host --compile-ours  # ours as `pretrain.compile: true` runs it
     python bench/throughput.py --shapes gpt2-small 151M --compile # GPU: the GPT-2-small and 151M shapes (bf16)
 
 "ours" is the step `cbs pretrain` runs: megatron-core GPTModel (SDPA core attention) inside a DeepSpeed engine
 (ZeRO-1 from ds_configs/zero1.json, bf16 on GPU, fp32 on CPU), micro-batch x accumulation, forward_loss.
 "plain" is a compact PyTorch GPT with the same layers, widths, RoPE/QK-norm/bias/tying and vocabulary:
-SDPA attention, AdamW (fused on GPU, foreach on CPU), optional torch.compile. Both train on the same random
-tokens. Prints tokens/s, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain. Asserts nothing.
+SDPA attention, AdamW (fused on GPU, foreach on CPU), optional torch.compile (`--compile`; `--compile-ours`
+compiles our model inside the engine, as `pretrain.compile: true` does). Both train on the same random tokens. Prints tokens/s, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain. Asserts nothing.
 
 The two steps are timed interleaved (ours, plain, ours, plain, ...; `--repeats` rounds of `--steps` steps each)
 and the medians compared, so that load from other processes on a shared machine falls on both alike.
@@ -105,16 +106,18 @@ class PlainGPT(nn.Module):
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def timed(step, steps: int, device: torch.device) -> float:
-    """Seconds per step over `steps` steps (warm-up is the caller's)."""
+def timed(step, steps: int, device: torch.device) -> tuple[float, float]:
+    """Wall and process CPU seconds per step over `steps` steps (warm-up is the caller's). CPU time is the host's
+    work: on a shared machine it is less disturbed by other processes than wall time; on a GPU, CPU time close to
+    wall time means a host-bound step."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()  # note: the only sync point; the steps themselves run asynchronously
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
 
 def ours(m: ModelConfig, vocab: int, micro: int, accum: int, batch: torch.Tensor, dist, args):
@@ -131,6 +134,8 @@ def ours(m: ModelConfig, vocab: int, micro: int, accum: int, batch: torch.Tensor
     model = build_model(cfg.model, vocab, device=dist.device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optimizer),
                                       config=deepspeed_config(cfg, 1, dist.cuda))
+    if args.compile_ours:
+        engine.compile()  # what Trainer does with pretrain.compile: true
 
     def step():
         for chunk in batch.split(micro):
@@ -178,6 +183,8 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (global = micro x accum)")
     ap.add_argument("--micro", type=int, default=None, help="override the shape's micro-batch")
     ap.add_argument("--compile", action="store_true", help="torch.compile the plain model (GPU anchor row)")
+    ap.add_argument("--compile-ours", action="store_true",
+                    help="torch.compile our model inside the engine (pretrain.compile: true)")
     ap.add_argument("--deepspeed-config", default="zero1.json")
     args = ap.parse_args()
     from pipeline.distributed import init_distributed
@@ -202,7 +209,8 @@ def main() -> None:
         batch = torch.randint(0, vocab, (micro * args.accum, m.seq_len + 1), device=dist.device)
         tokens = micro * args.accum * m.seq_len
         fpt = flops_per_token(m, vocab)
-        labels = ("ours (megatron-core + DeepSpeed)", f"plain PyTorch{' + compile' if args.compile else ''}")
+        labels = (f"ours (megatron-core + DeepSpeed){' + compile' if args.compile_ours else ''}",
+                  f"plain PyTorch{' + compile' if args.compile else ''}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             steps_by_label = {labels[0]: ours(m, vocab, micro, args.accum, batch, dist, args),
@@ -210,23 +218,29 @@ def main() -> None:
             for step in steps_by_label.values():  # warm-up: compile, allocator, DeepSpeed buckets
                 for _ in range(args.warmup):
                     step()
-            seconds = {label: [] for label in labels}
+            wall, cpu = {label: [] for label in labels}, {label: [] for label in labels}
             for _ in range(args.repeats):
                 for label, step in steps_by_label.items():
-                    seconds[label].append(timed(step, steps, dist.device))
-        rows = {label: tokens / statistics.median(s) for label, s in seconds.items()}
+                    w, c = timed(step, steps, dist.device)
+                    wall[label].append(w)
+                    cpu[label].append(c)
+        wall_s = {label: statistics.median(v) for label, v in wall.items()}
+        cpu_s = {label: statistics.median(v) for label, v in cpu.items()}
         for label in labels:
-            mfu = f"{rows[label] * fpt / peak:6.1%}" if peak else "   n/a"
-            ms = statistics.median(seconds[label]) * 1e3
-            print(f"  {name:10s} {label:34s} {rows[label]:12,.0f} tok/s  {ms:8.2f} ms/step  MFU {mfu}")
+            tps = tokens / wall_s[label]
+            mfu = f"{tps * fpt / peak:6.1%}" if peak else "   n/a"
+            print(f"  {name:10s} {label:44s} {tps:12,.0f} tok/s  {wall_s[label] * 1e3:8.2f} ms/step  "
+                  f"(CPU {cpu_s[label] * 1e3:8.2f} ms)  MFU {mfu}")
         print(f"  {name:10s} peak memory {peak_memory(dist.device)} (both)")
-        ours_tps, plain_tps = rows.values()
-        # tokens/s ratio (> 1: ours faster) and its inverse, the step-time ratio (> 1: ours slower; the
-        # host-overhead target is stated in it)
-        print(f"  {name:10s} ours / plain = {ours_tps / plain_tps:.2f}x tok/s, step time ours / plain = "
-              f"{plain_tps / ours_tps:.2f}x   (L{m.layers} d{m.hidden} seq {m.seq_len}, micro {micro} x accum {args.accum}, vocab {vocab}, "
-              f"{torch.get_num_threads()} threads, median of {args.repeats} x {steps} steps)")
+        (ours_w, plain_w), (ours_c, plain_c) = wall_s.values(), cpu_s.values()
+        # tokens/s ratio (> 1: ours faster), then step-time ratios (> 1: ours slower; the host target is stated in
+        # the step time), wall and CPU
+        print(f"  {name:10s} ours / plain = {plain_w / ours_w:.2f}x tok/s, step time ours / plain = "
+              f"{ours_w / plain_w:.2f}x (CPU time {ours_c / plain_c:.2f}x)   (L{m.layers} d{m.hidden} seq {m.seq_len}, "
+              f"micro {micro} x accum {args.accum}, vocab {vocab}, {torch.get_num_threads()} threads, median of "
+              f"{args.repeats} x {steps} steps)")
         del steps_by_label
+
 
 if __name__ == "__main__":
     main()

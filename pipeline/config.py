@@ -545,6 +545,10 @@ class PretrainConfig:
     so that runs stop on the weights its fit reads."""
     deepspeed_config: str = "ds_configs/zero1.json"
     """ZeRO and precision settings (a file in ds_configs/); batch fields are written from this config."""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine (`engine.compile()`, inductor): the forward and backward
+    run as compiled kernels instead of op-by-op Python. Costs a compile at start (tens of seconds; cached across
+    runs) and float-rounding-level differences from eager; off by default (docs/method.md, "Throughput and MFU")."""
     seed: int = 1234
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Resume = Resume.auto
