@@ -9,7 +9,9 @@
 (ZeRO-1 from ds_configs/zero1.json, bf16 on GPU, fp32 on CPU), micro-batch x accumulation, forward_loss.
 "plain" is a compact PyTorch GPT with the same layers, widths, RoPE/QK-norm/bias/tying and vocabulary:
 SDPA attention, AdamW (fused on GPU, foreach on CPU), optional torch.compile (`--compile`; `--compile-ours`
-compiles our model inside the engine, as `pretrain.compile: true` does). Both train on the same random tokens. Prints tokens/s, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain. Asserts nothing.
+compiles our model inside the engine, as `pretrain.compile: true` does). Both train on the same random tokens.
+Prints tokens/s, wall and CPU ms per step, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain.
+Asserts nothing.
 
 The two steps are timed interleaved (ours, plain, ours, plain, ...; `--repeats` rounds of `--steps` steps each)
 and the medians compared, so that load from other processes on a shared machine falls on both alike.
