@@ -627,6 +627,10 @@ class PretrainConfig:
     """ZeRO settings (a file in ds_configs/); batch, clipping and precision fields are written from this config."""
     precision: Precision = Precision.auto
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32. EWA averages and the eval loss are fp32 either way."""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine (`engine.compile()`, inductor): the forward and backward
+    run as compiled kernels instead of op-by-op Python. Costs a compile at start (tens of seconds; cached across
+    runs) and float-rounding-level differences from eager; off by default (docs/method.md, "Throughput and MFU")."""
     seed: int = 1234
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Resume = Resume.auto

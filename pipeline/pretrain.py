@@ -95,6 +95,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, self.manifest["vocab_size"])
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optimizer),
                                                config=self.ds_config)
+        if cfg.compile:
+            self.engine.compile()  # in place: parameter and state-dict names stay those of the GPTModel
         self.ewa = EWA(self.engine.module.parameters(), cfg.ewa.taus)
         self.targets = TargetTracker(cfg.targets, weight_kinds(cfg.ewa.taus))
         self.base = self._init_from_meta()
