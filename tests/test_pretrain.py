@@ -164,6 +164,9 @@ def test_compiled_model_trains_the_same_curve(stdlib_data, reference, tmp_path):
     run_subprocess(cli("pretrain", str(write_cfg(cfg, tmp_path / "c.yaml"))), timeout=900)
     ref, got = series(reference, "train/loss"), series(run_dir, "train/loss")
     assert ref.keys() == got.keys() and max(abs(ref[s] - got[s]) for s in ref) < 1e-4
+    ref_noise, got_noise = series(reference, "train/noise_scale"), series(run_dir, "train/noise_scale")
+    assert ref_noise.keys() == got_noise.keys()  # the gradient hooks see the compiled backward too
+    assert all(got_noise[s] == pytest.approx(ref_noise[s], rel=1e-2) for s in ref_noise)
     result = evaluate.main(run_dir)
     assert result["weights"]["raw"]["loss"] == pytest.approx(series(run_dir, "eval/loss")[20], abs=1e-5)
 
