@@ -33,7 +33,9 @@ from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, Resume, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
+from pipeline.evaluate import sharded_eval_loss
 from pipeline.metrics import Tracker, eval_records
+from pipeline.model import build_model, flops_per_token, forward_loss, param_counts
 from pipeline.noise import NoiseScale
 from pipeline.optim import EWA, lr_at, make_optimizer
 from pipeline.targets import TargetTracker, eval_key, weight_kinds
@@ -79,8 +81,6 @@ class Hook:
 class Trainer:
     def __init__(self, cfg: PretrainConfig, dist: Dist):
         import deepspeed
-
-        from pipeline.model import build_model, flops_per_token, param_counts
 
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run_dir)
@@ -146,8 +146,6 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch: micro-batches x gradient accumulation on every rank."""
-        from pipeline.model import forward_loss
-
         lr = lr_at(self.step * self.tokens_per_step, self.cfg.optimizer.lr, self.cfg.train_tokens,
                    self.cfg.schedule)
         for group in self.engine.optimizer.param_groups:
@@ -261,8 +259,6 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean token loss over the fixed eval set with the weights the model holds now (see sharded_eval_loss)."""
-        from pipeline.evaluate import sharded_eval_loss
-
         self._release_gathered_params()
         self.engine.eval()
         loss = sharded_eval_loss(self.engine, self.eval_set, self.cfg.eval.micro_batch_seqs or self.cfg.micro_batch,
