@@ -143,10 +143,13 @@ on_signal() {
   pass_stop || true
 }
 
-handles_usr1() {  # PID: its signal handler mask (/proc/PID/status SigCgt, hex) has SIGUSR1 (bit 10 - 1)
-  local mask
-  mask=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null) || return 1
-  [[ -n $mask ]] && (((0x$mask >> 9) & 1))
+handles_usr1() {  # PID: its caught-signals mask (/proc/PID/status SigCgt, hex) has SIGUSR1 (signal 10: bit 9)
+  local key mask
+  while read -r key mask; do
+    # an explicit status: a bare `return` in a trap handler returns the status from before the trap
+    [[ $key == SigCgt: ]] && { (((0x$mask >> 9) & 1)) && return 0; return 1; }
+  done 2>/dev/null <"/proc/$1/status"
+  return 1
 }
 
 ranks_under() {  # PID: its topmost descendants with LOCAL_RANK in their environment (both launchers set it)
@@ -157,15 +160,18 @@ ranks_under() {  # PID: its topmost descendants with LOCAL_RANK in their environ
 }
 
 pass_stop() {  # SIGUSR1 to the launch's ranks (STOP_TO=ranks) or to the launch itself; false while none handles it
-  local pid sent=0 targets=$LAUNCH_PID
+  local pid candidates=$LAUNCH_PID ready=()
   [[ -n $LAUNCH_PID ]] || return 1
-  [[ $STOP_TO == ranks ]] && targets=$(ranks_under "$LAUNCH_PID")
-  for pid in $targets; do
-    if handles_usr1 "$pid" && kill -USR1 "$pid" 2>/dev/null; then sent=$((sent + 1)); fi
+  [[ $STOP_TO == ranks ]] && candidates=$(ranks_under "$LAUNCH_PID")
+  for pid in $candidates; do
+    if handles_usr1 "$pid"; then ready+=("$pid"); fi
   done
-  ((sent > 0)) || return 1
+  # one kill for all: the ranks get it within microseconds, before any could finish the run and drop its handler
+  ((${#ready[@]} > 0)) && kill -USR1 "${ready[@]}" 2>/dev/null || return 1
   STOP_PASSED=1
-  say "passed SIG$STOP_SIGNAL on as SIGUSR1 to $sent process(es) ($([[ $STOP_TO == ranks ]] && echo ranks || echo "${LAUNCH_CMD[0]##*/}"))"
+  # the ranks that do not handle it yet stop too: a rank's stop flag is all-reduced every step
+  say "passed SIG$STOP_SIGNAL on as SIGUSR1 to ${#ready[@]} of $(wc -w <<<"$candidates")" \
+    "$([[ $STOP_TO == ranks ]] && echo "rank process(es)" || echo "${LAUNCH_CMD[0]##*/}")"
 }
 
 launch() {  # SESSION(own|same) STOP_TO(self|ranks) CMD...: run CMD, pass a stop on; the script's exit status

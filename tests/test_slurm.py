@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import stdlib_texts, write_jsonl
+from pipeline.metrics import read_metrics
 from pipeline.slurm import SlurmError, SlurmResources, cancel, job_states, require_sbatch, submit, wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,3 +300,100 @@ def test_requeued_pretrain_task_resumes(study, tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in json.loads(line)]
     assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def preemptible(data: Path, run_dir: Path, steps: int) -> dict:
+    """A run long enough to be signalled mid-way (~30 steps/s on one CPU); no periodic checkpoint, so a resume can
+    only start from the one the stop saved. Every step logged, evals on a fixed grid: metrics to compare."""
+    cfg = tiny_pretrain(data, run_dir, 4, steps=steps)
+    return cfg | {"log": {"every_steps": 1}, "eval": {"every_steps": 50, "growth": 0, "eval_tokens": 256},
+                  "checkpoint": {"every_steps": 100_000}}
+
+
+def wait_for_step(run: Path, step: int, job: str, task: str, logs: Path, timeout_s: float = 180) -> None:
+    """Until the run has logged `step` (the job's state only every 2 s: squeue and scontrol are slow to ask)."""
+    deadline, asked = time.monotonic() + timeout_s, 0.0
+    while not (run / "metrics.jsonl").exists() or \
+            max((m["step"] for m in read_metrics(run)), default=0) < step:
+        assert time.monotonic() < deadline, log_of(logs, "*.out")
+        if time.monotonic() - asked > 2:
+            assert job_states([job])[task] in ("PENDING", "RUNNING"), log_of(logs, "*.out")
+            asked = time.monotonic()
+        time.sleep(0.05)
+
+
+def full_log(log_dir: Path, pattern: str) -> str:
+    return "".join(p.read_text() for p in sorted(log_dir.glob(pattern)))
+
+
+def scontrol_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=True).stdout
+    return re.search(rf"\b{name}=(\S*)", out).group(1)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_cluster, stdlib_data, tmp_path):
+    """What `#SBATCH --signal=B:USR1@300` does near the time limit, sent now (`scancel --signal=USR1 --batch`:
+    the batch shell only, as B: does): the run saves after its step and exits 75 within seconds, the task requeues
+    itself, starts again, resumes, completes, and logs exactly what an uninterrupted run of it logs."""
+    steps, logs = 600, tmp_path / "logs"
+    for name in ("cut", "whole"):
+        cfg = write_yaml(tmp_path / f"{name}.yaml", preemptible(stdlib_data, tmp_path / name, steps))
+        (tmp_path / f"{name}.txt").write_text(f"{cfg}\n")
+    job = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "cut.txt")], SlurmResources(), job_name="cbs-usr1",
+                 array="0", log_dir=logs)
+    whole = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "whole.txt")], SlurmResources(), job_name="cbs-whole",
+                   log_dir=logs)
+    task = f"{job}_0"
+    wait_for_step(tmp_path / "cut", 20, job, task, logs)
+    signalled = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
+    while job_states([job])[task] != "PENDING":  # saved, stopped, requeued by itself
+        assert time.monotonic() - signalled < 30, log_of(logs, "cbs-usr1-*.out")
+        time.sleep(0.1)
+    stopped_s = time.monotonic() - signalled
+    log = full_log(logs, "cbs-usr1-*.out")
+    stop = re.search(r"stopped by SIGUSR1 after step (\d+)", log)
+    assert stop and 20 <= int(stop.group(1)) < steps and f"requeued job {task}" in log, log[-3000:]
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "preempted"
+    assert stopped_s < 15, f"{stopped_s:.1f} s from the signal to the requeue"
+    assert scontrol_field(task, "Restarts") == "1"
+    # Slurm holds a requeued job for 120 s (BeginTime); let it go now (see test_requeued_pretrain_task_resumes)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+    states = wait([job, whole], poll_s=POLL_S, timeout_s=180)
+    assert states == {task: "COMPLETED", whole: "COMPLETED"}, log_of(logs, "*.out")
+    log = full_log(logs, "cbs-usr1-*.out")
+    assert log.count("run_stage: pretrain") == 2 and "resumed from" in log, log[-3000:]
+    result = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert result["status"] == "completed" and result["steps"] == steps
+    cut, uncut = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "whole")
+    assert [m["step"] for m in cut] == [m["step"] for m in uncut]  # each step once, none lost
+    for a, b in zip(cut, uncut):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith("perf/"):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scancel_saves_the_run_but_never_requeues_it(slurm_cluster, stdlib_data, tmp_path):
+    """scancel sends SIGTERM to every process of the job: the run still saves and stops (status preempted), and
+    the task stays cancelled: a requeue would undo what the user asked for."""
+    cfg = write_yaml(tmp_path / "run.yaml", preemptible(stdlib_data, tmp_path / "run", 600))
+    (tmp_path / "runs.txt").write_text(f"{cfg}\n")
+    logs = tmp_path / "logs"
+    job = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "runs.txt")], SlurmResources(), job_name="cbs-cancel",
+                 array="0", log_dir=logs)
+    task = f"{job}_0"
+    wait_for_step(tmp_path / "run", 20, job, task, logs)
+    subprocess.run(["scancel", task], check=True)
+    assert wait([job], poll_s=POLL_S, timeout_s=60) == {task: "CANCELLED"}
+    time.sleep(3)  # a requeue would show by now
+    assert job_states([job]) == {task: "CANCELLED"} and scontrol_field(task, "Restarts") == "0"
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "preempted", result
+    log = full_log(logs, "*.out")
+    assert "not requeued" in log, log[-3000:]
