@@ -3,7 +3,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
+# DeepSpeed's CPU accelerator only where there is no GPU: forcing it on a GPU machine would train on the CPU
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: setup demo test bench clean
 setup: $(STAMP)

@@ -2,7 +2,8 @@
 
 Stages: preprocess | pretrain | evaluate | fit | forecast | study | status. Heavy imports (torch, deepspeed,
 megatron-core) happen inside the stage that needs them, so `cbs --help` and `cbs fit` start fast.
-Exit codes: 0 done, 2 bad input (the message says which key or file and how to fix it), 1 unexpected failure.
+Exit codes: 0 done, 2 bad input (the message says which key or file and how to fix it), 1 unexpected failure,
+75 pretrain stopped by SIGTERM/SIGUSR1 after saving a checkpoint (start it again to continue).
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="the study directory")
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
-    p.add_argument("--parallel", type=int, default=1, help="local: runs trained at once (default 1)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="local: runs trained at once (default: 1 on a CPU machine, visible GPUs / --gpus-per-run on a "
+                        "GPU machine)")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="local: GPUs of each run (CUDA_VISIBLE_DEVICES is split among parallel runs; > 1: torchrun)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (and sbatch scripts) without running")
     p.add_argument("--force", action="store_true", help="use a directory that holds another study")
     for flag, kind in (("partition", str), ("account", str), ("nodes", int), ("gpus-per-node", int),
@@ -73,6 +78,8 @@ def _run_pretrain(args) -> int:
     from pipeline import pretrain
 
     result = pretrain.main(pretrain.load(args.config, args.overrides))
+    if result["status"] == "preempted":
+        return pretrain.EXIT_PREEMPTED  # checkpointed: start it again to continue (jobs/pretrain.sbatch requeues)
     return 0 if result["status"] in ("completed", "diverged") else 1
 
 
@@ -96,15 +103,18 @@ def _run_evaluate(args) -> int:
 
 def _run_study(args) -> int:
     from pipeline import study
+    from pipeline.executors import StudyInterrupted
     from pipeline.config import StudyConfig, load_config
 
     cfg = load_config(StudyConfig, args.config, args.overrides)
     slurm = {k: getattr(args, k) for k in ("partition", "account", "nodes", "gpus_per_node", "cpus_per_task",
                                            "time", "max_parallel") if getattr(args, k) is not None}
-    if args.parallel < 1:
-        print("cbs study: error: --parallel must be >= 1", file=sys.stderr)
-        return 2
-    return study.main(cfg, args.out, args.executor, args.parallel, args.dry_run, args.force, slurm)
+    try:
+        return study.main(cfg, args.out, args.executor, args.parallel, args.dry_run, args.force, slurm,
+                          args.gpus_per_run)
+    except StudyInterrupted as e:
+        print(f"cbs study: {e}", file=sys.stderr)
+        return 130
 
 
 def _run_status(args) -> int:
@@ -139,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.data import DataError
     from pipeline.evaluate import EvaluateError
+    from pipeline.rundir import CheckpointError, RunDirBusy
     from pipeline.study import StudyError
 
     try:
         stages = {"preprocess": _run_preprocess, "pretrain": _run_pretrain, "evaluate": _run_evaluate,
                   "study": _run_study, "status": _run_status}
         return stages[args.stage](args)
-    except (ConfigError, CorpusError, PreprocessError, DataError, EvaluateError, StudyError) as e:
+    except (ConfigError, CorpusError, PreprocessError, DataError, EvaluateError, StudyError,
+            CheckpointError, RunDirBusy) as e:
         print(f"cbs {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

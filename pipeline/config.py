@@ -497,6 +497,15 @@ class StopWeights(str, enum.Enum):
     ewa = "ewa"
 
 
+class Precision(str, enum.Enum):
+    auto = "auto"
+    """bf16 on a GPU, fp32 on the CPU."""
+    bf16 = "bf16"
+    """bf16 weights and activations with fp32 master weights and optimizer state (DeepSpeed's bf16 mode); runs on
+    DeepSpeed's CPU accelerator too, so the GPU's precision path can be tested without a GPU."""
+    fp32 = "fp32"
+
+
 class Resume(str, enum.Enum):
     auto = "auto"
     """Continue from the newest checkpoint in run_dir if there is one, else start."""
@@ -544,7 +553,9 @@ class PretrainConfig:
     """Which weights count for stop_at_targets: any (raw or an EWA), raw, or ewa (any EWA tau). A study sets ewa
     so that runs stop on the weights its fit reads."""
     deepspeed_config: str = "ds_configs/zero1.json"
-    """ZeRO and precision settings (a file in ds_configs/); batch fields are written from this config."""
+    """ZeRO settings (a file in ds_configs/); batch, clipping and precision fields are written from this config."""
+    precision: Precision = Precision.auto
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32. EWA averages and the eval loss are fp32 either way."""
     seed: int = 1234
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Resume = Resume.auto
@@ -603,6 +614,16 @@ def paper_value(table: dict[int, float], batch: int) -> float:
     import math
 
     return table[min(table, key=lambda b: abs(math.log(b) - math.log(batch)))]
+
+
+# Pretrain keys a study decides for each run, and where to set them instead; `base` may not hold them.
+STUDY_SETS = {
+    "data_dir": "from study.data", "run_dir": "STUDY_DIR/runs/<run>", "global_batch_seqs": "from batch_sizes",
+    "train_tokens": "from settings and max_tokens_factor", "model": "from settings", "targets": "from targets",
+    "study": "written by the study", "seed": "from seeds", "optimizer.lr": "from hparams.lr",
+    "optimizer.beta2": "from hparams.beta2", "ewa.taus": "from hparams.ewa_taus",
+    "stop_at_targets": "on for every run but the reference ones", "stop_weights": "ewa, the weights the fit reads",
+}
 
 
 @dataclass
@@ -683,5 +704,8 @@ class StudyConfig:
         if ref and ref.batch is not None:
             _check(ref.batch in self.batch_sizes,
                    f"{p}.targets.reference.batch ({ref.batch}) must be one of batch_sizes {self.batch_sizes}")
-        for key in ("data_dir", "run_dir", "global_batch_seqs", "train_tokens", "model", "targets", "study"):
-            _check(key not in self.base, f"{p}.base.{key} is set by the study for each run: remove it from base")
+        for dotted, where in STUDY_SETS.items():
+            node = self.base
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            _check(node is None, f"{p}.base.{dotted} is set by the study for each run ({where}): remove it from base")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, PretrainConfig, gradient_accumulation
+from pipeline.config import ConfigError, Precision, PretrainConfig, gradient_accumulation
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,18 +79,6 @@ def init_distributed(seed: int) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shutdown() -> None:
-    import torch.distributed as dist
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron.core import parallel_state
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def resolve_ds_path(path: str) -> Path:
     """A ds_config given as a path, or a name in the project's ds_configs/ (`zero1.json` or `zero1`)."""
     p = Path(path)
@@ -101,8 +89,13 @@ def resolve_ds_path(path: str) -> Path:
                       f"{PROJECT_ROOT / 'ds_configs'})")
 
 
+def uses_bf16(precision: Precision, cuda: bool) -> bool:
+    """`auto` is bf16 on a GPU and fp32 on the CPU (where bf16 matmuls are emulated and slower)."""
+    return precision is Precision.bf16 or (precision is Precision.auto and cuda)
+
+
 def deepspeed_config(cfg: PretrainConfig, world_size: int, cuda: bool) -> dict:
-    """The full DeepSpeed config: ZeRO and precision from the file, batch fields from the run config only."""
+    """The full DeepSpeed config: ZeRO from the file; batch, clipping and precision fields from the run config."""
     path = resolve_ds_path(cfg.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
@@ -119,10 +112,13 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, cuda: bool) -> dict:
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = gradient_accumulation(cfg.global_batch_seqs, micro, world_size)
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
-    bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
-    ds["bf16"]["enabled"] = bool(cuda) if bf16 == "auto" else bool(bf16)  # bf16 on GPU, fp32 on CPU
-    if ds["bf16"]["enabled"] and not cuda:
-        raise ConfigError(f"{path} enables bf16 but this run is on CPU: set \"bf16\": {{\"enabled\": \"auto\"}}")
+    for kind in ("bf16", "fp16"):
+        if ds.get(kind, {}).get("enabled", "auto") not in ("auto", False):
+            raise ConfigError(f"{path} sets {kind}.enabled: the precision comes from pretrain.precision (auto, bf16 "
+                              f"or fp32; fp16 is not supported); set \"{kind}\": {{\"enabled\": \"auto\"}} or "
+                              f"remove it from the file")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": uses_bf16(cfg.precision, cuda)}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**12)  # we log ourselves
     ds.setdefault("wall_clock_breakdown", False)

@@ -21,11 +21,9 @@ from typing import Optional
 import torch
 import yaml
 
+from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, from_dict
 from pipeline.utils import atomic_write_json, log
-
-EVAL_FILE = "eval.json"
-
 
 class EvaluateError(ValueError):
     """The run directory or checkpoint cannot be evaluated; the message says why."""
@@ -58,9 +56,9 @@ def sharded_eval_loss(model, sequences: torch.Tensor, micro: int, rank: int, wor
 
 
 def _run_config(run_dir: Path) -> tuple[PretrainConfig, dict]:
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
-        raise EvaluateError(f"{run_dir} is not a pretrain run directory: no config.yaml")
+        raise EvaluateError(f"{run_dir} is not a pretrain run directory: no {rundir.CONFIG}")
     data = yaml.safe_load(path.read_text()) or {}
     resolved = data.pop("resolved", {})
     try:
@@ -70,21 +68,24 @@ def _run_config(run_dir: Path) -> tuple[PretrainConfig, dict]:
 
 
 def _checkpoint_tag(run_dir: Path, checkpoint: str) -> str:
-    ckpt_dir = run_dir / "checkpoints"
-    tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+    """`latest` (the newest complete checkpoint) or a step's; an incomplete or damaged one is refused."""
+    good, bad = rundir.usable_tags(run_dir)
+    saved = ", ".join(str(rundir.tag_step(t)) for t in sorted(good)) or "none"
     if checkpoint == "latest":
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
-            raise EvaluateError(f"{run_dir} has no checkpoint yet ({ckpt_dir / 'latest'} is missing)")
-        return latest.read_text().strip()
+        if not good:
+            why = f" ({rundir.describe_bad(bad)})" if bad else ""
+            raise EvaluateError(f"{run_dir} has no complete checkpoint yet{why}")
+        return good[0]
     try:
-        tag = f"step{int(checkpoint):08d}"
+        name = rundir.tag(int(checkpoint))
     except ValueError:
         raise EvaluateError(f"--checkpoint must be latest or a step number: got {checkpoint!r}") from None
-    if tag not in tags:
-        have = ", ".join(str(int(t[4:])) for t in tags) or "none"
-        raise EvaluateError(f"{run_dir} has no checkpoint at step {int(checkpoint)} (steps saved: {have})")
-    return tag
+    if name in bad:
+        raise EvaluateError(f"{run_dir}: the checkpoint at step {int(checkpoint)} is unusable: {bad[name]} "
+                            f"(complete checkpoints: {saved})")
+    if name not in good:
+        raise EvaluateError(f"{run_dir} has no checkpoint at step {int(checkpoint)} (steps saved: {saved})")
+    return name
 
 
 def _consolidated_weights(ckpt_dir: Path, tag: str) -> dict:
@@ -98,11 +99,10 @@ def _consolidated_weights(ckpt_dir: Path, tag: str) -> dict:
 def _ewa_state(tag_dir: Path, params: list[torch.nn.Parameter], zero_stage: int, world_size: int) -> dict:
     """The EWA state with full-shape averages. Under ZeRO-3 rank r saved elements [r p, (r + 1) p) of each
     flattened parameter, p = ceil(numel / world) (DeepSpeed pads the last shard): concatenate, trim, reshape."""
-    from pipeline.pretrain import ewa_file
-
     if zero_stage != 3:
-        return torch.load(ewa_file(tag_dir, 0), map_location="cpu", weights_only=True)
-    shards = [torch.load(ewa_file(tag_dir, r), map_location="cpu", weights_only=True) for r in range(world_size)]
+        return torch.load(rundir.ewa_file(tag_dir, 0), map_location="cpu", weights_only=True)
+    shards = [torch.load(rundir.ewa_file(tag_dir, r), map_location="cpu", weights_only=True)
+              for r in range(world_size)]
     state = {"taus": shards[0]["taus"], "steps": shards[0]["steps"], "averages": {}}
     for tau, first in shards[0]["averages"].items():
         if len(first) != len(params):
@@ -124,7 +124,7 @@ def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[
     run_dir = Path(run_dir)
     cfg, resolved = _run_config(run_dir)
     tag = _checkpoint_tag(run_dir, checkpoint)
-    tag_dir = run_dir / "checkpoints" / tag
+    tag_dir = rundir.checkpoint_dir(run_dir) / tag
     zero_stage = resolved.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)
     world_size = resolved.get("world_size", 1)
     if eval_tokens is not None and eval_tokens < 1:
@@ -136,18 +136,28 @@ def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = build_model(cfg.model, vocab, device=dist.device)
-    weights = _consolidated_weights(run_dir / "checkpoints", tag)
+    try:
+        weights = _consolidated_weights(rundir.checkpoint_dir(run_dir), tag)
+    except Exception as e:  # a file damaged without changing its size: torch's zip reader, pickle
+        raise EvaluateError(f"{tag_dir} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); evaluate "
+                            f"an earlier checkpoint with --checkpoint STEP") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise EvaluateError(f"{tag_dir} does not match the run's model: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
-    if dist.cuda and resolved.get("deepspeed", {}).get("bf16", {}).get("enabled"):
-        model = model.to(torch.bfloat16)  # evaluate as trained
+    if resolved.get("deepspeed", {}).get("bf16", {}).get("enabled"):
+        # evaluate as trained: the bf16 rounding of the fp32 master weights is what the training model held
+        model = model.to(torch.bfloat16)
     params = list(model.parameters())
     ewa = EWA(params, cfg.ewa.taus)
     if cfg.ewa.taus:
-        ewa.load_state_dict(_ewa_state(tag_dir, params, zero_stage, world_size))
+        try:
+            ewa.load_state_dict(_ewa_state(tag_dir, params, zero_stage, world_size))
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise EvaluateError(f"{tag_dir}: its EWA state cannot be read ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0]}); evaluate an earlier checkpoint with --checkpoint STEP") \
+                from None
     sequences = eval_sequences(data_dir, cfg.model.seq_len, eval_tokens or cfg.eval.eval_tokens)
     micro = cfg.eval.micro_batch_seqs or cfg.micro_batch
     model.eval()
@@ -159,7 +169,7 @@ def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[
     for tau in cfg.ewa.taus:
         with ewa.swapped_in(tau):
             losses[f"ewa/{tau}"] = loss()
-    step = int(tag[4:])
+    step = rundir.tag_step(tag)
     result = {
         "run_dir": str(run_dir), "checkpoint": tag, "step": step, "tokens": step * cfg.tokens_per_step,
         "data_dir": str(data_dir), "eval_sequences": len(sequences), "eval_tokens": len(sequences) * cfg.model.seq_len,
@@ -167,7 +177,7 @@ def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[
         "seconds": round(time.perf_counter() - started, 3),
     }
     if dist.is_main:
-        target = Path(out) if out else run_dir / EVAL_FILE
+        target = Path(out) if out else run_dir / rundir.EVAL
         atomic_write_json(target, result)
         log.info("%s %s: %s -> %s", run_dir, tag,
                  "  ".join(f"{k} {v:.4f}" for k, v in losses.items()), target)

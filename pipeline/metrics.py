@@ -13,9 +13,11 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from pipeline.rundir import METRICS, TENSORBOARD
 from pipeline.utils import atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
+NON_FINITE = ("nan", "inf", "-inf")
+"""How a non-finite float is written (JSON has no NaN/inf); `read_metrics` turns them back into floats."""
 
 
 class Tracker:
@@ -27,7 +29,7 @@ class Tracker:
         if not enabled:
             return
         run_dir = Path(run_dir)
-        path = run_dir / METRICS_FILE
+        path = run_dir / METRICS
         if resume_step is not None and path.exists():
             _truncate_after(path, resume_step)
         elif resume_step is None and path.exists():
@@ -37,7 +39,7 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+            self._tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=purge)
 
     def log(self, metrics: dict, step: int, tokens: int) -> None:
         if not self.enabled:
@@ -81,5 +83,21 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every logged event of a run, in order, with "nan"/"inf"/"-inf" strings back as floats. A last line cut
+    short by a kill is left out (the tracker flushes whole lines, so only the last can be partial)."""
+    path = Path(run_dir) / METRICS
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        records.append({k: float(v) if isinstance(v, str) and v in NON_FINITE else v for k, v in record.items()})
+    return records
+
+
+def eval_records(run_dir: str | Path) -> list[dict]:
+    """The run's eval events, in step order: each holds every weights kind's loss at one step."""
+    return [m for m in read_metrics(run_dir) if "eval/loss" in m]

@@ -1,17 +1,25 @@
 """pretrain: one GPT run in a DeepSpeed engine, with EWA, periodic eval, steps-to-target and checkpoints.
 
-Run directory (docs/architecture.md contract): config.yaml (resolved, with the DeepSpeed config), metrics.jsonl, tb/,
-checkpoints/, result.json. The loop is short; logging, evaluation and checkpointing are hooks with their own
-schedules. A run killed and resumed (resume: auto) continues exactly: model, optimizer, EWA, targets and data
-position (a function of the step) all come back from the checkpoint.
+Run directory (pipeline/rundir.py; docs/architecture.md): config.yaml (resolved, with the DeepSpeed config),
+metrics.jsonl, tb/, checkpoints/, result.json. The loop is short; logging, evaluation and checkpointing are hooks
+with their own schedules. A run killed and resumed (resume: auto) continues exactly: model, optimizer, EWA,
+targets and data position (a function of the step) all come back from the newest complete checkpoint.
+
+SIGTERM, SIGUSR1 or SIGINT (a Slurm preemption or time limit, a study stopped, Ctrl-C) make every rank finish its
+step, save a checkpoint and exit with status `preempted` (exit code 75): the next start continues from there. A
+second signal ends the process at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import resource
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,31 +29,19 @@ from typing import Callable, Optional
 import torch
 import yaml
 
+from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, Resume, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
-from pipeline.metrics import Tracker
+from pipeline.metrics import Tracker, eval_records
 from pipeline.optim import EWA, lr_at, make_optimizer
+from pipeline.targets import TargetTracker, eval_key, weight_kinds
 from pipeline.utils import atomic_write_json, atomic_write_text, log
 
-RESULT = "result.json"
-CONFIG = "config.yaml"
-CHECKPOINTS = "checkpoints"
-# What may differ between a run and its resumption: none of it changes the maths of the remaining steps.
-RESUME_MAY_CHANGE = ("run_dir", "micro_batch_seqs", "checkpoint", "log", "resume", "stop_at_targets", "study",
-                     "targets", "eval")
 # Peak dense bf16 FLOP/s by device name (substring match), for MFU; none on CPU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
-
-def eval_key(kind: str) -> str:
-    """The metrics key of a weights kind: `raw` -> eval/loss, `ewa/0.99` -> eval/loss_ewa/0.99."""
-    return "eval/loss" if kind == "raw" else f"eval/loss_{kind}"
-
-
-def ewa_file(tag_dir: Path, rank: int) -> Path:
-    """A checkpoint's EWA state: rank 0's under ZeRO 1/2, every rank's shard under ZeRO-3."""
-    return tag_dir / f"ewa_rank{rank}.pt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later"; jobs/pretrain.sbatch requeues on it
 
 
 def peak_flops(dist: Dist) -> Optional[float]:
@@ -70,62 +66,6 @@ def eval_steps(total_steps: int, every: int, growth: float) -> set[int]:
     return {s for s in steps if 1 <= s <= total_steps}
 
 
-# ---------------------------------------------------------------------------------------------------- targets
-
-
-class TargetTracker:
-    """First crossing of each target loss by each kind of weights (`raw`, `ewa/<tau>`).
-
-    A crossing records the eval step where loss <= target first held, its tokens, and `step_interp`: the step
-    interpolated linearly in log-loss between that eval and the previous one (steps-to-target to better than
-    the eval grid's spacing).
-    """
-
-    def __init__(self, targets: list[float], kinds: list[str]):
-        self.targets = list(targets)
-        self.kinds = list(kinds)
-        self.crossings: dict[str, list[Optional[dict]]] = {k: [None] * len(targets) for k in kinds}
-        self.previous: dict[str, tuple[int, float]] = {}
-
-    def update(self, step: int, tokens_per_step: int, losses: dict[str, float]) -> None:
-        for kind, loss in losses.items():
-            prev = self.previous.get(kind)
-            for i, target in enumerate(self.targets):
-                if self.crossings[kind][i] is not None or not (loss <= target):
-                    continue
-                interp = float(step)
-                if prev is not None and prev[1] > target and loss > 0:
-                    frac = (math.log(prev[1]) - math.log(target)) / (math.log(prev[1]) - math.log(loss))
-                    interp = prev[0] + frac * (step - prev[0])
-                self.crossings[kind][i] = {"step": step, "tokens": step * tokens_per_step,
-                                           "step_interp": round(interp, 4),
-                                           "tokens_interp": round(interp * tokens_per_step, 1)}
-            if math.isfinite(loss):
-                self.previous[kind] = (step, loss)
-
-    def all_reached(self, weights: str = "any") -> bool:
-        """Every target reached by some kind of weights: any kind, `raw`, or `ewa` (any EWA tau)."""
-        kinds = [k for k in self.kinds if weights == "any" or k == weights or k.startswith(f"{weights}/")]
-        return all(any(self.crossings[k][i] is not None for k in kinds) for i in range(len(self.targets)))
-
-    def to_json(self) -> list[dict]:
-        out = []
-        for i, target in enumerate(self.targets):
-            entry = {"loss": target, "raw": self.crossings.get("raw", [None] * len(self.targets))[i], "ewa": {}}
-            for kind in self.kinds:
-                if kind.startswith("ewa/"):
-                    entry["ewa"][kind[4:]] = self.crossings[kind][i]
-            out.append(entry)
-        return out
-
-    def state_dict(self) -> dict:
-        return {"crossings": self.crossings, "previous": self.previous}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.crossings.update({k: v for k, v in state["crossings"].items() if k in self.crossings})
-        self.previous = {k: tuple(v) for k, v in state["previous"].items()}
-
-
 # ---------------------------------------------------------------------------------------------------- the run
 
 
@@ -133,10 +73,6 @@ class TargetTracker:
 class Hook:
     fn: Callable[[int], None]
     due: Callable[[int], bool]
-
-
-class Diverged(Exception):
-    pass
 
 
 class Trainer:
@@ -159,8 +95,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optimizer),
                                                config=self.ds_config)
         self.ewa = EWA(self.engine.module.parameters(), cfg.ewa.taus)
-        kinds = ["raw"] + [f"ewa/{t}" for t in cfg.ewa.taus]
-        self.targets = TargetTracker(cfg.targets, kinds)
+        self.targets = TargetTracker(cfg.targets, weight_kinds(cfg.ewa.taus))
         self.samples = TrainSamples(cfg.data_dir, cfg.model.seq_len, cfg.seed)
         self.eval_set = eval_sequences(cfg.data_dir, cfg.model.seq_len, cfg.eval.eval_tokens)
         self.eval_grid = eval_steps(self.total_steps, cfg.eval.every_steps, cfg.eval.growth)
@@ -171,6 +106,15 @@ class Trainer:
         self.elapsed = 0.0  # wall seconds of training before this process (from the checkpoint)
         self.stop_reason: Optional[str] = None
         self.diverged: Optional[str] = None  # why, when the run diverged
+        self.saved_step = 0  # the step of the newest checkpoint (loaded or saved)
+        self.stop_signal: Optional[int] = None  # set by the SIGTERM/SIGUSR1 handler
+        # Ranks must agree on the step they stop at, or their checkpoint saves would not line up. A flag is
+        # all-reduced every step over a gloo group on the host: no GPU sync, ~0.1 ms on one node.
+        self._stop_group = None
+        if dist.world_size > 1:
+            import torch.distributed as torch_dist
+
+            self._stop_group = torch_dist.new_group(backend="gloo")
         self.peak = peak_flops(dist)
         self._window = (time.perf_counter(), 0)  # perf window: start time, step at start
         self._loss_sum = torch.zeros((), device=dist.device)
@@ -215,7 +159,27 @@ class Trainer:
                     hook.fn(self.step)
                 if self.stop_reason:
                     break
+            if self.stop_reason is None and self._signalled():
+                self.stop_reason = "preempted"
         return self.stop_reason or "budget"
+
+    # ----------------------------------------------------------------------------------------- preemption
+
+    def _on_signal(self, signum, frame) -> None:
+        """Only note it: the step in flight finishes, then `train` stops and `run` saves. A second signal
+        gets the default action (the process ends at once), for a user who does not want to wait."""
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def _signalled(self) -> bool:
+        """True on every rank once any rank got a stop signal (one tiny all-reduce per step on several ranks)."""
+        if self._stop_group is None:
+            return self.stop_signal is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.stop_signal is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        return bool(flag.item())
 
     # ----------------------------------------------------------------------------------------- hooks
 
@@ -297,59 +261,122 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / CHECKPOINTS
+        return rundir.checkpoint_dir(self.run_dir)
 
     def checkpoint_hook(self, step: int) -> None:
         self.save_checkpoint(step)
 
     def save_checkpoint(self, step: int) -> None:
-        """DeepSpeed's checkpoint (model, optimizer; every rank its shard) + our state. The EWA file goes in first
-        and DeepSpeed writes `latest` last, so a save cut short leaves `latest` on the previous complete one."""
+        """DeepSpeed's checkpoint (model, optimizer; every rank its shard) + our state (EWA, targets, RNG).
+
+        Every rank saves, a barrier, then rank 0 writes complete.json (the file sizes) and `latest`
+        (rundir.mark_complete): a save cut short leaves an incomplete tag directory that resume skips.
+        """
         import torch.distributed as dist
 
-        tag = f"step{step:08d}"
-        tag_dir = self.checkpoint_dir / tag
+        tag_dir = self.checkpoint_dir / rundir.tag(step)
         tag_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main or self.zero_stage == 3:  # ZeRO-3: each rank holds a shard of the averages
-            tmp = ewa_file(tag_dir, self.dist.rank).with_suffix(".tmp")
-            torch.save(self.ewa.state_dict(), tmp)
-            os.replace(tmp, ewa_file(tag_dir, self.dist.rank))
+            path = rundir.ewa_file(tag_dir, self.dist.rank)
+            torch.save(self.ewa.state_dict(), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
                           "torch_rng": torch.get_rng_state()}}
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client)
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
+                                    save_latest=False)
         dist.barrier()
         if self.dist.is_main:
-            tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())
-            for old in tags[:-self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            rundir.mark_complete(tag_dir, {"step": step, "world_size": self.dist.world_size,
+                                           "zero_stage": self.zero_stage})
+            for old in rundir.tags(self.run_dir)[:-self.cfg.checkpoint.keep]:
+                shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
             log.info("checkpoint %s", tag_dir)
+        self.saved_step = step
 
     def resume(self) -> bool:
-        """Load the newest checkpoint if there is one; True if the run continues from it."""
-        if not (self.checkpoint_dir / "latest").is_file():
-            return False
-        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir))
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint named in {self.checkpoint_dir / 'latest'}")
-        state = client["cbs"]
-        if state["zero_stage"] == 3 and state["world_size"] != self.dist.world_size:
-            raise ConfigError(f"the checkpoint in {self.checkpoint_dir} was written by {state['world_size']} ranks "
-                              f"under ZeRO-3; resume it with the same number of ranks")
-        tag_dir = self.checkpoint_dir / (self.checkpoint_dir / "latest").read_text().strip()
-        rank = self.dist.rank if state["zero_stage"] == 3 else 0
-        self.ewa.load_state_dict(torch.load(ewa_file(tag_dir, rank), map_location=self.dist.device,
-                                            weights_only=True))
-        self.step = state["step"]
+        """Load the newest complete checkpoint; True if the run continues from one.
+
+        Incomplete saves (killed mid-save) are skipped. A complete checkpoint that is damaged (a file resized
+        or unreadable) is reported, moved aside as `<tag>.damaged`, and the previous one is used. Only a run
+        directory with no checkpoint directory at all, or only cut-short first saves, starts from step 0; one
+        whose every checkpoint is damaged is refused, never silently restarted.
+        """
+        import torch.distributed as dist
+
+        good, bad = rundir.usable_tags(self.run_dir)
+        if bad and self.dist.is_main:  # out of the way of the saves to come: cut-short ones go, damaged ones aside
+            log.warning("%s: skipping checkpoint(s) %s", self.checkpoint_dir, rundir.describe_bad(bad))
+            for name, why in bad.items():
+                if rundir.INCOMPLETE in why:
+                    shutil.rmtree(self.checkpoint_dir / name, ignore_errors=True)
+                else:
+                    rundir.set_aside(self.checkpoint_dir / name)
+        dist.barrier()  # every rank lists the same checkpoints below
+        for name in good:
+            meta = rundir.checkpoint_meta(self.checkpoint_dir / name)
+            self._check_world_size(meta)
+            problem = self._agreed_failure(self._load(name))
+            if problem is None:
+                return True
+            bad[name] = problem
+            if self.dist.is_main:
+                log.warning("%s: checkpoint %s cannot be loaded (%s); trying the previous one",
+                            self.checkpoint_dir, name, problem)
+                rundir.set_aside(self.checkpoint_dir / name)
+        damaged = {k: v for k, v in bad.items() if rundir.INCOMPLETE not in v}
+        if damaged:
+            raise rundir.CheckpointError(
+                f"{self.checkpoint_dir} holds no usable checkpoint ({rundir.describe_bad(bad)}): restore the damaged "
+                f"files, or move {self.checkpoint_dir} aside to train the run again from step 0")
+        if bad and self.dist.is_main:
+            log.warning("%s: no save ever finished; starting from step 0", self.checkpoint_dir)
+        return False
+
+    def _check_world_size(self, meta: dict) -> None:
+        """ZeRO partitions the optimizer state (stage 1/2) and the parameters and EWA (stage 3) per rank, and
+        DeepSpeed cannot re-partition them: a checkpoint resumes on as many ranks as wrote it."""
+        ranks, stage = meta.get("world_size"), meta.get("zero_stage", 0)
+        if ranks is not None and stage >= 1 and ranks != self.dist.world_size:
+            raise ConfigError(f"the checkpoints in {self.checkpoint_dir} were written by {ranks} rank(s) under ZeRO-"
+                              f"{stage}, which shards the optimizer state per rank; resume with {ranks} rank(s) "
+                              f"(this launch has {self.dist.world_size}), or start a new run_dir")
+
+    def _load(self, name: str) -> Optional[str]:
+        """Load one checkpoint into the engine, EWA and our state; the reason if it failed on this rank."""
+        tag_dir = self.checkpoint_dir / name
+        try:
+            path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=name)
+            if path is None:
+                return "DeepSpeed found no model states in it"
+            state = client["cbs"]
+            rank = self.dist.rank if state["zero_stage"] == 3 else 0
+            self.ewa.load_state_dict(torch.load(rundir.ewa_file(tag_dir, rank), map_location=self.dist.device,
+                                                weights_only=True))
+        except Exception as e:  # a damaged file: torch's zip reader, pickle, a shape mismatch
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.step = self.saved_step = state["step"]
         self.first_loss = state["first_loss"]
         self.last_eval = state["last_eval"]
-        self.targets.load_state_dict(state["targets"])
+        if self.targets.load_state_dict(state["targets"]):  # targets changed since: recompute from the curve
+            self.targets = TargetTracker(self.cfg.targets, self.targets.kinds)
+            self.targets.replay(eval_records(self.run_dir), self.tokens_per_step, until_step=self.step)
         self.elapsed = state["elapsed"]
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
-        return True
+        return None
+
+    def _agreed_failure(self, problem: Optional[str]) -> Optional[str]:
+        """Every rank must take the same checkpoint: a load that failed on any rank failed on all."""
+        if self._stop_group is None:
+            return problem
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(problem is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        return (problem or "failed on another rank") if flag.item() else None
 
     # ----------------------------------------------------------------------------------------- the whole run
 
@@ -370,34 +397,54 @@ class Trainer:
                      self.tokens_per_step, self.cfg.micro_batch, self.grad_accum, self.dist.world_size,
                      self.zero_stage, f"{self.params['total']:,}", f"{self.params['non_embedding']:,}")
         try:
-            reason = self.train()
-            if reason != "diverged" and self.step not in self.eval_grid:
-                self.eval_hook(self.step)  # stopped early at targets: the final losses are those of this step
-            if reason != "diverged" and (self.cfg.checkpoint.every_steps == 0
-                                         or self.step % self.cfg.checkpoint.every_steps):
-                self.save_checkpoint(self.step)
+            with _stop_signals(self._on_signal):
+                reason = self.train()
+                if reason != "diverged" and self.saved_step != self.step:
+                    self.save_checkpoint(self.step)  # the last step, whatever ended the run (not a diverged one)
         finally:
             self.tracker.close()
         return self.result(reason)
 
     def result(self, reason: str) -> dict:
-        final = {eval_key(k): v for k, v in self.last_eval.items()}
+        status = {"diverged": "diverged", "preempted": rundir.PREEMPTED}.get(reason, "completed")
+        why = {"diverged": self.diverged, "targets": "every target reached", "budget": "token budget trained",
+               "preempted": f"stopped by {_signal_name(self.stop_signal)} after step {self.step}; starting the run "
+                            f"again resumes from that checkpoint"}[reason]
         result = {
-            "status": "diverged" if reason == "diverged" else "completed",
-            "reason": self.diverged if reason == "diverged" else
-            ("every target reached" if reason == "targets" else "token budget trained"),
+            "status": status,
+            "reason": why,
             "steps": self.step,
             "tokens": self.step * self.tokens_per_step,
             "total_steps": self.total_steps,
             "wall_seconds": round(self.elapsed + self._run_seconds(), 3),
-            "final": final,
+            "final": {eval_key(k): v for k, v in self.last_eval.items()},
             "targets": self.targets.to_json(),
             "params": self.params,
             "world_size": self.dist.world_size,
         }
         if self.dist.is_main:
-            atomic_write_json(self.run_dir / RESULT, result)
+            atomic_write_json(self.run_dir / rundir.RESULT, result)
+        if reason == "preempted" and self.dist.is_main:
+            log.warning("%s: %s", self.run_dir, why)
         return result
+
+
+def _signal_name(signum: Optional[int]) -> str:
+    return signal.Signals(signum).name if signum else "a signal"
+
+
+@contextlib.contextmanager
+def _stop_signals(handler):
+    """Route SIGTERM/SIGUSR1 to `handler` for the block (main thread only), then restore the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------------------------------------------- entry
@@ -406,26 +453,20 @@ class Trainer:
 def _check_run_dir(cfg: PretrainConfig) -> Optional[dict]:
     """Refuse to mix runs: a run_dir with checkpoints must hold the same run. Returns a finished result, if any."""
     run_dir = Path(cfg.run_dir)
-    saved = run_dir / CONFIG
-    has_checkpoints = (run_dir / CHECKPOINTS / "latest").is_file()
+    saved = run_dir / rundir.CONFIG
+    has_checkpoints = rundir.has_checkpoints(run_dir)
     if has_checkpoints and cfg.resume is Resume.never:
         raise ConfigError(f"{run_dir} already holds checkpoints and pretrain.resume is never: choose a new "
                           f"run_dir, or set resume: auto to continue it")
     if saved.is_file() and has_checkpoints:
-        old = yaml.safe_load(saved.read_text()) or {}
-        old.pop("resolved", None)
-        new = to_dict(cfg)
-        changed = [k for k in sorted(set(old) | set(new))
-                   if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+        changed = rundir.changed_settings(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
         if changed:
             raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): it cannot "
                               f"be resumed with this config; choose a new run_dir")
-    result = run_dir / RESULT
+    result = run_dir / rundir.RESULT
     if result.is_file() and has_checkpoints and cfg.resume is Resume.auto:
-        import json
-
         done = json.loads(result.read_text())
-        if done.get("status") in ("completed", "diverged") and done.get("steps") is not None:
+        if done.get("status") in rundir.FINISHED and done.get("steps") is not None:
             return done
     return None
 
@@ -440,12 +481,14 @@ def _write_config(trainer: Trainer) -> None:
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
         "data_manifest_fingerprint": trainer.manifest.get("fingerprint"),
         "eval_sequences": len(trainer.eval_set), "device": str(trainer.dist.device),
+        "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
     }
-    atomic_write_text(trainer.run_dir / CONFIG, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(trainer.run_dir / rundir.CONFIG, yaml.safe_dump(data, sort_keys=False))
 
 
 def main(cfg: PretrainConfig) -> dict:
-    """Train one run; returns result.json's content. A diverged run returns status `diverged` (no exception)."""
+    """Train one run; returns result.json's content. A diverged run returns status `diverged` and a signalled
+    one `preempted` (no exception)."""
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
     read_manifest(cfg.data_dir)
@@ -457,17 +500,19 @@ def main(cfg: PretrainConfig) -> dict:
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            trainer = Trainer(cfg, dist)
-        if dist.is_main:
-            _write_config(trainer)
-        return trainer.run()
-    except (ConfigError, KeyboardInterrupt):
+        # rank 0 alone holds the run's lock (other ranks would conflict with it)
+        with rundir.exclusive(cfg.run_dir) if dist.is_main else contextlib.nullcontext():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                trainer = Trainer(cfg, dist)
+            if dist.is_main:
+                _write_config(trainer)
+            return trainer.run()
+    except (ConfigError, rundir.CheckpointError, rundir.RunDirBusy, KeyboardInterrupt):
         raise
     except Exception as e:
         if dist.is_main:  # the study executor reads this and goes on with the next run
-            atomic_write_json(Path(cfg.run_dir) / RESULT, {
+            atomic_write_json(Path(cfg.run_dir) / rundir.RESULT, {
                 "status": "failed", "reason": f"{type(e).__name__}: {e}",
                 "wall_seconds": round(time.perf_counter() - started, 3), "targets": [], "final": {}})
         raise

@@ -12,7 +12,8 @@ from pipeline.config import (ConfigError, PretrainConfig, ScheduleConfig, Schedu
                              gradient_accumulation)
 from pipeline.distributed import deepspeed_config
 from pipeline.optim import EWA, lr_at, param_groups
-from pipeline.pretrain import TargetTracker, eval_steps
+from pipeline.pretrain import eval_steps
+from pipeline.targets import TargetTracker, crossings_match
 
 
 def cfg(**kw) -> PretrainConfig:
@@ -62,9 +63,12 @@ def test_schedules_are_defined_in_tokens():
     assert lr_at(800, peak, total, wsd) == peak
     assert lr_at(900, peak, total, wsd) == pytest.approx(0.5e-3)
     assert lr_at(1000, peak, total, wsd) == pytest.approx(0.0)
-    # runs at different batch sizes see the same LR at the same tokens
-    for tokens in (0, 64 * 128 * 3, 256 * 128):
-        assert lr_at(tokens, peak, 10**6, cos) == lr_at(tokens, peak, 10**6, cos)
+    # runs at different batch sizes reach the peak after the same tokens, so after different numbers of steps
+    warmup_tokens = 64 * 128 * 8
+    for batch, steps in ((64, 8), (256, 2)):
+        c = cfg(global_batch_seqs=batch, schedule={"warmup_tokens": warmup_tokens})
+        lrs = [lr_at(s * c.tokens_per_step, c.optimizer.lr, c.train_tokens, c.schedule) for s in range(12)]
+        assert lrs.index(c.optimizer.lr) == steps and lrs[steps - 1] < c.optimizer.lr
 
 
 def test_ewa_equals_hand_computation():
@@ -156,3 +160,34 @@ def test_stop_weights_choose_which_crossings_count():
     assert tracker.all_reached("ewa")
     with pytest.raises(ConfigError, match="stop_weights is ewa but pretrain.ewa.taus is empty"):
         cfg(stop_weights="ewa", targets=[3.0], stop_at_targets=True)
+
+
+def test_targets_restore_by_value_never_by_position():
+    """A checkpoint's crossings belong to its target values: a resumed run with other targets must not inherit
+    the crossing of the target that used to sit at the same position."""
+    old = TargetTracker([3.0, 2.0], ["raw"])
+    curve = [(10, 3.5), (20, 2.9), (30, 2.5)]
+    for step, loss in curve:
+        old.update(step, 100, {"raw": loss})
+    new = TargetTracker([2.7, 3.0], ["raw"])  # 3.0 moved to position 1; 2.7 is new
+    missing = new.load_state_dict(old.state_dict())
+    assert missing == [2.7]
+    assert new.crossings["raw"][1] == old.crossings["raw"][0]  # 3.0's crossing, found by value
+    assert new.crossings["raw"][0] is None  # not 3.0's crossing at position 0
+    replayed = TargetTracker([2.7, 3.0], ["raw"])
+    replayed.replay([{"step": s, "eval/loss": loss} for s, loss in curve], 100, until_step=30)
+    assert replayed.crossings["raw"][1] == old.crossings["raw"][0]
+    assert replayed.crossings["raw"][0]["step"] == 30  # 2.5 <= 2.7 first at step 30
+    assert crossings_match({"targets": replayed.to_json()}, [3.0, 2.7])
+    assert not crossings_match({"targets": old.to_json()}, [2.7, 3.0])
+
+
+def test_non_finite_losses_logged_as_strings_are_read_as_floats():
+    """metrics.jsonl holds "nan"/"inf" for non-finite values (JSON has none): the tracker must not compare
+    strings with targets (a study crashed on `"nan" <= target`)."""
+    tracker = TargetTracker([3.0], ["raw"])
+    tracker.replay([{"step": 1, "eval/loss": 4.0}, {"step": 2, "eval/loss": "nan"}, {"step": 3, "eval/loss": "inf"},
+                    {"step": 4, "eval/loss": 2.5}], 10)
+    crossing = tracker.to_json()[0]["raw"]
+    assert crossing["step"] == 4  # interpolated from step 1 (the last finite eval)
+    assert 1 < crossing["step_interp"] < 4

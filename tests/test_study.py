@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import study
-from pipeline.config import ConfigError, StudyConfig, from_dict, load_config
+from pipeline import study, study_plan
+from pipeline.config import ConfigError, PretrainConfig, StudyConfig, from_dict, load_config, to_dict
 from test_pretrain import ENV, ROOT, cli
 
 BASE = {"micro_batch_seqs": 4, "eval": {"every_steps": 1000, "growth": 1.2, "eval_tokens": 512},
@@ -26,12 +28,12 @@ def study_cfg(**kw) -> StudyConfig:
 
 
 def test_generators_expand_settings():
-    chin = study.expand_settings({"generator": "chinchilla", "models": ["85M", "151M"], "tokens_per_param": 20})
+    chin = study_plan.expand_settings({"generator": "chinchilla", "models": ["85M", "151M"], "tokens_per_param": 20})
     assert [s.tokens for s in chin] == [20 * 12 * 12 * 768**2, 20 * 12 * 12 * 1024**2]
     assert [s.name for s in chin] == ["m85M_d1.7B", "m151M_d3.02B"]
-    fixed_data = study.expand_settings({"generator": "fixed_data", "tokens": 1e9, "models": ["85M", "302M"]})
+    fixed_data = study_plan.expand_settings({"generator": "fixed_data", "tokens": 1e9, "models": ["85M", "302M"]})
     assert {s.tokens for s in fixed_data} == {10**9} and len({s.model_params for s in fixed_data}) == 2
-    explicit = study.expand_settings([{"model": {"preset": "tiny", "layers": 3}, "train_tokens": 5e5}])
+    explicit = study_plan.expand_settings([{"model": {"preset": "tiny", "layers": 3}, "train_tokens": 5e5}])
     assert explicit[0].name == "mL3d128_d500K" and explicit[0].model.layers == 3
 
 
@@ -43,7 +45,7 @@ def test_generators_expand_settings():
 ])
 def test_bad_settings_are_named(raw, message):
     with pytest.raises(ConfigError, match=message):
-        study.expand_settings(raw)
+        study_plan.expand_settings(raw)
 
 
 def test_plan_runs_names_and_paper_defaults(tmp_path):
@@ -82,8 +84,10 @@ def test_small_study_end_to_end(stdlib_data, tmp_path):
     proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2"), capture_output=True,
                           text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    targets = json.loads((out / "targets.json").read_text())
-    assert set(targets) == {"mL2d128_d15K", "mL2d128_d40K"}
+    frozen = json.loads((out / "targets.json").read_text())
+    assert set(frozen) == {"mL2d128_d15K", "mL2d128_d40K"}
+    assert all(v["run"] in {p.name for p in (out / "runs").iterdir()} for v in frozen.values())
+    targets = {k: v["loss"] for k, v in frozen.items()}
     assert targets["mL2d128_d40K"] < targets["mL2d128_d15K"]  # more data, lower loss
     statuses = {p.name: study.run_status(p) for p in (out / "runs").iterdir()}
     assert len(statuses) == 6
@@ -158,3 +162,132 @@ def test_slurm_dry_run_and_missing_sbatch(stdlib_data, tmp_path):
     assert "--gres=gpu:8" in dry.stdout and "--partition=gpu" in dry.stdout and "--time=00:30:00" in dry.stdout
     assert "#SBATCH" in dry.stdout  # the scripts are printed
     assert not (tmp_path / "s").exists()  # nothing written, nothing submitted
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("base, message", [
+    ({"optimizer": {"lr": 1e-3}}, r"base\.optimizer\.lr is set by the study for each run \(from hparams\.lr\)"),
+    ({"optimizer": {"beta2": 0.9}}, r"base\.optimizer\.beta2 is set by the study"),
+    ({"ewa": {"taus": [0.9]}}, r"base\.ewa\.taus is set by the study"),
+    ({"seed": 3}, r"base\.seed is set by the study .*from seeds"),
+    ({"stop_at_targets": False}, r"base\.stop_at_targets is set by the study"),
+    ({"stop_weights": "raw"}, r"base\.stop_weights is set by the study"),
+])
+def test_base_keys_the_study_sets_are_refused_by_name(base, message):
+    """They used to be overridden without a word, although the README said they were refused."""
+    with pytest.raises(ConfigError, match=message):
+        study_cfg(base={**BASE, **base})
+
+
+def test_schedules_that_decay_are_refused_with_the_reason(tmp_path):
+    """Runs of a study train for different lengths, so a cosine/WSD schedule would give them different LR
+    curves: a cosine study used to run to the end without a word."""
+    for kind in ("cosine", "wsd"):
+        cfg = study_cfg(base={**BASE, "schedule": {"kind": kind, "warmup_tokens": 2048}})
+        with pytest.raises(ConfigError, match=rf"schedule\.kind is {kind}: a study needs a constant learning rate"):
+            study.plan(cfg, tmp_path, tmp_path / "data")
+
+
+def test_a_budget_inside_the_warmup_is_refused(tmp_path, caplog):
+    cfg = study_cfg(base={**BASE, "schedule": {"warmup_tokens": 30000}})  # budgets 20000 and 60000
+    with pytest.raises(ConfigError, match=r"warmup_tokens \(30000\) >= the budget of setting mL2d128_d20K"):
+        study.plan(cfg, tmp_path, tmp_path / "data")
+    study.plan(study_cfg(base={**BASE, "schedule": {"warmup_tokens": 12000}}), tmp_path, tmp_path / "data")
+    assert "60% of the budget of mL2d128_d20K" in caplog.text  # allowed, but said
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+
+
+def fake_run(path: Path, run: study_plan.Run, evals: list[tuple[int, float]], status: str = "completed",
+             targets: list[float] = (), reason: str = "token budget trained") -> None:
+    """A run directory as pretrain leaves it: config.yaml, metrics.jsonl (eval lines), result.json."""
+    from pipeline.targets import TargetTracker, weight_kinds
+
+    path.mkdir(parents=True, exist_ok=True)
+    tps = run.batch * run.settings[0].model.seq_len
+    keys = ["eval/loss"] + [f"eval/loss_ewa/{t}" for t in run.taus]
+    lines = [json.dumps({"step": s, "tokens": s * tps, **{k: loss for k in keys}}) for s, loss in evals]
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    resolved = to_dict(from_dict(PretrainConfig, {**run.config, "targets": list(targets)}, "pretrain"))
+    (path / "config.yaml").write_text(yaml.safe_dump(resolved))  # as pretrain writes it: every default filled
+    tracker = TargetTracker(list(targets), weight_kinds(run.taus))
+    tracker.replay([json.loads(line) for line in lines], tps)
+    steps = evals[-1][0]
+    (path / "result.json").write_text(json.dumps({
+        "status": status, "reason": reason, "steps": steps, "total_steps": run.train_tokens // tps,
+        "targets": tracker.to_json()}))
+
+
+def test_targets_are_frozen_once_every_setting_has_one(tmp_path):
+    """A failed reference run used to be skipped, and a later invocation (once it finished) changed the targets
+    under runs already trained to the old ones."""
+    cfg = study_cfg(hparams={"lr": [1e-3, 3e-3], "ewa_taus": [0.9]})
+    runs = study.plan(cfg, tmp_path, tmp_path / "data")
+    ref_a, ref_b = [r for r in runs if r.reference]
+    tps = ref_a.batch * 32
+    fake_run(tmp_path / "runs" / ref_a.name, ref_a, [(1, 6.0), (20000 // tps + 1, 4.0), (60000 // tps + 1, 3.0)])
+    fake_run(tmp_path / "runs" / ref_b.name, ref_b, [(1, 6.0)], status="failed")
+    first = study.freeze_targets(runs, tmp_path)
+    assert first == {"mL2d128_d20K": 4.0, "mL2d128_d60K": 3.0}
+    fake_run(tmp_path / "runs" / ref_b.name, ref_b, [(1, 6.0), (20000 // tps + 1, 3.5), (60000 // tps + 1, 2.5)])
+    assert study.freeze_targets(runs, tmp_path) == first  # frozen: ref_b's better losses come too late
+    (tmp_path / "stale").mkdir()
+    os.replace(tmp_path / "runs" / ref_a.name, tmp_path / "stale" / ref_a.name)  # --force set it aside
+    assert study.freeze_targets(runs, tmp_path) == {"mL2d128_d20K": 3.5, "mL2d128_d60K": 2.5}
+
+
+def test_nan_losses_in_metrics_do_not_stop_the_study(tmp_path):
+    """metrics.jsonl writes NaN as "nan": the target phase crashed on it after the reference runs."""
+    cfg = study_cfg(hparams={"ewa_taus": [0.9]})
+    runs = study.plan(cfg, tmp_path, tmp_path / "data")
+    ref = next(r for r in runs if r.reference)
+    tps = ref.batch * 32
+    fake_run(tmp_path / "runs" / ref.name, ref, [(1, 6.0), (20000 // tps + 1, 4.0), (60000 // tps + 1, 3.0)])
+    metrics = tmp_path / "runs" / ref.name / "metrics.jsonl"
+    first, second, third = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([first.replace("6.0", '"inf"'), second, third.replace("3.0", '"nan"')]) + "\n")
+    assert study.reference_targets(runs, tmp_path) == {"mL2d128_d20K": {"loss": 4.0, "run": ref.name}}
+
+
+def test_finished_runs_get_crossings_of_the_current_targets(tmp_path):
+    """Crossings are recomputed from the eval curve by target value; a run that stopped early at other targets
+    and has not reached the current ones is reopened to train on."""
+    cfg = study_cfg(hparams={"ewa_taus": [0.9]})
+    runs = study.plan(cfg, tmp_path, tmp_path / "data")
+    done, early = [r for r in runs if not r.reference][:2]
+    curve = [(1, 6.0), (10, 4.5), (20, 3.9), (40, 3.4)]
+    fake_run(tmp_path / "runs" / done.name, done, curve, targets=[4.2, 3.5])
+    fake_run(tmp_path / "runs" / early.name, early, curve[:3], targets=[4.0], reason="every target reached")
+    study.apply_targets(runs, {"mL2d128_d20K": 3.5, "mL2d128_d60K": 4.0}, tmp_path, tmp_path / "data", cfg)
+    study.reconcile_finished(runs, tmp_path)
+    result = json.loads((tmp_path / "runs" / done.name / "result.json").read_text())
+    assert [t["loss"] for t in result["targets"]] == [3.5, 4.0]
+    assert result["targets"][0]["ewa"]["0.9"]["step"] == 40 and result["targets"][1]["ewa"]["0.9"]["step"] == 20
+    assert study.run_status(tmp_path / "runs" / early.name) == "started"  # 3.5 not reached: trains on
+    assert (tmp_path / "runs" / early.name / "result.stale.json").is_file()
+
+
+def test_force_keeps_only_runs_whose_settings_still_match(tmp_path):
+    cfg = study_cfg()
+    runs = study.plan(cfg, tmp_path, tmp_path / "data")
+    same, other = runs[0], runs[1]
+    fake_run(tmp_path / "runs" / same.name, same, [(1, 6.0)])
+    changed = dict(other.config, optimizer={**other.config.get("optimizer", {}), "lr": 0.5})
+    fake_run(tmp_path / "runs" / other.name, dataclasses.replace(other, config=changed), [(1, 6.0)])
+    with pytest.raises(study.StudyError, match=rf"{other.name} \(optimizer differ\).*--force"):
+        study.set_aside_stale(runs, tmp_path, force=False)
+    study.set_aside_stale(runs, tmp_path, force=True)
+    assert (tmp_path / "runs" / same.name / "result.json").is_file()
+    assert not (tmp_path / "runs" / other.name).exists() and (tmp_path / "stale" / other.name).is_dir()
+
+
+def test_status_lists_runs_in_batch_order(tmp_path):
+    cfg = study_cfg(batch_sizes=[16, 4, 8])
+    runs = study.plan(cfg, tmp_path, tmp_path / "data")
+    study.write_run_inputs(runs, tmp_path)
+    rows = study.status_table(tmp_path).splitlines()[1:-1]
+    assert [r.split()[0] for r in rows] == [r.name for r in runs]  # the plan's order: batch, then lr
+    assert [int(r.split()[1]) for r in rows] == [4, 8, 16]  # not alphabetical (b16 < b4 < b8)

@@ -1,0 +1,284 @@
+"""How a study's phases run: the Executor interface and the local executor (the Slurm one: study_slurm.py).
+
+The study (pipeline/study.py) decides *what* runs in which order: data, the reference runs, the targets, the
+other runs, evaluate, fit. An executor decides *how*: here, subprocesses on this machine; on Slurm, sbatch jobs.
+Each method blocks until its phase is over; the outcome is read from the run directories, not returned, so a
+study re-run after a crash sees the same state as one that never stopped.
+
+Devices (local): each parallel run gets a slot, a fixed set of `gpus_per_run` GPUs (CUDA_VISIBLE_DEVICES
+partitioned among the slots), or the CPU where the machine has no GPU. A run on K > 1 GPUs is launched with
+torchrun. The CPU accelerator is forced only where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+from pipeline import rundir
+from pipeline.targets import targets_reached
+
+
+class ExecutorError(ValueError):
+    """The executor cannot run as asked (devices, resources, missing Slurm); the message says what to change."""
+
+
+class StudyInterrupted(RuntimeError):
+    """SIGTERM/SIGINT reached the study: its running runs were asked to checkpoint, and did."""
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One pretrain run to train: its name, run directory and config file (STUDY_DIR/runs/<name>/run.yaml)."""
+
+    name: str
+    run_dir: Path
+    config: Path
+
+
+class Executor(Protocol):
+    def preprocess(self, config: Path) -> None:
+        """Make the study's data from a preprocess config file."""
+
+    def train(self, jobs: list[RunJob], label: str) -> None:
+        """Train every job that is not finished; return once none is running."""
+
+    def evaluate(self, run_dirs: list[Path]) -> None:
+        """Evaluate the last checkpoint of each run (writes RUN_DIR/eval.json)."""
+
+    def fit(self, study_dir: Path, out: Path, args: list[str]) -> int:
+        """`cbs fit STUDY_DIR --out OUT ARGS`; returns its exit code."""
+
+
+def run_status(path: Path) -> str:
+    """pending | started | completed | diverged | preempted | failed, from a run directory."""
+    result = path / rundir.RESULT
+    if result.is_file():
+        try:
+            return json.loads(result.read_text()).get("status", "failed")
+        except json.JSONDecodeError:
+            return "failed"
+    return "started" if (path / rundir.METRICS).exists() else "pending"
+
+
+def unfinished(jobs: list[RunJob]) -> list[RunJob]:
+    return [j for j in jobs if run_status(j.run_dir) not in rundir.FINISHED]
+
+
+def result_note(path: Path) -> str:
+    """`, 120 steps, targets 2/2` or `(why it failed; see pretrain.log)`: one line of progress."""
+    try:
+        result = json.loads((path / rundir.RESULT).read_text())
+    except (OSError, ValueError):
+        return f" (no result.json; see {path / 'pretrain.log'})"
+    if result.get("status") == "failed":
+        return f" ({result.get('reason', '')[:120]}; see {path / 'pretrain.log'})"
+    reached, total = targets_reached(result)
+    return f", {result.get('steps')} steps, targets {reached}/{total}"
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one run at a time trains: a set of GPU ids (as CUDA_VISIBLE_DEVICES names them), or none (CPU)."""
+
+    index: int
+    gpus: tuple[str, ...] = ()
+
+
+def visible_gpus(env: Optional[dict] = None) -> list[str]:
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else every GPU `nvidia-smi -L` lists."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")] \
+        if out.returncode == 0 else []
+
+
+def device_slots(parallel: Optional[int], gpus_per_run: int, gpus: list[str]) -> list[Slot]:
+    """Partition the GPUs among parallel runs: slot i gets gpus[i K : (i + 1) K]. Without GPUs: `parallel`
+    CPU slots (default 1). With GPUs, `parallel` defaults to, and may not exceed, len(gpus) // K."""
+    if gpus_per_run < 1:
+        raise ExecutorError(f"--gpus-per-run must be >= 1: got {gpus_per_run}")
+    if parallel is not None and parallel < 1:
+        raise ExecutorError(f"--parallel must be >= 1: got {parallel}")
+    if not gpus:
+        if gpus_per_run > 1:
+            raise ExecutorError(f"--gpus-per-run {gpus_per_run} but this machine has no GPU (CUDA_VISIBLE_DEVICES "
+                                f"empty and nvidia-smi lists none): leave --gpus-per-run at 1 to train on the CPU")
+        return [Slot(i) for i in range(parallel or 1)]
+    fits = len(gpus) // gpus_per_run
+    if fits < 1:
+        raise ExecutorError(f"--gpus-per-run {gpus_per_run} but only {len(gpus)} GPU(s) are visible "
+                            f"({','.join(gpus)}): use --gpus-per-run {len(gpus)} or less")
+    if parallel is not None and parallel > fits:
+        raise ExecutorError(f"--parallel {parallel} x --gpus-per-run {gpus_per_run} needs {parallel * gpus_per_run} "
+                            f"GPUs, {len(gpus)} are visible ({','.join(gpus)}): use --parallel {fits} or less")
+    return [Slot(i, tuple(gpus[i * gpus_per_run:(i + 1) * gpus_per_run])) for i in range(parallel or fits)]
+
+
+def launch_command(slot: Slot, stage_args: list[str], python: str = sys.executable) -> list[str]:
+    """One process on the CPU or one GPU; torchrun with one rank per GPU on several."""
+    if len(slot.gpus) > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(slot.gpus)}",
+                "-m", "pipeline.cli", *stage_args]
+    return [python, "-m", "pipeline.cli", *stage_args]
+
+
+def slot_env(slot: Slot, threads: int, base: Optional[dict] = None) -> dict:
+    """The environment of a run in `slot`: its GPUs (or the CPU accelerator without any), its share of threads,
+    and no inherited rendezvous (each run is its own process group)."""
+    env = dict(os.environ if base is None else base)
+    if slot.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
+        if env.get("DS_ACCELERATOR") == "cpu":
+            del env["DS_ACCELERATOR"]  # a GPU run must not be forced onto the CPU
+    else:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["OMP_NUM_THREADS"] = str(threads)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- local
+
+
+class LocalExecutor:
+    """Subprocesses on this machine, one run per device slot at a time; keeps going past failed runs."""
+
+    def __init__(self, parallel: Optional[int] = None, gpus_per_run: int = 1, gpus: Optional[list[str]] = None):
+        self.slots = device_slots(parallel, gpus_per_run, visible_gpus() if gpus is None else gpus)
+        self.cores = len(os.sched_getaffinity(0))
+
+    def describe(self) -> str:
+        if not self.slots[0].gpus:
+            return f"{len(self.slots)} run(s) at a time on the CPU"
+        return f"{len(self.slots)} run(s) at a time on GPUs " + " | ".join(",".join(s.gpus) for s in self.slots)
+
+    def preprocess(self, config: Path) -> None:
+        from pipeline import preprocess  # in this process; imported here: tokenizer libraries are slow to load
+        from pipeline.config import PreprocessConfig, load_config
+
+        preprocess.main(load_config(PreprocessConfig, config, prefix="study.data"))
+
+    def train(self, jobs: list[RunJob], label: str) -> None:
+        todo = unfinished(jobs)
+        if not todo:
+            return
+        print(f"{label}: {len(todo)} run(s) to train ({len(jobs) - len(todo)} already finished), "
+              f"{min(len(self.slots), len(todo))} at a time", flush=True)
+        threads = max(1, self.cores // min(len(self.slots), len(todo)))  # a lone run gets every core
+        pool = _Pool(self.slots, threads)
+        with _forward_stop_signals(pool):
+            pool.run(todo, len(jobs) - len(todo), len(jobs))
+        if pool.stopped:
+            raise StudyInterrupted(f"{label}: stopped by a signal; {pool.stopped} running run(s) saved a "
+                                   f"checkpoint; run the same command again to continue")
+
+    def evaluate(self, run_dirs: list[Path]) -> None:
+        """One process evaluates every run (one start-up instead of one per run), on the first slot's device."""
+        if not run_dirs:
+            return
+        print(f"evaluate: {len(run_dirs)} run(s)", flush=True)
+        slot = Slot(0, self.slots[0].gpus[:1])
+        proc = subprocess.run(launch_command(slot, ["evaluate", *map(str, run_dirs)]),
+                              env=slot_env(slot, self.cores), capture_output=True, text=True)
+        if proc.returncode:
+            print(f"evaluate: some runs could not be evaluated:\n{proc.stderr[-2000:]}", file=sys.stderr)
+
+    def fit(self, study_dir: Path, out: Path, args: list[str]) -> int:
+        from analysis.cli import fit_main  # statsmodels and matplotlib load in seconds: only when fitting
+
+        return fit_main([str(study_dir), "--out", str(out), *args])
+
+
+class _Pool:
+    """Runs jobs on slots; `stop()` asks the running ones to checkpoint (SIGTERM) and launches no more."""
+
+    def __init__(self, slots: list[Slot], threads: int):
+        self.free = list(slots)
+        self.threads = threads
+        self.active: dict[str, tuple[subprocess.Popen, float, object, RunJob, Slot]] = {}
+        self.stopped = 0
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = max(1, len(self.active))
+        for proc, *_ in self.active.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def run(self, todo: list[RunJob], done: int, total: int) -> None:
+        pending, durations, started = list(todo), [], time.time()
+        while (pending and not self.stopped) or self.active:
+            while pending and self.free and not self.stopped:
+                self._launch(pending.pop(0))
+            time.sleep(0.2)
+            for name, (proc, t0, logf, job, slot) in list(self.active.items()):
+                if proc.poll() is None:
+                    continue
+                logf.close()
+                del self.active[name]
+                self.free.append(slot)
+                durations.append(time.time() - t0)
+                done += 1
+                left = len(pending) + len(self.active)
+                eta = sum(durations) / len(durations) * left / max(1, len(self.free) + len(self.active))
+                print(f"  [{done}/{total}] {name}: {run_status(job.run_dir)} in {durations[-1]:.0f} s"
+                      f"{result_note(job.run_dir)}; ETA {eta / 60:.1f} min", flush=True)
+        print(f"  done in {(time.time() - started) / 60:.1f} min", flush=True)
+
+    def _launch(self, job: RunJob) -> None:
+        slot = self.free.pop(0)
+        logf = open(job.run_dir / "pretrain.log", "a")
+        # own session: a Ctrl-C reaches only the study, which forwards one SIGTERM; and if the study dies (even
+        # by kill -9) its runs get SIGTERM from the kernel, save a checkpoint and stop instead of training on
+        proc = subprocess.Popen(launch_command(slot, ["pretrain", str(job.config)]), stdout=logf,
+                                stderr=subprocess.STDOUT, env=slot_env(slot, self.threads),
+                                start_new_session=True, preexec_fn=_sigterm_when_parent_dies)
+        self.active[job.name] = (proc, time.time(), logf, job, slot)
+
+
+def _sigterm_when_parent_dies() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) in the child (Linux); elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _forward_stop_signals:
+    """While training, SIGTERM/SIGINT to the study make its runs checkpoint and stop (pool.stop)."""
+
+    def __init__(self, pool: _Pool):
+        self.pool = pool
+
+    def __enter__(self):
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.old[s] = signal.signal(s, lambda signum, frame: self.pool.stop())
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False

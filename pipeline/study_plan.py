@@ -1,0 +1,263 @@
+"""A study's plan: settings x batch sizes x hyper-parameters -> runs, each with its pretrain config.
+
+Pure planning: nothing here trains, reads run directories or imports torch. `plan` checks the whole grid before
+anything runs (every run's pretrain config validates), and refuses grids that would measure the wrong thing:
+a learning-rate schedule that is not constant after warmup (one sweep reads every budget off runs of different
+lengths; docs/method.md, "Target loss"), and a warmup that ends after a setting's budget (its target would be a
+mid-warmup loss).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, ModelConfig, PretrainConfig, ScheduleKind,
+                             StudyConfig, from_dict, paper_value, to_dict)
+from pipeline.utils import log
+
+RUNS = "runs"
+WARMUP_SHARE_WARNING = 0.5
+"""A warmup longer than this share of a budget is allowed but worth a warning (the paper warms up over 25% of
+the reference run)."""
+
+
+@dataclass
+class Setting:
+    name: str
+    model: ModelConfig
+    model_label: str
+    tokens: int
+    target: Optional[float] = None
+
+    @property
+    def model_params(self) -> int:
+        return self.model.non_embedding_params
+
+
+@dataclass
+class Run:
+    name: str
+    settings: list[Setting]
+    batch: int
+    lr: float
+    beta2: float
+    taus: list[float]
+    seed: int
+    reference: bool
+    train_tokens: int
+    config: dict = field(default_factory=dict)
+
+
+def human(n: float) -> str:
+    """300000 -> 300K, 1.7e9 -> 1.7B (names of settings and runs)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _model(spec: Any, key: str) -> tuple[ModelConfig, str]:
+    model = from_dict(ModelConfig, ModelConfig.expand(spec, key), key)
+    label = model.preset if (isinstance(spec, str) or (isinstance(spec, dict) and len(spec) == 1)) \
+        and model.preset else f"L{model.layers}d{model.hidden}"
+    return model, label
+
+
+def expand_settings(raw: Any) -> list[Setting]:
+    """The `settings` key -> settings: an explicit list, or a generator (fixed_model, fixed_data, chinchilla)."""
+    p = "study.settings"
+    if isinstance(raw, list):
+        out = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or "model" not in item or "train_tokens" not in item:
+                raise ConfigError(f"{p}[{i}] must be a mapping with model and train_tokens")
+            unknown = set(item) - {"model", "train_tokens", "name", "target"}
+            if unknown:
+                raise ConfigError(f"{p}[{i}].{sorted(unknown)[0]} is not a known key (model, train_tokens, name, "
+                                  f"target)")
+            model, label = _model(item["model"], f"{p}[{i}].model")
+            tokens = int(float(item["train_tokens"]))
+            out.append(Setting(item.get("name") or f"m{label}_d{human(tokens)}", model, label, tokens,
+                               item.get("target")))
+        return _checked(out)
+    if not isinstance(raw, dict) or "generator" not in raw:
+        raise ConfigError(f"{p} must be a list of settings or a mapping with a generator "
+                          f"(fixed_model, fixed_data, chinchilla)")
+    gen = raw["generator"]
+    keys = {"fixed_model": {"model", "tokens"}, "fixed_data": {"models", "tokens"},
+            "chinchilla": {"models", "tokens_per_param"}}
+    if gen not in keys:
+        raise ConfigError(f"{p}.generator must be one of fixed_model, fixed_data, chinchilla: got {gen!r}")
+    allowed = keys[gen] | {"generator"}
+    extra = set(raw) - allowed
+    if extra:
+        raise ConfigError(f"{p}.{sorted(extra)[0]} is not a key of the {gen} generator ({', '.join(sorted(allowed))})")
+    if gen == "fixed_model":
+        model, label = _model(raw.get("model"), f"{p}.model")
+        tokens = raw.get("tokens")
+        tokens = tokens if isinstance(tokens, list) else [tokens]
+        return _checked([Setting(f"m{label}_d{human(float(t))}", model, label, int(float(t))) for t in tokens])
+    models = raw.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{p}.models must list model presets or field mappings")
+    out = []
+    for i, spec in enumerate(models):
+        model, label = _model(spec, f"{p}.models[{i}]")
+        if gen == "fixed_data":
+            tokens = int(float(raw["tokens"]))
+        else:
+            tokens = int(float(raw.get("tokens_per_param", 20)) * model.non_embedding_params)
+        out.append(Setting(f"m{label}_d{human(tokens)}", model, label, tokens))
+    return _checked(out)
+
+
+def _checked(settings: list[Setting]) -> list[Setting]:
+    if not settings:
+        raise ConfigError("study.settings is empty")
+    names = [s.name for s in settings]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"study.settings: two settings are named {dup}; give them distinct train_tokens or names")
+    for s in settings:
+        if s.tokens < 1:
+            raise ConfigError(f"study.settings {s.name}: train_tokens must be >= 1")
+    return settings
+
+
+def reference_batch(cfg: StudyConfig) -> Optional[int]:
+    """B0 of the paper's targets; None with explicit target losses."""
+    if cfg.targets.losses:
+        return None
+    ref = cfg.targets.reference
+    return ref.batch if ref and ref.batch else min(cfg.batch_sizes)
+
+
+def _groups(cfg: StudyConfig, settings: list[Setting]) -> list[list[Setting]]:
+    """Settings that one sweep of runs serves: all budgets of one model (one_sweep), else each alone."""
+    if not cfg.one_sweep:
+        return [[s] for s in settings]
+    groups: dict[str, list[Setting]] = {}
+    for s in settings:
+        groups.setdefault(json.dumps(to_dict(s.model), sort_keys=True), []).append(s)
+    return [sorted(g, key=lambda s: s.tokens) for g in groups.values()]
+
+
+def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
+    settings = expand_settings(cfg.settings)
+    if cfg.targets.losses:
+        missing = [s.name for s in settings if s.name not in cfg.targets.losses and s.target is None]
+        if missing:
+            raise ConfigError(f"study.targets.losses has no loss for {', '.join(missing)}")
+        for s in settings:
+            s.target = s.target if s.target is not None else float(cfg.targets.losses[s.name])
+    b0 = reference_batch(cfg)
+    micro = cfg.base.get("micro_batch_seqs")
+    if micro:
+        bad = [b for b in cfg.batch_sizes if b % min(b, int(micro))]
+        if bad:
+            raise ConfigError(f"study.batch_sizes {bad} are not divisible by base.micro_batch_seqs ({micro}); "
+                              f"use multiples of it (batches smaller than it use themselves as micro-batch)")
+    runs = []
+    for group in _groups(cfg, settings):
+        top = group[-1].tokens
+        for batch in sorted(cfg.batch_sizes):
+            for lr in cfg.hparams.lr:
+                for beta2 in cfg.hparams.beta2 or [paper_value(PAPER_BETA2, batch)]:
+                    for seed in cfg.seeds:
+                        runs.append(_run(cfg, group, batch, lr, beta2, seed, reference=batch == b0, top=top))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError("study: two runs get the same name; give settings distinct names")
+    for r in runs:
+        r.config = run_config(cfg, r, study_dir, data_dir)
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    return runs
+
+
+def run_path(study_dir: Path, name: str) -> Path:
+    """STUDY_DIR/runs/<name>: the pretrain run directory of one run."""
+    return Path(study_dir) / RUNS / name
+
+
+def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
+    """Refuse what would make S(B) compare different things; warn about a long warmup.
+
+    A study reads every batch's steps-to-target off runs trained for different lengths (the reference runs to
+    the budget, the others up to max_tokens_factor x the budget), and one sweep reads several budgets off the
+    same runs. A cosine or WSD schedule decays over each run's own length, so the runs would follow different
+    LR curves. A target measured before the warmup ends is the loss of a run that never saw its peak LR.
+    """
+    schedule = run.schedule
+    if schedule.kind is not ScheduleKind.constant:
+        raise ConfigError(
+            f"study.base.schedule.kind is {schedule.kind.value}: a study needs a constant learning rate after "
+            f"warmup (the paper's method, with EWA), because its runs train for different lengths (the reference "
+            f"runs to the budget, the others up to max_tokens_factor x it) and a {schedule.kind.value} schedule "
+            f"decays over each run's own length, so S(B) would compare different schedules; set "
+            f"base.schedule.kind: constant")
+    for s in settings:
+        if schedule.warmup_tokens >= s.tokens:
+            raise ConfigError(
+                f"study.base.schedule.warmup_tokens ({schedule.warmup_tokens}) >= the budget of setting {s.name} "
+                f"({s.tokens} tokens): its target would be measured before the warmup ends; warm up over at "
+                f"most a fraction of the smallest budget (the paper: 25%)")
+        if schedule.warmup_tokens > WARMUP_SHARE_WARNING * s.tokens:
+            log.warning("study: the warmup (%d tokens) is %.0f%% of the budget of %s; the paper warms up over 25%%",
+                        schedule.warmup_tokens, 100 * schedule.warmup_tokens / s.tokens, s.name)
+
+
+def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: float, seed: int, reference: bool,
+         top: int) -> Run:
+    label = group[0].model_label
+    name = f"m{label}_d{human(top)}_b{batch}_lr{lr:g}"
+    if cfg.hparams.beta2 and len(cfg.hparams.beta2) > 1:
+        name += f"_beta2{beta2:g}"
+    if len(cfg.seeds) > 1:
+        name += f"_s{seed}"
+    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)]
+    tokens = top if reference else int(cfg.max_tokens_factor * top)
+    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> dict:
+    """The pretrain config of one run: the study's base, then what the study decides for this run."""
+    base = cfg.base
+    micro = min(run.batch, int(base.get("micro_batch_seqs") or 8))
+    targets = [s.target for s in run.settings if s.target is not None]
+    over = {
+        "data_dir": str(data_dir), "run_dir": str(run_path(study_dir, run.name)),
+        "model": to_dict(run.settings[0].model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
+        "train_tokens": run.train_tokens, "seed": run.seed,
+        "optimizer": {"lr": run.lr, "beta2": run.beta2}, "ewa": {"taus": run.taus},
+        "targets": targets, "stop_at_targets": bool(targets) and not run.reference, "stop_weights": "ewa",
+        "study": {"name": cfg.name, "reference": run.reference, "settings": [
+            {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
+            for s in run.settings]},
+    }
+    if run.reference:
+        over["eval"] = {"at_tokens": [s.tokens for s in run.settings]}
+    merged = _merge(base, over)
+    if run.reference and base.get("eval", {}).get("at_tokens"):
+        merged["eval"]["at_tokens"] = sorted(set(base["eval"]["at_tokens"]) | {s.tokens for s in run.settings})
+    from_dict(PretrainConfig, json.loads(json.dumps(merged)), f"study run {run.name}")  # every run validates now
+    return merged
+
+
+def plan_table(cfg: StudyConfig, runs: list[Run], b0: Optional[int]) -> str:
+    lines = [f"study {cfg.name}: {len(runs)} runs"
+             + (f"; reference batch B0 = {b0} (targets from its runs)" if b0 else "; explicit targets")]
+    for r in runs:
+        lines.append(f"  {r.name}: batch {r.batch}, lr {r.lr:g}, beta2 {r.beta2:g}, taus {r.taus}, "
+                     f"{human(r.train_tokens)} tokens max, serves {', '.join(s.name for s in r.settings)}"
+                     + (" [reference]" if r.reference else ""))
+    return "\n".join(lines)
