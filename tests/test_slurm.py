@@ -337,7 +337,7 @@ def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_clu
     """What `#SBATCH --signal=B:USR1@300` does near the time limit, sent now (`scancel --signal=USR1 --batch`:
     the batch shell only, as B: does): the run saves after its step and exits 75 within seconds, the task requeues
     itself, starts again, resumes, completes, and logs exactly what an uninterrupted run of it logs."""
-    steps, logs = 600, tmp_path / "logs"
+    steps, logs = 200, tmp_path / "logs"
     for name in ("cut", "whole"):
         cfg = write_yaml(tmp_path / f"{name}.yaml", preemptible(stdlib_data, tmp_path / name, steps))
         (tmp_path / f"{name}.txt").write_text(f"{cfg}\n")
@@ -346,7 +346,7 @@ def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_clu
     whole = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "whole.txt")], SlurmResources(), job_name="cbs-whole",
                    log_dir=logs)
     task = f"{job}_0"
-    wait_for_step(tmp_path / "cut", 20, job, task, logs)
+    wait_for_step(tmp_path / "cut", 10, job, task, logs)
     signalled = time.monotonic()
     subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
     while job_states([job])[task] != "PENDING":  # saved, stopped, requeued by itself
@@ -355,7 +355,7 @@ def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_clu
     stopped_s = time.monotonic() - signalled
     log = full_log(logs, "cbs-usr1-*.out")
     stop = re.search(r"stopped by SIGUSR1 after step (\d+)", log)
-    assert stop and 20 <= int(stop.group(1)) < steps and f"requeued job {task}" in log, log[-3000:]
+    assert stop and 10 <= int(stop.group(1)) < steps and f"requeued job {task}" in log, log[-3000:]
     assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "preempted"
     assert stopped_s < 15, f"{stopped_s:.1f} s from the signal to the requeue"
     assert scontrol_field(task, "Restarts") == "1"
@@ -382,7 +382,7 @@ def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_clu
 def test_scancel_saves_the_run_but_never_requeues_it(slurm_cluster, stdlib_data, tmp_path):
     """scancel sends SIGTERM to every process of the job: the run still saves and stops (status preempted), and
     the task stays cancelled: a requeue would undo what the user asked for."""
-    cfg = write_yaml(tmp_path / "run.yaml", preemptible(stdlib_data, tmp_path / "run", 600))
+    cfg = write_yaml(tmp_path / "run.yaml", preemptible(stdlib_data, tmp_path / "run", 200))
     (tmp_path / "runs.txt").write_text(f"{cfg}\n")
     logs = tmp_path / "logs"
     job = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "runs.txt")], SlurmResources(), job_name="cbs-cancel",
