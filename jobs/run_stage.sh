@@ -140,7 +140,6 @@ on_signal() {
   fi
   STOP_SIGNAL=$1
   say "SIG$1: the run saves a checkpoint after its current step and stops"
-  pass_stop || true
 }
 
 handles_usr1() {  # PID: its caught-signals mask (/proc/PID/status SigCgt, hex) has SIGUSR1 (signal 10: bit 9)
@@ -174,28 +173,36 @@ pass_stop() {  # SIGUSR1 to the launch's ranks (STOP_TO=ranks) or to the launch 
     "$([[ $STOP_TO == ranks ]] && echo "rank process(es)" || echo "${LAUNCH_CMD[0]##*/}")"
 }
 
-launch() {  # SESSION(own|same) STOP_TO(self|ranks) CMD...: run CMD, pass a stop on; the script's exit status
-  local session=$1 status=0
-  STOP_TO=$2
-  shift 2
+launch() {  # KIND CMD...: run CMD, pass a stop on, return the script's exit status. KIND: python (one process, in
+  # its own session), ranks (a launcher in its own session: the stop goes to its ranks), srun (the stop goes to srun,
+  # which passes it to each node's task)
+  local kind=$1 status=0
+  shift
   LAUNCH_CMD=("$@")
-  announce
+  STOP_TO=self
+  [[ $kind == ranks ]] && STOP_TO=ranks
   trap 'on_signal USR1' USR1
   trap 'on_signal TERM' TERM
   trap 'on_signal INT' INT
-  if [[ $session == own ]]; then setsid "$@" & else "$@" & fi
+  announce
+  if [[ $kind == srun ]]; then "$@" & else setsid "$@" & fi
   LAUNCH_PID=$!
   # Poll, not `wait PID`: a trap interrupts `wait` with a status that cannot be told from the launch's own, and
-  # the stop may have to be passed on later (the ranks are not up yet). A signal cuts the sleep short.
+  # the stop may have to be passed on later (the ranks are not up yet). A signal cuts the sleep short; the trap
+  # only takes note, the stop is passed on here (a trap that runs commands can lose a signal that comes meanwhile).
   while kill -0 "$LAUNCH_PID" 2>/dev/null; do
-    if [[ -n $STOP_SIGNAL ]] && ((STOP_PASSED == 0)); then pass_stop || true; fi
+    if [[ -n $STOP_SIGNAL ]] && ((STOP_PASSED == 0)); then
+      pass_stop || { sleep 0.2; continue; }  # no rank handles it yet: look again soon
+    fi
     sleep 1 &
     wait $! 2>/dev/null || true
   done
   wait "$LAUNCH_PID" || status=$?
-  if [[ -n $STOP_SIGNAL ]] && ((STOP_PASSED)) && ((status != 0 && status != EXIT_STOPPED)); then
-    # torchrun reports its workers' 75 as its own 1; a rank that failed instead resumes from its last checkpoint
-    say "the launch ended with status $status after the ranks were told to stop: exit $EXIT_STOPPED"
+  if [[ -n $STOP_SIGNAL && $kind != python ]] && ((status != 0 && status != EXIT_STOPPED)); then
+    # torchrun reports its workers' 75 as its own 1, and a node whose ranks stopped on another node's signal (the
+    # stop flag is all-reduced) before they handled this one ends the same way; a rank that failed instead
+    # resumes from its last checkpoint
+    say "the launch ended with status $status after SIG$STOP_SIGNAL: exit $EXIT_STOPPED"
     status=$EXIT_STOPPED
   fi
   if ((status == EXIT_STOPPED)); then maybe_requeue; fi
@@ -220,7 +227,7 @@ maybe_requeue() {
 if ((GPUS_PER_NODE == 0 || GPUS_PER_NODE * NNODES == 1)); then
   cmd=("$PYTHON" -m pipeline.cli pretrain "$@")
   ((DRY_RUN)) && { show run setsid "${cmd[@]}"; dry_exit; }
-  launch own self "${cmd[@]}" && exit 0 || exit $?
+  launch python "${cmd[@]}" && exit 0 || exit $?
 fi
 
 # ---- pretrain over several processes ----------------------------------------------------------------------------
@@ -287,7 +294,7 @@ if ((NNODES > 1)) && [[ -z ${CBS_NODE_RANK:-} ]]; then
     dry_exit
   fi
   # srun passes SIGUSR1 on to each node's task (this script there), which passes it to that node's ranks
-  launch same self "${cmd[@]}" && exit 0 || exit $?
+  launch srun "${cmd[@]}" && exit 0 || exit $?
 fi
 
 case $LAUNCHER in
@@ -296,7 +303,7 @@ case $LAUNCHER in
       --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-cbs}"
       -m pipeline.cli pretrain "$@")
     ((DRY_RUN)) && { show run setsid "${cmd[@]}"; dry_exit; }
-    launch own ranks "${cmd[@]}" && exit 0 || exit $?
+    launch ranks "${cmd[@]}" && exit 0 || exit $?
     ;;
   deepspeed)
     # DeepSpeed gives a node's ranks the GPU ids of its hostfile slots and overwrites CUDA_VISIBLE_DEVICES with
@@ -336,6 +343,6 @@ case $LAUNCHER in
       show run setsid "${cmd[@]}"
       dry_exit
     fi
-    launch own ranks "${cmd[@]}" && exit 0 || exit $?
+    launch ranks "${cmd[@]}" && exit 0 || exit $?
     ;;
 esac

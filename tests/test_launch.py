@@ -9,15 +9,23 @@ runs these commands for real on two network namespaces; tests/test_slurm.py runs
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
+import yaml
+
+from pipeline import rundir
+from pipeline.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_STAGE = ROOT / "jobs" / "run_stage.sh"
@@ -250,3 +258,88 @@ def test_node_lists_expand_like_slurm(with_scontrol, tmp_path):
     if not with_scontrol:  # a form Slurm knows but the script does not: say so, exit 2
         proc = dry_run(slurm_job("r[1-2]-n[1-2]", 4, 2), path=path)
         assert proc.returncode == 2 and "cannot expand node list 'r[1-2]-n[1-2]' without scontrol" in proc.stderr
+
+
+# ---- stopping a launch: what Slurm's signals do to the ranks ----------------------------------------------------
+
+
+def stoppable(data: Path, run_dir: Path, steps: int = 2000) -> Path:
+    """A run far longer than the test waits (~30 steps/s), every step logged, no periodic checkpoint."""
+    cfg = {"data_dir": str(data), "run_dir": str(run_dir), "model": {"preset": "tiny", "seq_len": 32},
+           "global_batch_seqs": 4, "micro_batch_seqs": 2, "train_tokens": 4 * 32 * steps, "log": {"every_steps": 1},
+           "eval": {"every_steps": 1000, "growth": 0, "eval_tokens": 256}, "checkpoint": {"every_steps": 100_000}}
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(cfg: Path, log: Path, **env: str) -> subprocess.Popen:
+    env = clean_env(CBS_DRY_RUN="0", OMP_NUM_THREADS="1", **env)
+    return subprocess.Popen(["/bin/bash", str(RUN_STAGE), "pretrain", str(cfg)], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a launch and every process under it (the launcher runs in its own session: it outlives a killed
+    script; torchrun's workers have sessions of their own)."""
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or max((m["step"] for m in read_metrics(run_dir)), default=0) < step:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_scancel_and_the_time_limit_signal_stop_every_rank_once(launcher, stdlib_data, tmp_path):
+    """SIGTERM (scancel) then SIGUSR1 to the script, as a cancel close to the time limit gives: each rank gets
+    one SIGUSR1 (a second signal would end it at once, without its checkpoint), all stop at one step, save, and
+    the script exits 75 (torchrun reports its ranks' 75 as 1)."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(stoppable(stdlib_data, run), log, GPUS_PER_NODE="2", LAUNCHER=launcher,
+                 MASTER_PORT="29741" if launcher == "torchrun" else "29742")
+    try:
+        wait_for_step(proc, run, 5, log)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # bash may run one trap for two signals that come at the same instant
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=60) == 75, log.read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    out = log.read_text()
+    assert "passed SIGTERM on as SIGUSR1 to 2 of 2 rank process(es)" in out and "SIGUSR1 as well: dropped" in out
+    assert "exitcode  : -10" not in out and "Signal 10" not in out  # no rank killed by a second SIGUSR1
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "preempted" and 5 <= result["steps"] < 2000, result
+    assert rundir.tags(run)[-1] == rundir.tag(result["steps"])  # the checkpoint of the step it stopped at
+    assert max(m["step"] for m in read_metrics(run)) == result["steps"]
+
+
+@pytest.mark.slow
+def test_a_signal_before_training_waits_for_the_rank(stdlib_data, tmp_path):
+    """SIGUSR1 while python still starts (it would kill a process without the handler): held until the rank
+    handles it, then passed on; the run stops after its first steps with a checkpoint."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(stoppable(stdlib_data, run), log)
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    out = log.read_text()
+    assert out.index("run_stage: SIGUSR1") < out.index("passed SIGUSR1 on as SIGUSR1 to 1 of 1 python")
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "preempted" and 1 <= result["steps"] < 100, result
+    assert rundir.tags(run) == [rundir.tag(result["steps"])]

@@ -10,16 +10,18 @@ Skipped only where namespaces cannot be made (not root, no iproute2): scripts/ne
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from test_launch import LAUNCH_VARS, RUN_STAGE, launch_of
+from test_launch import LAUNCH_VARS, RUN_STAGE, kill_tree, launch_of
 from pipeline.metrics import read_metrics
 from test_pretrain import SEQ, make_cfg, run_subprocess, series, torchrun, write_cfg
 
@@ -27,7 +29,7 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS = ROOT / "scripts" / "netns_hosts.sh"
-STEPS = 20
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def two_hosts():
 
 
 def config(data: Path, run_dir: Path) -> Path:
-    """2 ranks x micro 4, 20 steps, every step logged; eval of raw and EWA weights every 10 steps."""
+    """2 ranks x micro 4, 60 steps, every step logged; eval of raw and EWA weights every 10 steps."""
     cfg = make_cfg(data, run_dir, train_tokens=8 * SEQ * STEPS)
     return write_cfg(cfg, run_dir.parent / f"{run_dir.name}.yaml")
 
@@ -64,24 +66,31 @@ def slurm_allocation(hosts: list[str], launcher: str, port: int) -> dict[str, st
             "GPUS_PER_NODE": "1", "LAUNCHER": launcher, "MASTER_PORT": str(port)}
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a node's launch and every process under it (torchrun's workers live in their own sessions)."""
+def base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)} | {"OMP_NUM_THREADS": "1"}
+
+
+def wait_both(procs: dict[int, subprocess.Popen], logs: dict[int, Path], hosts: list[str]) -> dict[int, int]:
+    """Until both end, or one fails (the other would wait for it at the rendezvous); their exit statuses."""
     try:
-        procs = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+        deadline = time.monotonic() + 180
+        while any(p.poll() is None for p in procs.values()) and not any(p.poll() not in (None, 0, 75)
+                                                                         for p in procs.values()):
+            assert time.monotonic() < deadline, "the 2-node run did not end within 180 s"
+            time.sleep(0.2)
+    finally:
+        for proc in procs.values():
+            kill_tree(proc)
+    for n, proc in procs.items():
+        assert proc.wait() in (0, 75), f"node {n} ({hosts[n]}) exited {proc.returncode}:\n{logs[n].read_text()[-3000:]}"
+    return {n: p.returncode for n, p in procs.items()}
 
 
 def run_on_two_hosts(hosts: list[str], launcher: str, port: int, cfg: Path, tmp_path: Path) -> dict[int, list]:
     env = slurm_allocation(hosts, launcher, port)
     top = launch_of(env, argv=["/bin/bash", str(RUN_STAGE), "pretrain", str(cfg)])
     assert top.run[0] == "srun" and sorted(top.nodes) == [0, 1]
-    base = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)} | top.env | {"OMP_NUM_THREADS": "1"}
+    base = base_env() | top.env
     procs, commands = {}, {}
     for n, node in top.nodes.items():
         cmd = list(node.run)
@@ -93,17 +102,8 @@ def run_on_two_hosts(hosts: list[str], launcher: str, port: int, cfg: Path, tmp_
         log = open(tmp_path / f"node{n}.log", "w")
         procs[n] = subprocess.Popen(["bash", str(NETNS), "exec", str(n), *cmd], env=base | node.env, cwd=tmp_path,
                                     stdout=log, stderr=subprocess.STDOUT)
-    try:  # until both end, or one fails (the other would wait for it at the rendezvous)
-        deadline = time.monotonic() + 180
-        while any(p.poll() is None for p in procs.values()) and not any(p.poll() for p in procs.values()):
-            assert time.monotonic() < deadline, "the 2-node run did not end within 180 s"
-            time.sleep(0.2)
-    finally:
-        for proc in procs.values():
-            kill_tree(proc)
-    logs = {n: (tmp_path / f"node{n}.log").read_text() for n in procs}
-    for n, proc in procs.items():
-        assert proc.returncode == 0, f"node {n} ({hosts[n]}) exited {proc.returncode}:\n{logs[n][-3000:]}"
+    codes = wait_both(procs, {n: tmp_path / f"node{n}.log" for n in procs}, hosts)
+    assert codes == {0: 0, 1: 0}
     return commands
 
 
@@ -112,7 +112,7 @@ def assert_same_run(one_node: Path, run_dir: Path) -> None:
     a + b == b + a in floating point whatever the transport (gloo over the veth, or one host's)."""
     ref, got = read_metrics(one_node), read_metrics(run_dir)
     assert [m["step"] for m in got] == [m["step"] for m in ref]
-    assert len(series(run_dir, "train/loss")) == STEPS and sorted(series(run_dir, "eval/loss")) == [1, 10, 20]
+    assert len(series(run_dir, "train/loss")) == STEPS and sorted(series(run_dir, "eval/loss")) == [1, *range(10, STEPS + 1, 10)]
     for a, b in zip(ref, got):
         assert a.keys() == b.keys()
         assert {k: v for k, v in a.items() if not k.startswith("perf/")} == \
@@ -134,4 +134,44 @@ def test_deepspeed_launcher_without_ssh_across_two_hosts(two_hosts, one_node, st
     assert [(tmp_path / f"hostfile{n}").read_text() for n in (0, 1)] == ["cbs-n0 slots=1\ncbs-n1 slots=1\n"] * 2
     assert [a for a in commands[0] if a.startswith("--node_rank")] == ["--node_rank=0"]
     assert [a for a in commands[1] if a.startswith("--node_rank")] == ["--node_rank=1"]
+    assert_same_run(one_node, tmp_path / "run")
+
+
+def srun_tasks(hosts: list[str], cfg: Path, tmp_path: Path, name: str) -> tuple[dict, dict]:
+    """What srun starts on each node (this script again, CBS_NODE_RANK from SLURM_NODEID), for real."""
+    env = slurm_allocation(hosts, "torchrun", 29733)
+    top = launch_of(env, argv=["/bin/bash", str(RUN_STAGE), "pretrain", str(cfg)])
+    task = top.run[top.run.index("bash"):]
+    procs, logs = {}, {}
+    for n in (0, 1):
+        logs[n] = tmp_path / f"{name}{n}.log"
+        procs[n] = subprocess.Popen(["bash", str(NETNS), "exec", str(n), *task], stdout=open(logs[n], "w"),
+                                    stderr=subprocess.STDOUT, env=base_env() | env | {"SLURM_NODEID": str(n), "CBS_PYTHON": sys.executable})
+    return procs, logs
+
+
+def test_srun_tasks_stop_on_usr1_and_resume_exactly(two_hosts, one_node, stdlib_data, tmp_path):
+    """srun passes SIGUSR1 to each node's task: sent while the ranks still start (it would kill them), each
+    node's script holds it until its rank handles it; both stop at one step, save and exit 75. Started again,
+    the run continues and logs exactly what the 1-node run logs."""
+    cfg = config(stdlib_data, tmp_path / "run")
+    procs, logs = srun_tasks(two_hosts, cfg, tmp_path, "stop")
+    deadline = time.monotonic() + 60
+    while not all("run_stage: pretrain" in log.read_text() for log in logs.values()):  # their traps are set
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
+            "".join(log.read_text() for log in logs.values())
+        time.sleep(0.05)
+    for proc in procs.values():
+        proc.send_signal(signal.SIGUSR1)
+    assert wait_both(procs, logs, two_hosts) == {0: 75, 1: 75}
+    # each node's script passes it on once its rank handles it, unless the stop all-reduced from the other node's
+    # rank got there first
+    assert "passed SIGUSR1 on as SIGUSR1 to 1 of 1 rank process(es)" in logs[0].read_text() + logs[1].read_text()
+    stopped = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert stopped["status"] == "preempted" and 1 <= stopped["steps"] < STEPS, stopped
+
+    procs, logs = srun_tasks(two_hosts, cfg, tmp_path, "again")
+    assert wait_both(procs, logs, two_hosts) == {0: 0, 1: 0}
+    assert "resumed from" in logs[0].read_text() + logs[1].read_text()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "completed"
     assert_same_run(one_node, tmp_path / "run")
