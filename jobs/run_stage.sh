@@ -20,7 +20,8 @@
 # through this script, once: it passes the first one on as SIGUSR1 to the ranks as soon as they handle it (they
 # install the handler when training starts; before that SIGUSR1 would kill them). Why not let signals through:
 # neither torchrun nor the deepspeed launcher handles SIGUSR1 (they would die and orphan the ranks), and a rank
-# that gets a second signal ends at once, without its checkpoint. Later signals are logged and dropped. With
+# that gets a second signal ends at once, without its checkpoint; for that reason too launchers run with SIGTERM
+# blocked (see BLOCK_TERM below). Later signals are logged and dropped. With
 # CBS_REQUEUE=1 (jobs/pretrain.sbatch sets it) inside a Slurm job, a run that stopped (exit 75) then requeues its
 # job (`scontrol requeue`), unless this script got SIGTERM or SIGINT: a scancel, or Slurm's kill at the time
 # limit, is never undone by a requeue.
@@ -173,11 +174,28 @@ pass_stop() {  # SIGUSR1 to the launch's ranks (STOP_TO=ranks) or to the launch 
     "$([[ $STOP_TO == ranks ]] && echo "rank process(es)" || echo "${LAUNCH_CMD[0]##*/}")"
 }
 
+# What a launch runs under. A launcher gets its own session, and SIGTERM blocked (the mask is inherited: the ranks
+# have it blocked too). scancel, Slurm's preemption and its kill at the time limit send SIGTERM to every process of
+# the job; torchrun and DeepSpeed's launch.py would pass it on to their ranks, whom a second signal ends at once,
+# without their checkpoint. Blocked, it reaches the ranks only as this script's one SIGUSR1; they stop and save, and
+# the launchers end when their ranks do. (Only SIGKILL ends a rank early now; the launchers send it 30 s after
+# SIGTERM.) A lone python keeps SIGTERM: its own handler takes it, and SIGUSR1 from here.
+BLOCK_TERM='import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); os.execvp(sys.argv[1], sys.argv[1:])'
+prefix() {  # KIND: the words that go before the command
+  case $1 in
+    python) PREFIX=(setsid) ;;
+    ranks) PREFIX=(setsid "$PYTHON" -S -c "$BLOCK_TERM") ;;
+    srun) PREFIX=() ;;
+  esac
+}
+
 launch() {  # KIND CMD...: run CMD, pass a stop on, return the script's exit status. KIND: python (one process, in
-  # its own session), ranks (a launcher in its own session: the stop goes to its ranks), srun (the stop goes to srun,
-  # which passes it to each node's task)
+  # its own session), ranks (a launcher: the stop goes to its ranks), srun (the stop goes to srun, which passes it to
+  # each node's task); a dry run prints the command instead
   local kind=$1 status=0
   shift
+  prefix "$kind"
+  ((DRY_RUN)) && { show run "${PREFIX[@]}" "$@"; dry_exit; }
   LAUNCH_CMD=("$@")
   STOP_TO=self
   [[ $kind == ranks ]] && STOP_TO=ranks
@@ -185,7 +203,7 @@ launch() {  # KIND CMD...: run CMD, pass a stop on, return the script's exit sta
   trap 'on_signal TERM' TERM
   trap 'on_signal INT' INT
   announce
-  if [[ $kind == srun ]]; then "$@" & else setsid "$@" & fi
+  "${PREFIX[@]}" "$@" &
   LAUNCH_PID=$!
   # Poll, not `wait PID`: a trap interrupts `wait` with a status that cannot be told from the launch's own, and
   # the stop may have to be passed on later (the ranks are not up yet). A signal cuts the sleep short; the trap
@@ -226,7 +244,6 @@ maybe_requeue() {
 # ---- pretrain, one process --------------------------------------------------------------------------------------
 if ((GPUS_PER_NODE == 0 || GPUS_PER_NODE * NNODES == 1)); then
   cmd=("$PYTHON" -m pipeline.cli pretrain "$@")
-  ((DRY_RUN)) && { show run setsid "${cmd[@]}"; dry_exit; }
   launch python "${cmd[@]}" && exit 0 || exit $?
 fi
 
@@ -302,7 +319,6 @@ case $LAUNCHER in
     cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
       --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-cbs}"
       -m pipeline.cli pretrain "$@")
-    ((DRY_RUN)) && { show run setsid "${cmd[@]}"; dry_exit; }
     launch ranks "${cmd[@]}" && exit 0 || exit $?
     ;;
   deepspeed)
@@ -340,8 +356,6 @@ case $LAUNCHER in
       --module pipeline.cli pretrain "$@")
     if ((DRY_RUN)); then
       for line in "${hostfile_lines[@]}"; do show hostfile "$line"; done
-      show run setsid "${cmd[@]}"
-      dry_exit
     fi
     launch ranks "${cmd[@]}" && exit 0 || exit $?
     ;;

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import stdlib_texts, write_jsonl
+from pipeline import rundir
 from pipeline.metrics import read_metrics
 from pipeline.slurm import SlurmError, SlurmResources, cancel, job_states, require_sbatch, submit, wait
 
@@ -304,10 +305,10 @@ def test_requeued_pretrain_task_resumes(study, tmp_path):
     assert steps == sorted(set(steps))  # nothing logged twice
 
 
-def preemptible(data: Path, run_dir: Path, steps: int) -> dict:
+def preemptible(data: Path, run_dir: Path, steps: int, batch: int = 4) -> dict:
     """A run long enough to be signalled mid-way (~30 steps/s on one CPU); no periodic checkpoint, so a resume can
     only start from the one the stop saved. Every step logged, evals on a fixed grid: metrics to compare."""
-    cfg = tiny_pretrain(data, run_dir, 4, steps=steps)
+    cfg = tiny_pretrain(data, run_dir, batch, steps=steps)
     return cfg | {"log": {"every_steps": 1}, "eval": {"every_steps": 50, "growth": 0, "eval_tokens": 256},
                   "checkpoint": {"every_steps": 100_000}}
 
@@ -381,21 +382,25 @@ def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_clu
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_scancel_saves_the_run_but_never_requeues_it(slurm_cluster, stdlib_data, tmp_path):
-    """scancel sends SIGTERM to every process of the job: the run still saves and stops (status preempted), and
-    the task stays cancelled: a requeue would undo what the user asked for."""
-    cfg = write_yaml(tmp_path / "run.yaml", preemptible(stdlib_data, tmp_path / "run", 200))
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "deepspeed-2-ranks"])
+def test_scancel_saves_the_run_but_never_requeues_it(ranks, slurm_cluster, stdlib_data, tmp_path):
+    """scancel sends SIGTERM to every process of the job, launchers included: the run still saves and stops
+    (status preempted; the launchers must not pass SIGTERM on to ranks that already have it), and the task stays
+    cancelled: a requeue would undo what the user asked for."""
+    cfg = write_yaml(tmp_path / "run.yaml", preemptible(stdlib_data, tmp_path / "run", 200, batch=4 * ranks))
     (tmp_path / "runs.txt").write_text(f"{cfg}\n")
     logs = tmp_path / "logs"
+    env = {"GPUS_PER_NODE": "2", "MASTER_PORT": "29751"} if ranks == 2 else {}
     job = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "runs.txt")], SlurmResources(), job_name="cbs-cancel",
-                 array="0", log_dir=logs)
+                 array="0", log_dir=logs, env=env)
     task = f"{job}_0"
     wait_for_step(tmp_path / "run", 20, job, task, logs)
     subprocess.run(["scancel", task], check=True)
     assert wait([job], poll_s=POLL_S, timeout_s=60) == {task: "CANCELLED"}
     time.sleep(3)  # a requeue would show by now
     assert job_states([job]) == {task: "CANCELLED"} and scontrol_field(task, "Restarts") == "0"
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["status"] == "preempted", result
     log = full_log(logs, "*.out")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "preempted" and result["world_size"] == ranks, log[-3000:]
+    assert rundir.tags(tmp_path / "run")[-1] == rundir.tag(result["steps"])
     assert "not requeued" in log, log[-3000:]
