@@ -281,7 +281,8 @@ def stoppable(data: Path, run_dir: Path, steps: int = 2000) -> Path:
 
 
 def start(cfg: Path, log: Path, **env: str) -> subprocess.Popen:
-    env = clean_env(CBS_DRY_RUN="0", OMP_NUM_THREADS="1", **env)
+    # TMPDIR: the hostfile of a launch killed by the test's cleanup stays there, not in /tmp
+    env = clean_env(CBS_DRY_RUN="0", OMP_NUM_THREADS="1", TMPDIR=str(log.parent), **env)
     return subprocess.Popen(["/bin/bash", str(RUN_STAGE), "pretrain", str(cfg)], env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
 
@@ -338,6 +339,7 @@ def test_scancel_then_the_time_limit_signal_stop_every_rank_once(launcher, stdli
     assert result["status"] == "preempted" and 5 <= result["steps"] < 2000, result
     assert rundir.tags(run)[-1] == rundir.tag(result["steps"])  # the checkpoint of the step it stopped at
     assert max(m["step"] for m in read_metrics(run)) == result["steps"]
+    assert not list(tmp_path.glob("cbs-hostfile.*"))  # removed on the way out
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -183,10 +182,11 @@ def study(slurm_cluster, tmp_path_factory):
         # 2 ranks on CPU: GPUS_PER_NODE=2 picks the multi-process launch without asking Slurm for GPUs
         cfg = write_yaml(root / f"{launcher}.yaml", tiny_pretrain(data, root / launcher, 8, steps=5))
         (root / f"{launcher}.runs").write_text(f"{cfg}\n")
+        (root / f"tmp_{launcher}").mkdir()  # the job's TMPDIR: where the hostfile goes, and must not stay
         jobs[launcher] = submit(JOBS / "pretrain.sbatch", [str(root / f"{launcher}.runs")], cpu,
                                 job_name=f"cbs-{launcher}", dependency=after_prep, log_dir=logs,
                                 env={"GPUS_PER_NODE": "2", "LAUNCHER": launcher, "MASTER_PORT": "29511"
-                                     if launcher == "torchrun" else "29512"})
+                                     if launcher == "torchrun" else "29512", "TMPDIR": str(root / f"tmp_{launcher}")})
     jobs["evaluate"] = submit(JOBS / "evaluate.sbatch", [*map(str, runs), str(root / "no_such_run")], cpu,
                               job_name="cbs-evaluate", dependency=f"afterok:{jobs['train']}", log_dir=logs)
     good = write_steps_csv(root / "steps.csv", [16, 32, 64, 128, 256])
@@ -243,7 +243,7 @@ def test_two_process_pretrain_through_each_launcher(study, launcher):
     two_ranks = json.loads((study["root"] / launcher / "result.json").read_text())
     assert two_ranks["status"] == "completed" and two_ranks["steps"] == one_rank["steps"] == 5
     assert two_ranks["final"]["eval/loss"] == pytest.approx(one_rank["final"]["eval/loss"], abs=1e-4)
-    assert not list(Path(tempfile.gettempdir()).glob("cbs-hostfile.*"))  # the job wrote nothing but its log
+    assert not list((study["root"] / f"tmp_{launcher}").glob("cbs-hostfile.*"))  # node-local, removed at exit
 
 
 @pytest.mark.slurm
