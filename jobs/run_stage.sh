@@ -152,9 +152,23 @@ handles_usr1() {  # PID: its caught-signals mask (/proc/PID/status SigCgt, hex) 
   return 1
 }
 
+children_of() {  # PID: its child pids, from /proc (every thread's children), or pgrep where the kernel lacks that
+  local f kids
+  if [[ -e /proc/$1/task/$1/children ]]; then
+    for f in /proc/"$1"/task/*/children; do
+      kids=()
+      read -r -a kids 2>/dev/null <"$f" || true
+      ((${#kids[@]} == 0)) || echo "${kids[@]}"
+    done
+  else
+    pgrep -P "$1" || true
+  fi
+  return 0
+}
+
 ranks_under() {  # PID: its topmost descendants with LOCAL_RANK in their environment (both launchers set it)
   local child
-  for child in $(pgrep -P "$1" || true); do
+  for child in $(children_of "$1"); do
     if grep -qz '^LOCAL_RANK=' "/proc/$child/environ" 2>/dev/null; then echo "$child"; else ranks_under "$child"; fi
   done
 }
