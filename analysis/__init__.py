@@ -1,14 +1,28 @@
-"""Pure-Python analysis of a critical-batch-size study: steps-to-target table, S(B) fits, CBS, scaling laws.
+"""Pure-Python analysis of a critical-batch-size study: steps-to-target table, S(B) fits, CBS, scaling laws,
+time and cost to target.
 
-Reads files only (a study directory's `runs/*/config.yaml` + `result.json`, or a steps CSV) and never imports
-torch, deepspeed, megatron or `pipeline`: fitting a study must work on a laptop with numpy, scipy, statsmodels,
-matplotlib and pyyaml.
+Reads files only (a study directory's `runs/*/config.yaml`, `result.json` and `metrics.jsonl`, or a steps CSV)
+and never imports torch, deepspeed, megatron or `pipeline`: fitting a study must work on a laptop with numpy,
+scipy, statsmodels, matplotlib and pyyaml.
 
-    steps.py     study directory / CSV -> steps-to-target table (censored points flagged)
-    fit.py       S(B) = a + b/B fits, CBS with bootstrap intervals, scaling laws CBS = c X^alpha
-    forecast.py  scaling.json -> CBS forecast for a new budget + a batch plan
-    report.py    steps.csv, cbs.csv, scaling.json, report.md, figures/*.png, written as one staged directory
-    cli.py       `cbs fit` and `cbs forecast`
+    steps.py      study directory / CSV -> steps-to-target table (censored points and late divergences flagged)
+    fit.py        S(B) = a + b/B fits (censored batches as lower bounds), CBS with bootstrap intervals,
+                  degradation range, per-setting diagnostics
+    laws.py       laws over settings: CBS, B_noise, S_min in D, N, C = 6ND and (D, N) jointly; weighted CBS laws
+    cost.py       throughput (metrics.jsonl or a CSV) -> wall-clock and GPU-hours to target
+    noise_scale.py  the gradient noise scale B_simple logged in metrics.jsonl, per setting or along a run
+    study_fit.py  all of the above for one study, and its warnings
+    branched.py   a branched study (study.method: branched) -> local CBS(t) per branch point
+    compare.py    a sweep fit's cbs.csv beside CBS(t) at matching D
+    branched_fit.py  CBS(t), B_simple along t and the comparison for one branched study, and its warnings
+    figures.py    PNG figures
+    branched_figures.py  PNG figures of a branched study
+    report.py     report.md
+    branched_report.py  report.md, cbs_curve.csv and branches.csv of a branched study
+    outputs.py    every output file, written as one staged directory
+    forecast.py   scaling.json -> CBS forecast for a new budget, a batch plan and a time plan
+    ramp.py       CBS(t) (a curve or the D law) -> a batch ramp and the steps it saves
+    cli.py        `cbs fit` and `cbs forecast`
 """
 
 

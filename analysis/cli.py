@@ -1,7 +1,7 @@
-"""`cbs fit` and `cbs forecast`: thin shells over analysis.steps / fit / report / forecast.
+"""`cbs fit` and `cbs forecast`: thin shells over analysis.steps / study_fit / outputs / forecast.
 
 Both return 0 on success and 2 on bad input, with one line on stderr and no traceback; `cbs fit` writes nothing
-unless everything was read, fitted and rendered (see report.write_outputs).
+unless everything was read, fitted and rendered (see outputs.write_outputs).
 """
 
 from __future__ import annotations
@@ -13,10 +13,21 @@ import time
 from pathlib import Path
 
 from analysis import InputError
-from analysis.fit import LEVEL, StudyFit, fit_study
-from analysis.forecast import DEFAULT_SEQ_LEN, batch_plan, describe, describe_plan, forecast_cbs, load_scaling
-from analysis.report import check_out_dir, render_outputs, write_outputs
-from analysis.steps import TargetKind, load_steps
+from analysis.branched import check_tolerance, is_branched, read_branched
+from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
+from analysis.branched_report import render_branched_outputs
+from analysis.compare import read_sweep_cbs
+from analysis.cost import ThroughputModel, read_throughput_csv, study_throughput
+from analysis.fit import DEGRADATION_OVERHEADS, LEVEL
+from analysis.forecast import (
+    DEFAULT_SEQ_LEN, also_lines, batch_plan, choose_law, describe, describe_plan, describe_time_plan, forecast_cbs,
+    load_scaling, time_plan,
+)
+from analysis.laws import SYMBOLS
+from analysis.outputs import check_out_dir, render_outputs, write_outputs
+from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
+from analysis.steps import StepsTable, TargetKind, load_steps
+from analysis.study_fit import StudyFit, fit_study, study_warnings
 
 MAX_SUMMARY_SETTINGS = 20
 
@@ -38,19 +49,33 @@ def _run(prog: str, body, argv: list[str] | None) -> int:
         return e.code if isinstance(e.code, int) else 0
 
 
+def _overheads(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--overheads must be comma-separated positive numbers: got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"--overheads must be comma-separated positive numbers: got {text!r}")
+    return values
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # cbs fit
 
 
 def fit_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cbs fit", description="Fit S(B) per setting, the critical batch size with bootstrap "
-                "intervals, and its scaling laws in D and N; write steps.csv, cbs.csv, scaling.json, report.md, "
-                "figures/.")
+                "intervals and its degradation range, the scaling laws of CBS and B_noise in D, N, C and (D, N), "
+                "and time and cost to target; write steps.csv, cbs.csv, degradation.csv, time_to_target.csv, "
+                "scaling.json, report.md, figures/. On a branched study (study.method: branched): the local CBS(t) "
+                "per branch point; write cbs_curve.csv, branches.csv, report.md, figures/.")
     p.add_argument("input", metavar="STUDY_DIR_OR_CSV",
                    help="a study directory (runs/*/config.yaml + result.json) or a CSV with columns "
                         "setting,model_params,tokens,batch_size,steps")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (replaced if a previous fit)")
     p.add_argument("--overhead", type=float, default=0.2, help="o in B* = (1+o) B0 + o B_noise (default 0.2)")
+    p.add_argument("--overheads", type=str, default=",".join(f"{o:g}" for o in DEGRADATION_OVERHEADS),
+                   metavar="O1,O2,...", help="overheads of the degradation range (default 0.1,0.2,0.5,1)")
     p.add_argument("--reference-batch", type=float, default=None, metavar="B0",
                    help="reference batch in sequences (default: each setting's smallest batch)")
     p.add_argument("--target-kind", choices=[k.value for k in TargetKind], default=TargetKind.EWA.value,
@@ -58,6 +83,18 @@ def fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples per setting (default 1000; 0: no intervals)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--throughput", default=None, metavar="CSV",
+                   help="measured throughput, columns batch_size,gpus,tokens_per_s[,model_params] (default: each "
+                        "run's perf/tokens_per_s in metrics.jsonl)")
+    p.add_argument("--gpus", type=int, default=None, metavar="G",
+                   help="GPU budget of the time/cost table (default: the largest GPU count measured)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="T",
+                   help="tokens per sequence, for time and cost (default: the runs' model.seq_len)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="branched study: relative loss tolerance of the local CBS (default: the branches' "
+                        "study.branch.tolerance)")
+    p.add_argument("--compare", default=None, metavar="SWEEP_FIT_DIR",
+                   help="branched study: a sweep's `cbs fit` output (its cbs.csv) to put beside CBS(t)")
     return p
 
 
@@ -66,10 +103,17 @@ def _check_fit_args(args: argparse.Namespace) -> None:
         raise InputError(f"--overhead must be a positive number: got {args.overhead}")
     if args.reference_batch is not None and not (math.isfinite(args.reference_batch) and args.reference_batch > 0):
         raise InputError(f"--reference-batch must be a positive number of sequences: got {args.reference_batch}")
-    if args.bootstrap < 0:
-        raise InputError(f"--bootstrap must be >= 0: got {args.bootstrap}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0: got {args.seed}")
+    for flag, value, least in (("--bootstrap", args.bootstrap, 0), ("--seed", args.seed, 0),
+                               ("--gpus", args.gpus, 1), ("--seq-len", args.seq_len, 1)):
+        if value is not None and value < least:
+            raise InputError(f"{flag} must be >= {least}: got {value}")
+    args.overheads = _overheads(args.overheads)
+
+
+def _throughput(args: argparse.Namespace, table: StepsTable) -> ThroughputModel:
+    if args.throughput:
+        return ThroughputModel(tuple(read_throughput_csv(args.throughput)), str(args.throughput))
+    return ThroughputModel(tuple(study_throughput(table.runs)), "perf/tokens_per_s in the runs' metrics.jsonl")
 
 
 def _summary(fit: StudyFit, out: Path, n_files: int, seconds: float) -> list[str]:
@@ -83,26 +127,71 @@ def _summary(fit: StudyFit, out: Path, n_files: int, seconds: float) -> list[str
                      else f"  {e.setting.name}: {e.note}")
     if len(fit.estimates) > MAX_SUMMARY_SETTINGS:
         lines.append(f"  ... {len(fit.estimates) - MAX_SUMMARY_SETTINGS} more in cbs.csv")
-    for law in fit.laws.values():
-        lines.append(f"  law: CBS = {law.coefficient:.4g} * {law.symbol}^{law.exponent:.3f} "
-                     f"(R^2 {law.r2:.3f}, {law.n_points} settings)")
+    for family, name in ((fit.laws.cbs, "CBS"), (fit.laws.b_noise, "B_noise")):
+        for law in family.values():
+            if not law.identifiable:
+                continue
+            exps = " * ".join(f"{SYMBOLS[v]}^{a:.3f}" for v, a in zip(law.variables, law.params[1:]))
+            lines.append(f"  law: {name} = {law.coefficient:.4g} * {exps} (R^2 {law.r2:.3f}, {law.n_points} "
+                         "settings)")
+    warnings = study_warnings(fit)
+    if warnings:
+        lines.append(f"  {len(warnings)} warning(s): see report.md")
     lines.append(f"wrote {out} ({n_files} files) in {seconds:.1f} s")
     return lines
+
+
+def _write(out: Path, files: dict[str, bytes]) -> None:
+    try:
+        write_outputs(out, files)
+    except OSError as e:  # permissions, disk full: write_outputs has already removed its staging directory
+        raise InputError(f"cannot write {out}: {e}") from None
+
+
+def _branched_summary(fit: BranchedFit, out: Path, n_files: int, seconds: float) -> list[str]:
+    complete = sum(p.complete for p in fit.points)
+    lines = [f"cbs fit: branched study, {len(fit.study.settings)} setting(s), {len(fit.points)} branch point(s) "
+             f"({complete} complete), loss compared: {fit.study.loss_kind}"]
+    for p in fit.points[:MAX_SUMMARY_SETTINGS]:
+        cbs = f"CBS {p.cbs:g} [{p.cbs_low:g}, {p.cbs_high:g})" if math.isfinite(p.cbs) else p.note
+        lines.append(f"  {p.setting.name} at t = {p.tokens:,} tokens: {cbs}")
+    if len(fit.points) > MAX_SUMMARY_SETTINGS:
+        lines.append(f"  ... {len(fit.points) - MAX_SUMMARY_SETTINGS} more in cbs_curve.csv")
+    warnings = branched_warnings(fit)
+    if warnings:
+        lines.append(f"  {len(warnings)} warning(s): see report.md")
+    lines.append(f"wrote {out} ({n_files} files) in {seconds:.1f} s")
+    return lines
+
+
+def _fit_branched(args: argparse.Namespace, out: Path, start: float) -> int:
+    study = read_branched(Path(args.input), args.target_kind)
+    sweep, source = read_sweep_cbs(args.compare) if args.compare else ([], None)
+    fit = fit_branched(study, args.tolerance, sweep, source)
+    files = render_branched_outputs(fit)
+    _write(out, files)
+    print("\n".join(_branched_summary(fit, out, len(files), time.perf_counter() - start)))
+    return 0
 
 
 def _fit(argv: list[str]) -> int:
     start = time.perf_counter()
     args = fit_parser().parse_args(argv)
     _check_fit_args(args)
+    check_tolerance(args.tolerance)
     out = Path(args.out).expanduser().resolve()  # resolved: `--out .` must have a parent to stage beside
     check_out_dir(out)  # refuse early, before minutes of fitting; write_outputs checks again
+    if Path(args.input).is_dir() and is_branched(Path(args.input)):
+        return _fit_branched(args, out, start)
+    for flag, value in (("--tolerance", args.tolerance), ("--compare", args.compare)):
+        if value is not None:
+            raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")
     table = load_steps(args.input, args.target_kind)
-    fit = fit_study(table, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL)
+    throughput = _throughput(args, table)
+    fit = fit_study(table, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL, args.overheads,
+                    throughput, args.gpus, args.seq_len)
     files = render_outputs(fit)
-    try:
-        write_outputs(out, files)
-    except OSError as e:  # permissions, disk full: write_outputs has already removed its staging directory
-        raise InputError(f"cannot write {out}: {e}") from None
+    _write(out, files)
     print("\n".join(_summary(fit, out, len(files), time.perf_counter() - start)))
     return 0
 
@@ -117,15 +206,28 @@ def fit_main(argv: list[str] | None = None) -> int:
 
 
 def forecast_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cbs forecast", description="Forecast the critical batch size of a data budget from a "
-                "fit's scaling.json, and plan a global batch <= CBS.")
-    p.add_argument("--scaling", required=True, metavar="SCALING_JSON", help="OUT_DIR/scaling.json of `cbs fit`")
+    p = _Parser(prog="cbs forecast", description="Forecast the critical batch size of a data budget (and model "
+                "size) from a fit's scaling.json, plan a global batch <= CBS, and with throughput the batch that "
+                "reaches the target fastest on --gpus GPUs. With --ramp: a batch schedule that grows with the "
+                "tokens seen, from a branched fit's CBS(t) (--curve) or the CBS law in D (--scaling).")
+    p.add_argument("--scaling", default=None, metavar="SCALING_JSON", help="OUT_DIR/scaling.json of `cbs fit`")
     p.add_argument("--tokens", required=True, type=float, metavar="D", help="data budget in tokens")
-    p.add_argument("--model-params", type=float, default=None, metavar="N", help="non-embedding parameters")
-    p.add_argument("--gpus", type=int, default=1, metavar="G", help="data-parallel GPUs (default 1)")
+    p.add_argument("--model-params", type=float, default=None, metavar="N",
+                   help="non-embedding parameters (with --tokens: the joint law, when identifiable)")
+    p.add_argument("--gpus", type=int, default=1, metavar="G", help="data-parallel GPUs, the budget (default 1)")
     p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="sequences per GPU per micro-step")
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help=f"tokens per sequence (default: from scaling.json, else {DEFAULT_SEQ_LEN})")
+    p.add_argument("--throughput", default=None, metavar="CSV",
+                   help="throughput for the time plan, columns batch_size,gpus,tokens_per_s[,model_params] "
+                        "(default: the one in scaling.json)")
+    p.add_argument("--ramp", action="store_true",
+                   help="propose a batch ramp (batch as a function of tokens seen) and the steps it saves")
+    p.add_argument("--curve", default=None, metavar="CBS_CURVE_CSV",
+                   help="with --ramp: OUT_DIR/cbs_curve.csv of `cbs fit` on a branched study")
+    p.add_argument("--setting", default=None, help="with --curve: the setting to ramp (when the curve has several)")
+    p.add_argument("--fixed-batch", type=int, default=None, metavar="B",
+                   help="with --ramp: the fixed batch to count saved steps against (default: the ramp's first)")
     return p
 
 
@@ -138,31 +240,60 @@ def _check_forecast_args(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} must be >= 1: got {value}")
 
 
+def _check_ramp_args(args: argparse.Namespace) -> None:
+    if not args.ramp:
+        for flag, value in (("--curve", args.curve), ("--setting", args.setting), ("--fixed-batch", args.fixed_batch)):
+            if value is not None:
+                raise InputError(f"{flag} goes with --ramp")
+        if args.scaling is None:
+            raise InputError("--scaling is required (or --ramp --curve CBS_CURVE_CSV for a batch ramp)")
+        return
+    if (args.curve is None) == (args.scaling is None):
+        raise InputError("--ramp needs one of --curve (a branched fit's cbs_curve.csv) or --scaling (the CBS law in D)")
+    if args.setting is not None and args.curve is None:
+        raise InputError("--setting goes with --curve")
+    if args.fixed_batch is not None and args.fixed_batch < 1:
+        raise InputError(f"--fixed-batch must be >= 1: got {args.fixed_batch}")
+
+
+def _ramp(args: argparse.Namespace) -> list[str]:
+    """--ramp: CBS(t) from the curve, or CBS(t) = the D law at t (analysis/ramp.py)."""
+    if args.curve is not None:
+        curve, _, seq_len = read_curve(args.curve, args.setting)
+    else:
+        sf = load_scaling(args.scaling)
+        law = sf.laws.get("tokens")
+        if law is None or not law.identifiable:
+            raise InputError(f"{sf.path}: no CBS law in D (the fit's settings had one data budget); a ramp needs "
+                             "CBS(t) as a function of tokens: fit a study with several budgets, or use --curve")
+        curve = curve_from_law(law.coefficient, law.exponent, f"the CBS law in D of {sf.path} "
+                               f"(CBS = {law.coefficient:.4g} D^{law.exponent:.3f})")
+        seq_len = sf.seq_len
+    seq_len = args.seq_len or seq_len or DEFAULT_SEQ_LEN
+    ramp = batch_ramp(curve, args.tokens, args.gpus * args.micro_batch, seq_len, args.fixed_batch)
+    return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
+
+
 def _forecast(argv: list[str]) -> int:
     args = forecast_parser().parse_args(argv)
     _check_forecast_args(args)
+    _check_ramp_args(args)
+    if args.ramp:
+        print("\n".join(_ramp(args)))
+        return 0
     sf = load_scaling(args.scaling)
-    lines = []
-    if "tokens" in sf.laws:
-        primary = forecast_cbs(sf.laws["tokens"], args.tokens)
-        lines.append(describe(primary, sf.laws["tokens"]))
-        if args.model_params and "model_params" in sf.laws:
-            also = forecast_cbs(sf.laws["model_params"], args.model_params)
-            lines.append("also, from the N law (the plan uses the D law): " + describe(also, sf.laws["model_params"]))
-        elif args.model_params:
-            lines.append("note: scaling.json has no N law (its settings had one model size); N is not used")
-    elif "model_params" in sf.laws:
-        if not args.model_params:
-            raise InputError(f"{args.scaling}: has only an N law (its settings had one data budget); "
-                             "give --model-params")
-        primary = forecast_cbs(sf.laws["model_params"], args.model_params)
-        lines.append(describe(primary, sf.laws["model_params"]))
-    else:
-        raise InputError(f"{args.scaling}: no scaling law (the fit had a single D and a single N); nothing to "
-                         "forecast")
+    throughput = (ThroughputModel(tuple(read_throughput_csv(args.throughput)), str(args.throughput))
+                  if args.throughput else ThroughputModel(sf.throughput, "scaling.json"))
+    choice = choose_law(sf, args.tokens, args.model_params)
+    primary = forecast_cbs(sf.laws[choice.key], choice.x)
+    lines = [describe(primary, sf.laws[choice.key]), *choice.notes,
+             *also_lines(sf, choice, args.tokens, args.model_params)]
     seq_len = args.seq_len or sf.seq_len or DEFAULT_SEQ_LEN
     plan = batch_plan(primary.cbs, args.gpus, args.micro_batch, seq_len)
-    print("\n".join(lines + describe_plan(plan, primary, args.tokens)))
+    lines += describe_plan(plan, primary, args.tokens)
+    lines += describe_time_plan(time_plan(sf, choice, args.model_params, throughput, plan, primary.cbs),
+                                args.micro_batch)
+    print("\n".join(lines))
     return 0
 
 

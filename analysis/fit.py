@@ -1,11 +1,13 @@
-"""S(B) fits, the critical batch size with bootstrap intervals, and scaling laws CBS = c X^alpha.
+"""S(B) fits (plain and censored), the critical batch size with bootstrap intervals, its degradation range and
+per-setting diagnostics. Laws over settings are in analysis/laws.py; docs/method.md gives every formula.
 
 Steps-vs-batch model (McCandlish et al. 2018, arXiv 1812.06162, eq. 2.11; Zhang et al. 2025, arXiv 2410.21676,
 sec. 3.1):
 
     S(B) = a + b/B = S_min (1 + B_noise/B),   a = S_min > 0,  B_noise = b/a > 0,
 
-fitted by least squares on log S (multiplicative noise: a run-to-run spread of a few percent at every B).
+fitted by least squares on log S (multiplicative noise: a run-to-run spread of a few percent at every B). A batch
+where no run reached the target within its cap (S > cap) enters as a lower bound (censored likelihood, below).
 
 Critical batch size (Zhang et al. 2025, sec. 3.1): the batch B* whose steps are (1 + o) times the linear-scaling
 prediction from a reference batch B0, S(B*) = (1 + o) S(B0) B0/B*. With the hyperbola,
@@ -13,8 +15,7 @@ a B* + b = (1 + o)(a B0 + b), so
 
     B* = (1 + o) B0 + o b/a = (1 + o) B0 + o B_noise            (o = 0.2, B0 = 256 in the paper).
 
-Scaling laws (Zhang et al. 2025, sec. 4): log B* = log c + alpha log X by OLS (statsmodels) over settings, for
-X = data tokens D and X = non-embedding parameters N.
+The same formula at several o (0.1, 0.2, 0.5, 1.0) is the degradation range: how fast a larger batch stops paying.
 """
 
 from __future__ import annotations
@@ -25,17 +26,28 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
-from analysis.steps import Setting, StepsPoint, StepsTable
+from analysis.steps import Setting, StepsPoint
 
 LEVEL = 0.95
 MIN_BATCHES = 3
 """Fewer usable batch sizes than this and a setting is reported as insufficient (2 parameters + 1 dof)."""
+DEGRADATION_OVERHEADS = (0.1, 0.2, 0.5, 1.0)
+SIGMA_FLOOR = 0.01
+"""Smallest residual s.d. of log S used by the censored likelihood: with 3 points the estimate has 1 dof and can
+be ~0, which would turn a lower bound into a hard wall; 1% is below any run-to-run spread we have seen."""
+BOUND_CONFLICT_Z = 2.0
+"""Warn when a censored batch's bound stays this many residual s.d. (of log S) above the fitted curve."""
+B0_SHARE_WARNING = 0.5
+"""Warn when (1 + o) B0 is at least this share of the CBS: the CBS then says more about B0 than about B_noise."""
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _GRID = 64  # coarse grid on log B_noise; 64 x n x resamples floats is cheap and finds the global basin
 _GOLDEN_ITERS = 40  # shrinks the 2-cell bracket by 0.618^40 ~ 4e-9
+_NEWTON_ITERS = 8  # log S_min of the censored profile: convex in one variable; 6 already agree with 30 to 4e-7
+# in B_noise for bounds up to 20x above the curve
 _SPAN = math.log(1e4)  # B_noise searched in [B_min/1e4, B_max*1e4]; beyond, S(B) is flat or exactly 1/B
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,48 +65,100 @@ def steps_model(batch, s_min, b_noise):
 
 
 @dataclass(frozen=True)
+class Censoring:
+    """Lower bounds S(B_j) > cap_j that enter the likelihood, with the residual scale sigma of log S."""
+
+    batch: np.ndarray
+    log_caps: np.ndarray
+    sigma: float
+
+    @property
+    def inv_batch(self) -> np.ndarray:
+        return 1.0 / self.batch
+
+
+@dataclass(frozen=True)
 class LogHyperbolaFits:
-    """Least-squares fits of log S = log(a + b/B) for m data sets on the same batch sizes (arrays of length m)."""
+    """Fits of log S = log(a + b/B) for m data sets on the same batch sizes (arrays of length m)."""
 
     log_s_min: np.ndarray
     log_b_noise: np.ndarray
     bound: np.ndarray
     """-1: B_noise at the lower search bound (S flat in B); +1: at the upper bound (S ~ 1/B throughout); 0: inside."""
     fitted: np.ndarray
-    """(m, n) fitted log S."""
+    """(m, n) fitted log S at the uncensored points."""
 
 
-def _profile_rss(log_steps: np.ndarray, inv_batch: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """RSS of log S at log B_noise = u with log S_min profiled out.
+def _log_survival(z: np.ndarray) -> np.ndarray:
+    """log(1 - Phi(z)), accurate in both tails."""
+    return special.log_ndtr(-z)
 
-    log S_i = log S_min + log(1 + e^u / B_i): for fixed u the model is linear in log S_min, whose least-squares
-    value is the mean of log S_i - log(1 + e^u/B_i); the RSS is then the centred sum of squares.
-    Shapes: log_steps (m, n), u (m,) or (m, k) -> (m,) or (m, k).
+
+def _hazard(z: np.ndarray) -> np.ndarray:
+    """phi(z) / (1 - Phi(z)), the inverse Mills ratio of the upper tail; z (1 - ...) stays finite for large z."""
+    return np.exp(-0.5 * z * z - _LOG_SQRT_2PI - special.log_ndtr(-z))
+
+
+def _censored_log_a(y, g, gc, cens: Censoring):
+    """argmin over m = log a of  sum_i (y_i - m - g_i)^2 / (2 s^2) - sum_j log(1 - Phi((l_j - m - g_j) / s)).
+
+    Convex in m (the Gaussian log-survival is concave), so Newton from the least-squares value converges; the
+    curvature is at least n / s^2. Shapes: y, g (..., n); gc (..., k) -> (...).
+    """
+    s2, n = cens.sigma ** 2, y.shape[-1]
+    m = (y - g).mean(axis=-1)
+    for _ in range(_NEWTON_ITERS):
+        z = (cens.log_caps - m[..., None] - gc) / cens.sigma
+        lam = _hazard(z)
+        grad = -(y - m[..., None] - g).sum(axis=-1) / s2 - lam.sum(axis=-1) / cens.sigma
+        hess = (n + (lam * (lam - z)).sum(axis=-1)) / s2
+        m = m - grad / hess
+    return m
+
+
+def _profile(log_steps: np.ndarray, inv_batch: np.ndarray, u: np.ndarray, cens: Censoring | None):
+    """Objective at log B_noise = u with log S_min profiled out; returns (objective, log S_min).
+
+    Plain: log S_i = log S_min + log(1 + e^u / B_i) is linear in log S_min, whose least-squares value is the mean
+    of log S_i - log(1 + e^u/B_i); the objective is the RSS. Censored: minus the log-likelihood (up to constants)
+    of the Tobit model below, log S_min by Newton. Shapes: log_steps (m, n), u (m,) or (m, K) -> u's shape.
     """
     g = np.log1p(np.exp(u)[..., None] * inv_batch)
-    r = (log_steps[:, None, :] if u.ndim == 2 else log_steps) - g
-    r = r - r.mean(axis=-1, keepdims=True)
-    return np.einsum("...i,...i->...", r, r)
+    y = log_steps[:, None, :] if u.ndim == 2 else log_steps
+    if cens is None:
+        log_a = (y - g).mean(axis=-1)
+        r = y - g - log_a[..., None]
+        return np.einsum("...i,...i->...", r, r), log_a
+    gc = np.log1p(np.exp(u)[..., None] * cens.inv_batch)
+    log_a = _censored_log_a(y, g, gc, cens)
+    r = y - g - log_a[..., None]
+    z = (cens.log_caps - log_a[..., None] - gc) / cens.sigma
+    nll = np.einsum("...i,...i->...", r, r) / (2 * cens.sigma ** 2) - _log_survival(z).sum(axis=-1)
+    return nll, log_a
 
 
-def fit_log_hyperbola(batch, log_steps) -> LogHyperbolaFits:
-    """Global least squares of log S = log(a + b/B), a, b > 0, for each row of `log_steps` (m, n) at once.
+def fit_log_hyperbola(batch, log_steps, censoring: Censoring | None = None) -> LogHyperbolaFits:
+    """Global fit of log S = log(a + b/B), a, b > 0, for each row of `log_steps` (m, n) at once.
 
-    Profile likelihood in u = log(b/a) (see `_profile_rss`): a 64-point grid over [log B_min - log 1e4,
-    log B_max + log 1e4] picks the basin, golden-section search refines it to ~1e-8 in u. One pass costs
-    O(m n (64 + 40)) flops, so 10^5 bootstrap refits take well under a second; `scipy.optimize.least_squares`
-    in (log a, log b) reaches the same minimum one data set at a time (tests/test_fit.py checks).
+    Without censoring: least squares. With it (Tobit 1958; Amemiya 1984, J. Econometrics 24, sec. 2): maximum
+    likelihood of log S_i ~ N(log S(B_i), s^2) for the reached points and P(log S(B_j) + e > log cap_j) =
+    1 - Phi((log cap_j - log S(B_j)) / s) for each censored point, s held at the plain fit's residual scale.
+    Both profile out log S_min (`_profile`) and search u = log(b/a): a 64-point grid over
+    [log B_min - log 1e4, log B_max + log 1e4] picks the basin, golden-section search refines it to ~1e-8 in u.
+    One pass costs O(m n (64 + 40)) flops (x8 Newton steps when censored), so 10^5 bootstrap refits take about
+    a second; `scipy.optimize` reaches the same optimum one data set at a time (tests/test_fit.py checks).
     """
     batch = np.asarray(batch, float)
     y = np.atleast_2d(np.asarray(log_steps, float))
     x = 1.0 / batch
-    lo, hi = math.log(batch.min()) - _SPAN, math.log(batch.max()) + _SPAN
+    all_batches = batch if censoring is None else np.concatenate([batch, censoring.batch])
+    lo, hi = math.log(all_batches.min()) - _SPAN, math.log(all_batches.max()) + _SPAN
     grid = np.linspace(lo, hi, _GRID)
-    k = _profile_rss(y, x, np.broadcast_to(grid, (len(y), _GRID))).argmin(axis=1)
+    k = _profile(y, x, np.broadcast_to(grid, (len(y), _GRID)), censoring)[0].argmin(axis=1)
     left, right = grid[np.maximum(k - 1, 0)], grid[np.minimum(k + 1, _GRID - 1)]
-    u = _golden_section(lambda v: _profile_rss(y, x, v), left, right)
+    u = _golden_section(lambda v: _profile(y, x, v, censoring)[0], left, right)
+    log_a = _profile(y, x, u, censoring)[1]
     g = np.log1p(np.exp(u)[:, None] * x)
-    log_a = (y - g).mean(axis=1)
     tol = 1e-6 * (hi - lo)
     bound = np.where(u <= lo + tol, -1, np.where(u >= hi - tol, 1, 0))
     return LogHyperbolaFits(log_s_min=log_a, log_b_noise=u, bound=bound, fitted=g + log_a[:, None])
@@ -116,15 +180,20 @@ def _golden_section(f, left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HyperbolaFit:
-    """One least-squares fit of S(B) = S_min (1 + B_noise/B) on log S."""
+    """One fit of S(B) = S_min (1 + B_noise/B) on log S (least squares, or Tobit with lower bounds)."""
 
     s_min: float
     b_noise: float
     rss: float
-    """Residual sum of squares of log S."""
+    """Residual sum of squares of log S at the reached points."""
     n_points: int
+    """Reached (uncensored) points."""
     bound: int
     """See LogHyperbolaFits.bound."""
+    n_censored: int = 0
+    """Lower bounds S(B) > cap in the likelihood."""
+    sigma: float = math.nan
+    """The residual scale of log S the censored likelihood used (NaN without censored points)."""
 
     @property
     def a(self) -> float:
@@ -134,17 +203,37 @@ class HyperbolaFit:
     def b(self) -> float:
         return self.s_min * self.b_noise
 
+    @property
+    def censoring_sigma(self) -> float | None:
+        return None if self.n_censored == 0 else self.sigma
+
     def steps(self, batch):
         return steps_model(batch, self.s_min, self.b_noise)
 
 
-def fit_hyperbola(batch, steps) -> HyperbolaFit:
-    """Least-squares fit of log S = log(a + b/B) with a, b > 0 (McCandlish et al. 2018, eq. 2.11)."""
+def residual_scale(rss: float, n_points: int) -> float:
+    """s = sqrt(RSS / (n - 2)) of log S (2 fitted parameters); NaN with 2 points or fewer."""
+    return math.sqrt(rss / (n_points - 2)) if n_points > 2 else math.nan
+
+
+def fit_hyperbola(batch, steps, censored_batch=(), caps=()) -> HyperbolaFit:
+    """Fit of log S = log(a + b/B) with a, b > 0 (McCandlish et al. 2018, eq. 2.11).
+
+    With lower bounds S(B_j) > cap_j: the censored (Tobit) likelihood of `fit_log_hyperbola`, its scale s the
+    plain fit's residual scale sqrt(RSS / (n - 2)) floored at SIGMA_FLOOR.
+    """
     batch, steps = np.asarray(batch, float), np.asarray(steps, float)
-    f = fit_log_hyperbola(batch, np.log(steps)[None, :])
-    rss = float(((np.log(steps) - f.fitted[0]) ** 2).sum())
-    return HyperbolaFit(s_min=float(np.exp(f.log_s_min[0])), b_noise=float(np.exp(f.log_b_noise[0])), rss=rss,
-                        n_points=len(batch), bound=int(f.bound[0]))
+    y = np.log(steps)
+    plain = fit_log_hyperbola(batch, y[None, :])
+    censoring = None
+    if len(caps):
+        rss0 = float(((y - plain.fitted[0]) ** 2).sum())
+        sigma = max(residual_scale(rss0, len(batch)), SIGMA_FLOOR) if len(batch) > 2 else SIGMA_FLOOR
+        censoring = Censoring(np.asarray(censored_batch, float), np.log(np.asarray(caps, float)), sigma)
+    f = plain if censoring is None else fit_log_hyperbola(batch, y[None, :], censoring)
+    return HyperbolaFit(s_min=float(np.exp(f.log_s_min[0])), b_noise=float(np.exp(f.log_b_noise[0])),
+                        rss=float(((y - f.fitted[0]) ** 2).sum()), n_points=len(batch), bound=int(f.bound[0]),
+                        n_censored=len(caps), sigma=censoring.sigma if censoring else math.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,17 +249,18 @@ class BootstrapIntervals:
 
 
 def bootstrap_hyperbola(batch, steps, fit: HyperbolaFit, n_resamples: int, rng: np.random.Generator,
-                        level: float = LEVEL) -> BootstrapIntervals:
+                        level: float = LEVEL, censoring: Censoring | None = None) -> BootstrapIntervals:
     """Intervals for S_min and B_noise: residual bootstrap over the batch points, t-expanded percentile.
 
-    The n residuals of log S at the batch points, rescaled by sqrt(n/(n-2)) (2 fitted parameters) and centred,
+    The n residuals of log S at the reached points, rescaled by sqrt(n/(n-2)) (2 fitted parameters) and centred,
     are resampled with replacement onto the fitted curve, and every resample is refitted (Davison & Hinkley
-    1997, alg. 6.1). With 3-9 batch points the plain percentile interval of (log S_min, log B_noise) under-covers
-    (~80% for a nominal 95% at n = 4-6, in our simulations; resampling the (B, S) pairs was worse, ~65-85%),
-    because the bootstrap distribution knows neither the t-tails of an estimated scale nor the lost degrees of
-    freedom. So each percentile interval is expanded about the estimate by t_{n-2, q}/z_q, q = (1 + level)/2
-    (the small-sample correction of Hesterberg's "expanded percentile" interval, Hesterberg 2015, Am. Stat. 69,
-    sec. 5): simulated coverage 92-97% for n = 3..9 and noise 3-20% (tests/test_fit.py checks >= 90%).
+    1997, alg. 6.1), with the same lower bounds when there are censored points. With 3-9 batch points the plain
+    percentile interval of (log S_min, log B_noise) under-covers (~80% for a nominal 95% at n = 4-6, in our
+    simulations; resampling the (B, S) pairs was worse, ~65-85%), because the bootstrap distribution knows
+    neither the t-tails of an estimated scale nor the lost degrees of freedom. So each percentile interval is
+    expanded about the estimate by t_{n-2, q}/z_q, q = (1 + level)/2 (the small-sample correction of
+    Hesterberg's "expanded percentile" interval, Hesterberg 2015, Am. Stat. 69, sec. 5): simulated coverage
+    92-97% for n = 3..9 and noise 3-20% (tests/test_fit.py checks >= 90%).
     Resamples at the upper search bound of B_noise (S ~ 1/B, no saturation) make the upper limit +inf.
     """
     batch, y = np.asarray(batch, float), np.log(np.asarray(steps, float))
@@ -180,7 +270,7 @@ def bootstrap_hyperbola(batch, steps, fit: HyperbolaFit, n_resamples: int, rng: 
     fitted = np.log(fit.steps(batch))
     e = (y - fitted) * math.sqrt(n / (n - 2))
     e -= e.mean()
-    star = fit_log_hyperbola(batch, fitted + e[rng.integers(0, n, size=(n_resamples, n))])
+    star = fit_log_hyperbola(batch, fitted + e[rng.integers(0, n, size=(n_resamples, n))], censoring)
     widen = stats.t.ppf((1 + level) / 2, n - 2) / NormalDist().inv_cdf((1 + level) / 2)
     lo_s, hi_s = _expanded_percentile(math.log(fit.s_min), star.log_s_min, level, widen)
     lo_b, hi_b = _expanded_percentile(math.log(fit.b_noise), star.log_b_noise, level, widen)
@@ -206,6 +296,30 @@ NAN2 = (math.nan, math.nan)
 
 
 @dataclass(frozen=True)
+class Degradation:
+    """B(o) = (1 + o) B0 + o B_noise at one overhead o, with the interval mapped from B_noise's."""
+
+    overhead: float
+    batch: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """How well S(B) = S_min (1 + B_noise/B) describes one setting's reached points (all on log S)."""
+
+    batches: tuple[int, ...]
+    residuals: tuple[float, ...]
+    """log S - fitted log S at each reached batch (0.05 = 5% above the curve)."""
+    residual_sd: float
+    """sqrt(RSS / (n - 2)); NaN with 2 points."""
+    max_abs_residual: float
+    r2: float
+    """1 - RSS/TSS of log S."""
+
+
+@dataclass(frozen=True)
 class CbsEstimate:
     """The fit of one setting; estimates are NaN (and `note` says why) when it could not be fitted."""
 
@@ -221,10 +335,21 @@ class CbsEstimate:
     cbs_ci: tuple[float, float] = NAN2
     fit: HyperbolaFit | None = None
     note: str = ""
+    overhead: float = 0.2
+    degradation: tuple[Degradation, ...] = ()
+    diagnostics: Diagnostics | None = None
+    warnings: tuple[str, ...] = ()
+    n_censored: int = 0
+    """Censored batches that entered the fit as lower bounds."""
 
     @property
     def fitted(self) -> bool:
         return math.isfinite(self.cbs)
+
+    @property
+    def b0_share(self) -> float:
+        """(1 + o) B0 / B*: the part of the CBS set by the reference batch rather than by B_noise."""
+        return (1 + self.overhead) * self.reference_batch / self.cbs if self.fitted else math.nan
 
 
 def setting_rng(seed: int, name: str) -> np.random.Generator:
@@ -232,35 +357,56 @@ def setting_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
 
-def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float,
-                     reference_batch: float | None = None, n_resamples: int = 1000, seed: int = 0,
-                     level: float = LEVEL) -> CbsEstimate:
-    """Fit S(B), then B* = (1 + o) B0 + o B_noise with intervals.
+def degradation_range(b_noise: float, b_noise_ci: tuple[float, float], reference_batch: float,
+                      overheads=DEGRADATION_OVERHEADS) -> tuple[Degradation, ...]:
+    """B(o) = (1 + o) B0 + o B_noise for each o: the batch at which S is (1 + o) x linear scaling from B0.
 
-    B0 defaults to the smallest batch of the setting, censored or not: B0 only anchors the linear-scaling line
-    S(B0) B0/B on the fitted curve, and a study's settings then share the B0 of their common batch grid, so that
-    their CBS are comparable (a censored smallest batch would otherwise shift one setting's B0).
+    B(o) is increasing and affine in B_noise, so its interval is B(o) at B_noise's limits.
     """
-    usable = [p for p in points if not p.censored]
-    batch = np.array([p.batch_size for p in usable], float)
-    b0 = float(reference_batch) if reference_batch else float(min((p.batch_size for p in points), default=math.nan))
-    base = dict(setting=setting, n_batches=len(usable), reference_batch=b0)
-    if len(usable) < MIN_BATCHES:
-        return CbsEstimate(**base, note=f"insufficient: {len(usable)} batch size(s) reached the target, "
-                                         f"need >= {MIN_BATCHES}")
-    steps = np.array([p.steps for p in usable], float)
-    fit = fit_hyperbola(batch, steps)
+    return tuple(Degradation(float(o), float(critical_batch_size(b_noise, reference_batch, o)),
+                             *(float(critical_batch_size(v, reference_batch, o)) for v in b_noise_ci))
+                 for o in overheads)
+
+
+def diagnostics(fit: HyperbolaFit, batch: np.ndarray, steps: np.ndarray) -> Diagnostics:
+    y = np.log(steps)
+    r = y - np.log(fit.steps(batch))
+    tss = float(((y - y.mean()) ** 2).sum())
+    return Diagnostics(batches=tuple(int(b) for b in batch), residuals=tuple(float(v) for v in r),
+                       residual_sd=residual_scale(fit.rss, len(batch)), max_abs_residual=float(np.abs(r).max()),
+                       r2=1.0 - fit.rss / tss if tss > 0 else math.nan)
+
+
+def fit_warnings(fit: HyperbolaFit, batch: np.ndarray, cbs: float, reference_batch: float, overhead: float,
+                 cbs_ci: tuple[float, float], bounds: list[StepsPoint] = ()) -> tuple[str, ...]:
+    """What makes a setting's CBS less trustworthy than its interval says (docs/method.md, "Diagnostics")."""
+    out = []
+    for p in bounds:
+        fitted = float(fit.steps(p.batch_size))
+        if math.log(p.censored_at_steps / fitted) > BOUND_CONFLICT_Z * fit.sigma:
+            out.append(f"at B={p.batch_size} no run reached the target in {p.censored_at_steps:.4g} steps, but the "
+                       f"fit puts S there at {fitted:.4g}: the lower bound conflicts with the other batches (more "
+                       f"than {BOUND_CONFLICT_Z:g} residual s.d. above the curve) and pulls the fit; check those runs")
     if fit.bound == 1:
-        return CbsEstimate(**base, fit=fit, note=f"no saturation: S ~ 1/B up to B={batch.max():g}; "
-                                                 "CBS is beyond the measured batch sizes")
-    cbs = float(critical_batch_size(fit.b_noise, b0, overhead))
-    note = _fit_note(fit, cbs, float(batch.max()))
-    if n_resamples <= 0:
-        return CbsEstimate(**base, s_min=fit.s_min, b_noise=fit.b_noise, cbs=cbs, fit=fit, note=note)
-    ci = bootstrap_hyperbola(batch, steps, fit, n_resamples, setting_rng(seed, setting.name), level)
-    cbs_ci = tuple(float(critical_batch_size(v, b0, overhead)) for v in ci.b_noise)  # B* is affine in B_noise
-    return CbsEstimate(**base, s_min=fit.s_min, b_noise=fit.b_noise, cbs=cbs, s_min_ci=ci.s_min,
-                       b_noise_ci=ci.b_noise, cbs_ci=cbs_ci, fit=fit, note=note)
+        out.append(f"B_noise at the upper search bound: S ~ 1/B up to B={batch.max():g} (no saturation); "
+                   "add larger batches")
+    elif fit.bound == -1:
+        out.append(f"B_noise at the lower search bound: S is flat from B={batch.min():g} on; B_noise is not "
+                   "measured, add smaller batches")
+    elif fit.b_noise > batch.max():
+        out.append(f"the sweep does not bracket B_noise={fit.b_noise:.3g}: every batch is below it, so S_min is "
+                   "extrapolated; add larger batches")
+    elif fit.b_noise < batch.min():
+        out.append(f"the sweep does not bracket B_noise={fit.b_noise:.3g}: every batch is above it, so the 1/B "
+                   "regime is not measured; add smaller batches")
+    share = (1 + overhead) * reference_batch / cbs if math.isfinite(cbs) else math.nan
+    if share >= B0_SHARE_WARNING:
+        out.append(f"CBS ~ (1+o)B0: the reference-batch term {(1 + overhead) * reference_batch:.3g} is "
+                   f"{share:.0%} of the CBS, an artefact of B0 more than a measure of B_noise; read the B_noise "
+                   "law, or refit with a smaller --reference-batch")
+    if math.isinf(cbs_ci[1]):
+        out.append("CBS interval unbounded above: in more than 2.5% of bootstrap resamples S ~ 1/B throughout")
+    return tuple(out)
 
 
 def _fit_note(fit: HyperbolaFit, cbs: float, max_batch: float) -> str:
@@ -270,157 +416,50 @@ def _fit_note(fit: HyperbolaFit, cbs: float, max_batch: float) -> str:
     return "; ".join(notes)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# scaling laws
+def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float,
+                     reference_batch: float | None = None, n_resamples: int = 1000, seed: int = 0,
+                     level: float = LEVEL, overheads=DEGRADATION_OVERHEADS) -> CbsEstimate:
+    """Fit S(B) (censored batches as lower bounds), then B* = (1 + o) B0 + o B_noise with intervals.
 
-
-LAW_SYMBOLS = {"tokens": "D", "model_params": "N"}
-
-
-@dataclass(frozen=True)
-class ScalingLaw:
-    """log B* = log c + alpha log X by OLS (natural logs); enough to forecast with a prediction interval.
-
-    Prediction at x (a new setting, not the mean line): log B*(x) ~ xi' beta +- t_{df, q} sqrt(xi' V xi + s^2),
-    xi = (1, log x), V = cov(beta), s^2 = residual variance (standard OLS prediction interval).
-    With 2 points (df = 0) the line is exact and every interval is NaN.
+    B0 defaults to the smallest batch of the setting, censored or not: B0 only anchors the linear-scaling line
+    S(B0) B0/B on the fitted curve, and a study's settings then share the B0 of their common batch grid, so that
+    their CBS are comparable (a censored smallest batch would otherwise shift one setting's B0).
     """
-
-    variable: str
-    log_coefficient: float
-    exponent: float
-    cov: tuple[tuple[float, float], tuple[float, float]]
-    residual_variance: float
-    df_resid: int
-    r2: float
-    n_points: int
-    x_range: tuple[float, float]
-    settings: tuple[str, ...] = ()
-    pooled: bool = False
-    """True when the other variable (N for the D law, D for the N law) also varies across the points."""
-    level: float = LEVEL
-
-    @property
-    def symbol(self) -> str:
-        return LAW_SYMBOLS.get(self.variable, self.variable)
-
-    @property
-    def coefficient(self) -> float:
-        return math.exp(self.log_coefficient)
-
-    def _t(self, level: float) -> float:
-        return float(stats.t.ppf((1 + level) / 2, self.df_resid)) if self.df_resid > 0 else math.nan
-
-    @property
-    def exponent_ci(self) -> tuple[float, float]:
-        half = self._t(self.level) * math.sqrt(self.cov[1][1])
-        return (self.exponent - half, self.exponent + half)
-
-    @property
-    def coefficient_ci(self) -> tuple[float, float]:
-        half = self._t(self.level) * math.sqrt(self.cov[0][0])
-        return (math.exp(self.log_coefficient - half), math.exp(self.log_coefficient + half))
-
-    def predict(self, x, prediction: bool = True, level: float | None = None):
-        """(point, low, high) of B* at x; `prediction=False` gives the confidence band of the mean line."""
-        lx = np.log(np.asarray(x, float))
-        mean = self.log_coefficient + self.exponent * lx
-        v = np.array(self.cov)
-        var = v[0, 0] + 2 * v[0, 1] * lx + v[1, 1] * lx**2 + (self.residual_variance if prediction else 0.0)
-        half = self._t(level or self.level) * np.sqrt(var)
-        return np.exp(mean), np.exp(mean - half), np.exp(mean + half)
-
-
-def _num(v) -> float | None:
-    """JSON has no NaN/inf: write null."""
-    return float(v) if v is not None and math.isfinite(v) else None
-
-
-def law_to_json(law: ScalingLaw) -> dict:
-    """The scaling.json entry of one law (natural logs; NaN -> null)."""
-    return {
-        "variable": law.variable, "symbol": law.symbol, "formula": f"CBS = c * {law.symbol}^alpha",
-        "coefficient": _num(law.coefficient), "coefficient_ci": [_num(v) for v in law.coefficient_ci],
-        "exponent": _num(law.exponent), "exponent_ci": [_num(v) for v in law.exponent_ci], "level": law.level,
-        "r2": _num(law.r2), "n_points": law.n_points, "df_resid": law.df_resid,
-        "log_coefficient": _num(law.log_coefficient),
-        "cov_log_coefficient_exponent": [[_num(v) for v in row] for row in law.cov],
-        "residual_variance": _num(law.residual_variance), "x_range": list(law.x_range),
-        "settings": list(law.settings), "pooled_over_other_variable": law.pooled,
-    }
-
-
-def law_from_json(d: dict) -> ScalingLaw:
-    """Inverse of law_to_json; KeyError/TypeError/ValueError on a malformed entry."""
-    def f(v):
-        return math.nan if v is None else float(v)
-
-    cov = d["cov_log_coefficient_exponent"]
-    law = ScalingLaw(variable=str(d["variable"]), log_coefficient=float(d["log_coefficient"]),
-                     exponent=float(d["exponent"]), cov=((f(cov[0][0]), f(cov[0][1])), (f(cov[1][0]), f(cov[1][1]))),
-                     residual_variance=f(d["residual_variance"]), df_resid=int(d["df_resid"]), r2=f(d["r2"]),
-                     n_points=int(d["n_points"]), x_range=(float(d["x_range"][0]), float(d["x_range"][1])),
-                     settings=tuple(d.get("settings", ())), pooled=bool(d.get("pooled_over_other_variable")),
-                     level=float(d.get("level", LEVEL)))
-    if not (math.isfinite(law.log_coefficient) and math.isfinite(law.exponent)) or law.df_resid < 0:
-        raise ValueError("log_coefficient and exponent must be finite numbers")
-    return law
-
-
-def fit_scaling_law(x, cbs, variable: str, settings=(), pooled: bool = False,
-                    level: float = LEVEL) -> ScalingLaw | None:
-    """OLS of log B* on log X (statsmodels); None with fewer than 2 distinct X."""
-    import statsmodels.api as sm  # ~0.5 s to import; only needed here
-
-    x, cbs = np.asarray(x, float), np.asarray(cbs, float)
-    if len(np.unique(x)) < 2:
-        return None
-    res = sm.OLS(np.log(cbs), sm.add_constant(np.log(x))).fit()
-    df = int(round(res.df_resid))
-    cov = np.asarray(res.cov_params()) if df > 0 else np.full((2, 2), math.nan)
-    return ScalingLaw(variable=variable, log_coefficient=float(res.params[0]), exponent=float(res.params[1]),
-                      cov=tuple(tuple(float(v) for v in row) for row in cov),
-                      residual_variance=float(res.scale) if df > 0 else math.nan, df_resid=df,
-                      r2=float(res.rsquared) if df > 0 else 1.0, n_points=len(x),
-                      x_range=(float(x.min()), float(x.max())), settings=tuple(settings), pooled=pooled,
-                      level=level)
-
-
-def fit_scaling_laws(estimates: list[CbsEstimate], level: float = LEVEL) -> dict[str, ScalingLaw]:
-    """The D law and the N law over the fitted settings (each only when its variable takes >= 2 values)."""
-    ok = [e for e in estimates if e.fitted]
-    cbs = [e.cbs for e in ok]
-    laws = {}
-    for variable, other in (("tokens", "model_params"), ("model_params", "tokens")):
-        x = [getattr(e.setting, variable) for e in ok]
-        pooled = len({getattr(e.setting, other) for e in ok}) > 1
-        law = fit_scaling_law(x, cbs, variable, [e.setting.name for e in ok], pooled, level)
-        if law is not None:
-            laws[variable] = law
-    return laws
+    usable = [p for p in points if not p.censored]
+    bounds = [p for p in points if p.lower_bound]
+    batch = np.array([p.batch_size for p in usable], float)
+    b0 = float(reference_batch) if reference_batch else float(min((p.batch_size for p in points), default=math.nan))
+    base = dict(setting=setting, n_batches=len(usable), reference_batch=b0, overhead=overhead)
+    if len(usable) < MIN_BATCHES:
+        return CbsEstimate(**base, note=f"insufficient: {len(usable)} batch size(s) reached the target, "
+                                         f"need >= {MIN_BATCHES}")
+    steps = np.array([p.steps for p in usable], float)
+    fit = fit_hyperbola(batch, steps, [p.batch_size for p in bounds], [p.censored_at_steps for p in bounds])
+    base.update(fit=fit, diagnostics=diagnostics(fit, batch, steps), n_censored=len(bounds))
+    if fit.bound == 1:
+        return CbsEstimate(**base, warnings=fit_warnings(fit, batch, math.nan, b0, overhead, NAN2, bounds),
+                           note=f"no saturation: S ~ 1/B up to B={batch.max():g}; CBS is beyond the measured "
+                                "batch sizes")
+    cbs = float(critical_batch_size(fit.b_noise, b0, overhead))
+    base.update(s_min=fit.s_min, b_noise=fit.b_noise, cbs=cbs, note=_fit_note(fit, cbs, float(batch.max())))
+    if n_resamples > 0:
+        censoring = None if not bounds else Censoring(np.array([p.batch_size for p in bounds], float), np.log(
+            [p.censored_at_steps for p in bounds]), fit.sigma)
+        ci = bootstrap_hyperbola(batch, steps, fit, n_resamples, setting_rng(seed, setting.name), level, censoring)
+        cbs_ci = tuple(float(critical_batch_size(v, b0, overhead)) for v in ci.b_noise)  # affine in B_noise
+        base.update(s_min_ci=ci.s_min, b_noise_ci=ci.b_noise, cbs_ci=cbs_ci)
+    return CbsEstimate(**base, degradation=degradation_range(fit.b_noise, base.get("b_noise_ci", NAN2), b0,
+                                                             overheads),
+                       warnings=fit_warnings(fit, batch, cbs, b0, overhead, base.get("cbs_ci", NAN2), bounds))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # a whole study
 
 
-@dataclass
-class StudyFit:
-    table: StepsTable
-    estimates: list[CbsEstimate]
-    laws: dict[str, ScalingLaw]
-    overhead: float
-    reference_batch: float | None
-    """As given on the command line; None = each setting's smallest batch."""
-    n_resamples: int
-    seed: int
-    level: float = LEVEL
-
-
-def fit_study(table: StepsTable, overhead: float = 0.2, reference_batch: float | None = None,
-              n_resamples: int = 1000, seed: int = 0, level: float = LEVEL) -> StudyFit:
-    """Every setting's S(B) fit and CBS, then the scaling laws over the settings that could be fitted."""
-    estimates = [estimate_setting(s, table.points_of(s.name), overhead, reference_batch, n_resamples, seed, level)
-                 for s in table.settings()]
-    return StudyFit(table=table, estimates=estimates, laws=fit_scaling_laws(estimates, level), overhead=overhead,
-                    reference_batch=reference_batch, n_resamples=n_resamples, seed=seed, level=level)
+def fit_settings(points_of, settings: list[Setting], overhead: float = 0.2, reference_batch: float | None = None,
+                 n_resamples: int = 1000, seed: int = 0, level: float = LEVEL,
+                 overheads=DEGRADATION_OVERHEADS) -> list[CbsEstimate]:
+    """Every setting's fit; `points_of(name)` gives its points sorted by batch."""
+    return [estimate_setting(s, points_of(s.name), overhead, reference_batch, n_resamples, seed, level, overheads)
+            for s in settings]

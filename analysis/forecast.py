@@ -1,32 +1,46 @@
-"""Forecast the critical batch size of a new data budget (or model size) from scaling.json, and plan a batch.
+"""Forecast the critical batch size of a new data budget and/or model size from scaling.json, plan a batch, and
+(with throughput) the batch that reaches the target fastest on a GPU budget.
 
-CBS(x) = c x^alpha with an OLS prediction interval on the log scale (see fit.ScalingLaw.predict). The batch plan
-takes the largest global batch <= CBS that is a whole number of micro-batches on every GPU
-(global = k * gpus * micro_batch, gradient accumulation k), so that every step is still in the
-near-linear-scaling regime: at B* a step already buys only 1/(1 + o) of what linear scaling promises.
+CBS(x) = c x^alpha (or c D^a N^b with the joint law) with an OLS prediction interval on the log scale (see
+laws.PowerLaw.predict). Which law: the joint law when both D and N are given and it is identifiable; otherwise
+the D law (or the N law with only N), saying why. The batch plan takes the largest global batch <= CBS that is
+a whole number of micro-batches on every GPU (global = k * gpus * micro_batch, gradient accumulation k), so that
+every step is still in the near-linear-scaling regime: at B* a step already buys only 1/(1 + o) of what linear
+scaling promises. The time plan (docs/method.md, "Time and cost") uses S(B) = S_min(x) (1 + B_noise(x) / B) from
+the S_min and B_noise laws of the same variables.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis import InputError
-from analysis.fit import ScalingLaw, law_from_json
+from analysis.cost import ThroughputModel, ThroughputPoint, TimeToTarget, fastest, plan_rows, time_rows
+from analysis.laws import SYMBOLS, PowerLaw, law_from_json
 
 DEFAULT_SEQ_LEN = 512  # the paper's context length (Zhang et al. 2025, sec. 2)
+LAW_FAMILIES = ("laws", "laws_weighted", "laws_b_noise", "laws_s_min")
+RATIO_WARNING = 2.0
+"""With collinear D and N, warn when the asked D/N is this far (either way) from the fitted settings' ratio."""
 
 
 @dataclass(frozen=True)
 class ScalingFile:
     """What forecast needs from scaling.json."""
 
-    laws: dict[str, ScalingLaw]
+    laws: dict[str, PowerLaw]
     seq_len: int | None
     overhead: float | None
     path: str
+    version: int = 1
+    b_noise: dict[str, PowerLaw] = field(default_factory=dict)
+    s_min: dict[str, PowerLaw] = field(default_factory=dict)
+    throughput: tuple[ThroughputPoint, ...] = ()
+    tokens_per_param: float | None = None
+    """Geometric mean D/N of the fitted settings when D and N are collinear (None otherwise)."""
 
 
 def load_scaling(path: str | Path) -> ScalingFile:
@@ -37,39 +51,166 @@ def load_scaling(path: str | Path) -> ScalingFile:
     except FileNotFoundError:
         raise InputError(f"{path}: no such file (write it with `cbs fit ... --out DIR`)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read JSON: {e}") from None
+        raise InputError(f"{path}: cannot read JSON: {e}; rewrite it with `cbs fit`") from None
     if not isinstance(data, dict) or not isinstance(data.get("laws"), dict):
-        raise InputError(f"{path}: not a scaling.json written by `cbs fit` (no 'laws' mapping)")
-    laws = {}
-    for name, entry in data["laws"].items():
-        try:
-            laws[name] = law_from_json(entry)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise InputError(f"{path}: law {name!r} is malformed ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a scaling.json written by `cbs fit` (no 'laws' mapping); rewrite it with "
+                         "`cbs fit`")
+    families = {name: _read_laws(path, name, data.get(name)) for name in LAW_FAMILIES}
     seq_len = data.get("seq_len")
     seq_len = seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
     overhead = data.get("overhead") if isinstance(data.get("overhead"), (int, float)) else None
-    return ScalingFile(laws=laws, seq_len=seq_len, overhead=overhead, path=str(path))
+    version = data.get("version") if isinstance(data.get("version"), int) else 1
+    coll = data.get("collinearity") if isinstance(data.get("collinearity"), dict) else {}
+    ratio = coll.get("tokens_per_param") if coll.get("collinear") else None
+    return ScalingFile(laws=families["laws"], seq_len=seq_len, overhead=overhead, path=str(path), version=version,
+                       b_noise=families["laws_b_noise"], s_min=families["laws_s_min"],
+                       throughput=_read_throughput(path, data.get("throughput")),
+                       tokens_per_param=float(ratio) if isinstance(ratio, (int, float)) else None)
+
+
+def _read_laws(path: Path, family: str, entries) -> dict[str, PowerLaw]:
+    if entries is None and family != "laws":
+        return {}  # version 1 has only `laws`
+    if not isinstance(entries, dict):
+        raise InputError(f"{path}: {family} must be a mapping of laws; rewrite the file with `cbs fit`")
+    laws = {}
+    for name, entry in entries.items():
+        try:
+            laws[name] = law_from_json(entry)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise InputError(f"{path}: {family}.{name} is malformed ({type(e).__name__}: {e}); rewrite the file "
+                             "with `cbs fit`") from None
+    return laws
+
+
+def _read_throughput(path: Path, entry) -> tuple[ThroughputPoint, ...]:
+    if entry is None:
+        return ()
+    try:
+        points = []
+        for i, p in enumerate(entry["points"]):
+            n = p.get("model_params")
+            point = ThroughputPoint(None if n is None else int(n), int(p["batch_size"]), int(p["gpus"]),
+                                    float(p["tokens_per_s"]))
+            if not (point.batch_size > 0 and point.gpus > 0 and math.isfinite(point.tokens_per_s)
+                    and point.tokens_per_s > 0):
+                raise ValueError(f"point {i} is not positive: {p}")
+            points.append(point)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: throughput is malformed ({type(e).__name__}: {e}); rewrite the file with "
+                         "`cbs fit`") from None
+    return tuple(points)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# which law, and the CBS
 
 
 @dataclass(frozen=True)
 class Forecast:
     variable: str
-    x: float
+    """'tokens', 'model_params', 'compute' or 'joint'."""
+    x: tuple[float, ...]
     cbs: float
     low: float
     high: float
-    """Prediction interval (NaN when the law was fitted through 2 points)."""
+    """Prediction interval (NaN when the law was fitted through as many points as it has parameters)."""
     level: float
     extrapolated: bool
     """x outside the range of the settings the law was fitted on."""
 
 
-def forecast_cbs(law: ScalingLaw, x: float) -> Forecast:
-    """CBS = c x^alpha with the law's prediction interval (a new setting's CBS, not the mean line)."""
-    point, low, high = (float(v) for v in law.predict(x))
-    lo, hi = law.x_range
-    return Forecast(law.variable, float(x), point, low, high, law.level, not (lo <= x <= hi))
+def forecast_cbs(law: PowerLaw, x) -> Forecast:
+    """Y = c x^alpha (or c D^a N^b) with the law's prediction interval (a new setting, not the mean line)."""
+    xs = tuple(float(v) for v in (x if isinstance(x, (tuple, list)) else (x,)))
+    point, low, high = (float(v) for v in law.predict(xs[0] if len(xs) == 1 else xs))
+    return Forecast(law.variable, xs, point, low, high, law.level, not law.in_range(xs[0] if len(xs) == 1 else xs))
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str
+    x: tuple[float, ...]
+    notes: tuple[str, ...] = ()
+
+
+def choose_law(sf: ScalingFile, tokens: float | None, model_params: float | None) -> Choice:
+    """The joint law for (D, N) when identifiable; else the D law; else the N law (module docstring)."""
+    notes = []
+    if tokens and model_params:
+        joint = sf.laws.get("joint")
+        if joint is None and sf.version < 2 and {"tokens", "model_params"} <= set(sf.laws):
+            raise InputError(f"{sf.path}: written by an older `cbs fit` (version {sf.version}) without a joint law "
+                             "in (D, N); re-run `cbs fit` on the study, or drop --model-params to use the D law")
+        if joint is not None and joint.identifiable:
+            return Choice("joint", (tokens, model_params))
+        if joint is not None:
+            notes.append(f"note: no joint law: {joint.reason}; using the one-variable law")
+            notes += _ratio_note(sf, tokens, model_params)
+    if tokens and "tokens" in sf.laws:
+        if model_params and "model_params" not in sf.laws and not notes:
+            notes.append("note: scaling.json has no N law (its settings had one model size); N is not used")
+        return Choice("tokens", (tokens,), tuple(notes))
+    if "model_params" in sf.laws:
+        if not model_params:
+            raise InputError(f"{sf.path}: has only an N law (its settings had one data budget); give --model-params")
+        return Choice("model_params", (model_params,), tuple(notes))
+    raise InputError(f"{sf.path}: no scaling law (the fit had a single D and a single N); nothing to forecast")
+
+
+def _ratio_note(sf: ScalingFile, tokens: float, model_params: float) -> list[str]:
+    ratio = sf.tokens_per_param
+    if not ratio or max(tokens / model_params / ratio, ratio * model_params / tokens) < RATIO_WARNING:
+        return []
+    return [f"note: the fitted settings all have D ~ {ratio:.3g} N, this forecast D = {tokens / model_params:.3g} N; "
+            "the D law carries that ratio's N, so the forecast is an extrapolation off the fitted design"]
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _at(law: PowerLaw, x: tuple[float, ...]) -> str:
+    return ", ".join(f"{SYMBOLS[v]}={val:.4g}" for v, val in zip(law.variables, x))
+
+
+def describe(f: Forecast, law: PowerLaw) -> str:
+    """One line: CBS forecast, interval, law and extrapolation warning."""
+    interval = (f"{f.level:.0%} prediction interval [{_fmt(f.low)}, {_fmt(f.high)}]"
+                if math.isfinite(f.low) else "no interval (law fitted through as many points as parameters)")
+    where = ""
+    if f.extrapolated:
+        ranges = ", ".join(f"{SYMBOLS[v]} [{lo:.3g}, {hi:.3g}]" for v, (lo, hi) in zip(law.variables, law.x_ranges))
+        where = f"; extrapolated beyond the fitted {ranges}"
+    if len(law.variables) == 1:
+        shape = f"{law.coefficient:.4g} * {law.symbol}^{law.exponent:.3f}"
+    else:
+        shape = f"{law.coefficient:.4g} * " + " * ".join(
+            f"{SYMBOLS[v]}^{a:.3f}" for v, a in zip(law.variables, law.params[1:]))
+    return f"CBS({_at(law, f.x)}) = {_fmt(f.cbs)} sequences, {interval}; law CBS = {shape} (n={law.n_points}){where}"
+
+
+def also_lines(sf: ScalingFile, choice: Choice, tokens: float, model_params: float | None) -> list[str]:
+    """The other laws' forecasts at the same point, for comparison."""
+    x = {"tokens": (tokens,), "model_params": (model_params,),
+         "compute": (6.0 * tokens * model_params,) if model_params else None}
+    lines = []
+    for key, name in (("tokens", "the D law"), ("model_params", "the N law"), ("compute", "the compute law")):
+        if key == choice.key or key not in sf.laws or not x[key] or not x[key][0]:
+            continue
+        if choice.key == "tokens" and key == "compute" and model_params is None:
+            continue
+        lines.append(f"also, from {name} (the plan uses the {_law_name(choice.key)}): "
+                     + describe(forecast_cbs(sf.laws[key], x[key]), sf.laws[key]))
+    return lines
+
+
+def _law_name(key: str) -> str:
+    return {"joint": "joint law", "tokens": "D law", "model_params": "N law", "compute": "compute law"}[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batch plan
 
 
 @dataclass(frozen=True)
@@ -98,20 +239,6 @@ def batch_plan(cbs: float, gpus: int, micro_batch_seqs: int, seq_len: int) -> Ba
                      grad_accum=max(k, 1), seq_len=seq_len, above_cbs=k < 1)
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def describe(f: Forecast, law: ScalingLaw) -> str:
-    """One line: CBS forecast, interval, law and extrapolation warning."""
-    interval = (f"{f.level:.0%} prediction interval [{_fmt(f.low)}, {_fmt(f.high)}]"
-                if math.isfinite(f.low) else "no interval (law fitted through 2 points)")
-    where = (f"; extrapolated beyond the fitted {law.symbol} range [{law.x_range[0]:.3g}, {law.x_range[1]:.3g}]"
-             if f.extrapolated else "")
-    return (f"CBS({law.symbol}={f.x:.4g}) = {_fmt(f.cbs)} sequences, {interval}; "
-            f"law CBS = {law.coefficient:.4g} * {law.symbol}^{law.exponent:.3f} (n={law.n_points}){where}")
-
-
 def describe_plan(plan: BatchPlan, cbs: Forecast, tokens: float) -> list[str]:
     lines = [f"batch plan: global batch {plan.global_batch_seqs} sequences = {plan.tokens_per_step:,} tokens "
              f"(seq_len {plan.seq_len}) = {plan.gpus} GPU(s) x micro-batch {plan.micro_batch_seqs} x "
@@ -123,3 +250,64 @@ def describe_plan(plan: BatchPlan, cbs: Forecast, tokens: float) -> list[str]:
         lines.append(f"note: a global batch <= {_fmt(cbs.low)} sequences stays below the CBS's lower "
                      f"{cbs.level:.0%} prediction bound")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# time plan
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    fastest: TimeToTarget
+    at_cbs_plan: TimeToTarget | None
+    s_min: float
+    b_noise: float
+    budget: int
+    """GPUs available (--gpus)."""
+
+
+def time_plan(sf: ScalingFile, choice: Choice, model_params: float | None, throughput: ThroughputModel,
+              plan: BatchPlan, cbs: float) -> TimePlan | str:
+    """The batch and GPU count (<= plan.gpus) that reach the target fastest, or why there is none."""
+    s_law, b_law = sf.s_min.get(choice.key), sf.b_noise.get(choice.key)
+    if s_law is None or b_law is None or not (s_law.identifiable and b_law.identifiable):
+        return "no time plan: scaling.json has no S_min and B_noise laws (re-run `cbs fit` to add them)"
+    if not throughput:
+        return ("no time plan: no throughput in scaling.json (the runs logged no perf/tokens_per_s); give "
+                "--throughput CSV")
+    n_models = {p.model_params for p in throughput.points} - {None}
+    if model_params is None and len(n_models) > 1:
+        return "no time plan: the throughput covers several model sizes; give --model-params"
+    n = int(model_params) if model_params else (n_models.pop() if n_models else None)
+    x = choice.x[0] if len(choice.x) == 1 else choice.x
+    s_min, b_noise = float(s_law.predict(x)[0]), float(b_law.predict(x)[0])
+    top = max(16 * cbs, 16 * plan.gpus * plan.micro_batch_seqs)
+    rows = plan_rows("forecast", s_min, b_noise, n, throughput, plan.seq_len, plan.gpus, plan.micro_batch_seqs, top)
+    if not rows:
+        return "no time plan: no batch fits the GPU budget"
+    b = plan.global_batch_seqs
+    at_plan = [r for r in time_rows("forecast", n, {b: s_min * (1 + b_noise / b)}, throughput, plan.seq_len,
+                                    plan.gpus) if r.gpus == plan.gpus]
+    return TimePlan(fastest(rows), at_plan[0] if at_plan else None, s_min, b_noise, plan.gpus)
+
+
+def describe_time_plan(tp: TimePlan | str, micro_batch: int) -> list[str]:
+    if isinstance(tp, str):
+        return [tp]
+    f = tp.fastest
+    lines = [f"fastest to the target with <= {tp.budget} GPU(s): "
+             f"global batch {f.batch_size} on {f.gpus} GPU(s) (micro-batch {micro_batch} x accumulation "
+             f"{f.batch_size // (f.gpus * micro_batch)}): {f.steps:,.0f} steps, {_hours(f.hours)} wall-clock, "
+             f"{f.gpu_hours:,.3g} GPU-hours (S(B) = {tp.s_min:.4g} (1 + {tp.b_noise:.4g}/B); throughput "
+             f"{'measured' if f.measured else 'modelled'}: {f.tokens_per_s:,.0f} tokens/s)"]
+    if tp.at_cbs_plan is not None:
+        c = tp.at_cbs_plan
+        lines.append(f"the batch plan (global batch {c.batch_size}): {c.steps:,.0f} steps, {_hours(c.hours)} "
+                     f"wall-clock, {c.gpu_hours:,.3g} GPU-hours")
+    return lines
+
+
+def _hours(h: float) -> str:
+    return f"{h * 60:.3g} min" if h < 1 else f"{h:.3g} h"
+
+

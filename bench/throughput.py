@@ -1,19 +1,31 @@
 """Training throughput of our pretrain step against a plain-PyTorch GPT of the same shape, in one process run.
 
     .venv/bin/python bench/throughput.py                          # CPU: tiny and cpu-small
-    python bench/throughput.py --shapes gpt2-small 151M --compile # GPU: the issue #6 shapes (bf16)
+    .venv/bin/python bench/throughput.py --shapes host --accum 4  # CPU, one thread: per-step host overhead
+    .venv/bin/python bench/throughput.py --shapes host --compile-ours  # ours as `pretrain.compile: true` runs it
+    python bench/throughput.py --shapes gpt2-small 151M --compile # GPU: the GPT-2-small and 151M shapes (bf16)
 
 "ours" is the step `cbs pretrain` runs: megatron-core GPTModel (SDPA core attention) inside a DeepSpeed engine
 (ZeRO-1 from ds_configs/zero1.json, bf16 on GPU, fp32 on CPU), micro-batch x accumulation, forward_loss.
 "plain" is a compact PyTorch GPT with the same layers, widths, RoPE/QK-norm/bias/tying and vocabulary:
-SDPA attention, AdamW (fused on GPU, foreach on CPU), optional torch.compile. Both train on the same random
-tokens. Prints tokens/s, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain. Asserts nothing.
+SDPA attention, AdamW (fused on GPU, foreach on CPU), optional torch.compile (`--compile`; `--compile-ours`
+compiles our model inside the engine, as `pretrain.compile: true` does). Both train on the same random tokens.
+Prints tokens/s, wall and CPU ms per step, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain.
+Asserts nothing.
+
+The two steps are timed interleaved (ours, plain, ours, plain, ...; `--repeats` rounds of `--steps` steps each)
+and the medians compared, so that load from other processes on a shared machine falls on both alike.
+
+`host` is a shape with almost no arithmetic (12 layers, d 64, seq 32, micro-batch 1, vocab 512) run on one CPU
+thread: its step time is what the framework costs per step on the host (Python, dispatch, DeepSpeed's per-step
+work), the cost that makes a GPU step host-bound when the GPU work is short. `--layers` overrides the depth.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 import warnings
 
@@ -26,9 +38,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 from pipeline.config import ModelConfig, PretrainConfig, from_dict  # noqa: E402
 from pipeline.model import flops_per_token, padded_vocab  # noqa: E402
 
-SHAPES = {  # name: (model preset, micro-batch, vocab)
-    "tiny": ("tiny", 16, 4096), "cpu-small": ("cpu-small", 8, 4096),
-    "gpt2-small": ("gpt2-small", 16, 50304), "151M": ("151M", 32, 50304),
+SHAPES = {  # name: (model preset or fields, micro-batch, vocab, CPU threads: None = torch's default)
+    "tiny": ("tiny", 16, 4096, None), "cpu-small": ("cpu-small", 8, 4096, None),
+    "gpt2-small": ("gpt2-small", 16, 50304, None), "151M": ("151M", 32, 50304, None),
+    "host": ({"preset": "tiny", "layers": 12, "hidden": 64, "heads": 4, "seq_len": 32}, 1, 512, 1),
 }
 
 
@@ -95,18 +108,18 @@ class PlainGPT(nn.Module):
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def timed(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step after warm-up (compile, allocator, DeepSpeed buckets)."""
-    for _ in range(warmup):
-        step()
+def timed(step, steps: int, device: torch.device) -> tuple[float, float]:
+    """Wall and process CPU seconds per step over `steps` steps (warm-up is the caller's). CPU time is the host's
+    work: on a shared machine it is less disturbed by other processes than wall time; on a GPU, CPU time close to
+    wall time means a host-bound step."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()  # note: the only sync point; the steps themselves run asynchronously
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
 
 def ours(m: ModelConfig, vocab: int, micro: int, accum: int, batch: torch.Tensor, dist, args):
@@ -123,6 +136,8 @@ def ours(m: ModelConfig, vocab: int, micro: int, accum: int, batch: torch.Tensor
     model = build_model(cfg.model, vocab, device=dist.device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optimizer),
                                       config=deepspeed_config(cfg, 1, dist.cuda))
+    if args.compile_ours:
+        engine.compile()  # what Trainer does with pretrain.compile: true
 
     def step():
         for chunk in batch.split(micro):
@@ -163,11 +178,15 @@ def peak_memory(device: torch.device) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES))
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 30 on GPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20 on CPU, 30 on GPU)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of timed steps (medians reported)")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
     ap.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (global = micro x accum)")
     ap.add_argument("--micro", type=int, default=None, help="override the shape's micro-batch")
     ap.add_argument("--compile", action="store_true", help="torch.compile the plain model (GPU anchor row)")
+    ap.add_argument("--compile-ours", action="store_true",
+                    help="torch.compile our model inside the engine (pretrain.compile: true)")
     ap.add_argument("--deepspeed-config", default="zero1.json")
     args = ap.parse_args()
     from pipeline.distributed import init_distributed
@@ -177,32 +196,52 @@ def main() -> None:
     shapes = args.shapes or (["gpt2-small", "151M"] if dist.cuda else ["tiny", "cpu-small"])
     steps = args.steps or (30 if dist.cuda else 20)
     peak = peak_flops(dist)
-    device_name = torch.cuda.get_device_name(dist.device) if dist.cuda else f"CPU x{torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name(dist.device) if dist.cuda else "CPU"
     print(f"device: {device_name}; torch {torch.__version__}; {'bf16' if dist.cuda else 'fp32'}; "
-          f"{steps} timed steps after {args.warmup} warm-up")
+          f"{args.repeats} x {steps} timed steps after {args.warmup} warm-up")
+    default_threads = torch.get_num_threads()
     for name in shapes:
-        preset, micro, vocab = SHAPES[name]
+        model_fields, micro, vocab, threads = SHAPES[name]
+        torch.set_num_threads(threads if threads and not dist.cuda else default_threads)
         micro = args.micro or micro
-        m = from_dict(ModelConfig, ModelConfig.expand(preset, "model"), "model")
+        fields = ModelConfig.expand(model_fields, "model")
+        if args.layers:
+            fields = {**fields, "layers": args.layers}
+        m = from_dict(ModelConfig, fields, "model")
         batch = torch.randint(0, vocab, (micro * args.accum, m.seq_len + 1), device=dist.device)
         tokens = micro * args.accum * m.seq_len
         fpt = flops_per_token(m, vocab)
-        rows = {}
+        labels = (f"ours (megatron-core + DeepSpeed){' + compile' if args.compile_ours else ''}",
+                  f"plain PyTorch{' + compile' if args.compile else ''}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for label, make in (("ours (megatron-core + DeepSpeed)", lambda: ours(m, vocab, micro, args.accum, batch,
-                                                                                   dist, args)),
-                                (f"plain PyTorch{' + compile' if args.compile else ''}",
-                                 lambda: plain(m, vocab, micro, batch, dist, args))):
-                step = make()
-                seconds = timed(step, steps, args.warmup, dist.device)
-                rows[label] = tokens / seconds
-                mfu = f"{rows[label] * fpt / peak:6.1%}" if peak else "   n/a"
-                print(f"  {name:10s} {label:34s} {rows[label]:12,.0f} tok/s  MFU {mfu}  peak {peak_memory(dist.device)}")
-                del step
-        ours_tps, plain_tps = rows.values()
-        print(f"  {name:10s} ours / plain = {ours_tps / plain_tps:.2f}x   (L{m.layers} d{m.hidden} seq {m.seq_len}, "
-              f"micro {micro} x accum {args.accum}, vocab {vocab})")
+            steps_by_label = {labels[0]: ours(m, vocab, micro, args.accum, batch, dist, args),
+                              labels[1]: plain(m, vocab, micro, batch, dist, args)}
+            for step in steps_by_label.values():  # warm-up: compile, allocator, DeepSpeed buckets
+                for _ in range(args.warmup):
+                    step()
+            wall, cpu = {label: [] for label in labels}, {label: [] for label in labels}
+            for _ in range(args.repeats):
+                for label, step in steps_by_label.items():
+                    w, c = timed(step, steps, dist.device)
+                    wall[label].append(w)
+                    cpu[label].append(c)
+        wall_s = {label: statistics.median(v) for label, v in wall.items()}
+        cpu_s = {label: statistics.median(v) for label, v in cpu.items()}
+        for label in labels:
+            tps = tokens / wall_s[label]
+            mfu = f"{tps * fpt / peak:6.1%}" if peak else "   n/a"
+            print(f"  {name:10s} {label:44s} {tps:12,.0f} tok/s  {wall_s[label] * 1e3:8.2f} ms/step  "
+                  f"(CPU {cpu_s[label] * 1e3:8.2f} ms)  MFU {mfu}")
+        print(f"  {name:10s} peak memory {peak_memory(dist.device)} (both)")
+        (ours_w, plain_w), (ours_c, plain_c) = wall_s.values(), cpu_s.values()
+        # tokens/s ratio (> 1: ours faster), then step-time ratios (> 1: ours slower; the host target is stated in
+        # the step time), wall and CPU
+        print(f"  {name:10s} ours / plain = {plain_w / ours_w:.2f}x tok/s, step time ours / plain = "
+              f"{ours_w / plain_w:.2f}x (CPU time {ours_c / plain_c:.2f}x)   (L{m.layers} d{m.hidden} seq {m.seq_len}, "
+              f"micro {micro} x accum {args.accum}, vocab {vocab}, {torch.get_num_threads()} threads, median of "
+              f"{args.repeats} x {steps} steps)")
+        del steps_by_label
 
 
 if __name__ == "__main__":

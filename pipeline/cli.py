@@ -69,7 +69,10 @@ def _setup_logging() -> None:
     # only our logger at INFO: megatron-core logs chatter at INFO through the root logger
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[cbs %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    handler.set_name("cbs-cli")
     logger = logging.getLogger("cbs")
+    for old in [h for h in logger.handlers if h.get_name() == "cbs-cli"]:  # main() called again in one process
+        logger.removeHandler(old)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 

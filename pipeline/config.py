@@ -155,12 +155,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
         node = data
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a mapping")
+                whole = ".".join(parts[:i + 1])
+                raise ConfigError(f"override {item!r}: {whole} is not a mapping (it is {child!r}); set it whole: "
+                                  f"--set {whole}=VALUE")
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
@@ -169,28 +171,80 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: {key} is given twice in one "
+                                  f"mapping: keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config file as a mapping; every problem is a ConfigError naming the file (and line) and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory: give the path of a YAML file")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config {path}: {e.strerror}; check the path") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        started = (f"{e.context} that starts at line {e.context_mark.line + 1}: "
+                   if e.context and e.context_mark and e.problem_mark else "")
+        raise ConfigError(f"{where}: not valid YAML ({started}{e.problem or e.context}): fix the YAML "
+                          f"there") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML ({e}): fix the YAML") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(data).__name__}: write one "
+                          f"`key: value` per line")
+    return data
+
+
+def _expand_shorthands(cls: type, data: dict) -> dict:
+    """A scalar where a section with a shorthand (an `expand` hook) is expected stands for the section's first
+    field: `model: tiny` -> `model: {preset: tiny}`. Done before overrides, so `--set model.seq_len=64` refines
+    a shorthand instead of failing on it."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], data.get(f.name)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if not dataclasses.is_dataclass(tp) or value is None:
+            continue
+        if hasattr(tp, "expand") and isinstance(value, str):
+            value = data[f.name] = {dataclasses.fields(tp)[0].name: value}
+        if isinstance(value, dict):
+            _expand_shorthands(tp, value)
     return data
 
 
 def load_config(cls: type, path: str | os.PathLike | None, overrides: list[str] = (), prefix: str = "") -> Any:
     """YAML file (optional) + dotted overrides -> validated config of class `cls`."""
-    data = read_yaml(path) if path is not None else {}
+    prefix = prefix or cls.section
+    data = _expand_shorthands(cls, read_yaml(path) if path is not None else {})
     apply_overrides(data, list(overrides))
-    return from_dict(cls, data, prefix or cls.section)
+    return from_dict(cls, data, prefix)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -485,10 +539,27 @@ class CheckpointConfig:
     """Save every this many steps (and at the end); 0 saves only at the end."""
     keep: int = 2
     """Keep the newest this many checkpoints (older are deleted after a save succeeds)."""
+    at_tokens: list[int] = field(default_factory=list)
+    """Also save at the first step that has seen at least each of these token counts, and keep those
+    checkpoints whatever `keep` says (a branched study starts its branches from them)."""
 
     def validate(self, p: str) -> None:
         _check(self.every_steps >= 0, f"{p}.every_steps must be >= 0: got {self.every_steps}")
         _check(self.keep >= 1, f"{p}.keep must be >= 1: got {self.keep}")
+        _check(all(t >= 1 for t in self.at_tokens), f"{p}.at_tokens must be >= 1: got {self.at_tokens}")
+
+
+@dataclass
+class InitFrom:
+    """A checkpoint of another run to start from (a branch of it)."""
+
+    run_dir: str
+    """The run directory holding the checkpoint."""
+    step: int
+    """Its step: a complete checkpoint must exist there."""
+
+    def validate(self, p: str) -> None:
+        _check(self.step >= 1, f"{p}.step must be >= 1: got {self.step}")
 
 
 class StopWeights(str, enum.Enum):
@@ -556,12 +627,20 @@ class PretrainConfig:
     """ZeRO settings (a file in ds_configs/); batch, clipping and precision fields are written from this config."""
     precision: Precision = Precision.auto
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32. EWA averages and the eval loss are fp32 either way."""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine (`engine.compile()`, inductor): the forward and backward
+    run as compiled kernels instead of op-by-op Python. Costs a compile at start (tens of seconds; cached across
+    runs) and float-rounding-level differences from eager; off by default (docs/method.md, "Throughput and MFU")."""
     seed: int = 1234
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: Resume = Resume.auto
     log: LogConfig = field(default_factory=LogConfig)
     divergence_factor: float = 3.0
     """The run is `diverged` when the train loss is NaN/inf or exceeds this many times its first value."""
+    init_from: Optional[InitFrom] = None
+    """Start from another run's checkpoint: its weights and optimizer state (it must have the same model and
+    number of ranks), continuing its data stream where it stopped; this run counts its own steps and tokens
+    from 0 and starts its EWA afresh. A branched study sets it."""
     study: Optional[dict] = None
     """Written by `cbs study`: the settings (model, data budget, target) this run serves; passed through."""
 
@@ -664,6 +743,47 @@ class StudyTargets:
             _check(isinstance(loss, (int, float)) and loss > 0, f"{p}.losses.{name} must be a loss > 0: got {loss}")
 
 
+class StudyMethod(str, enum.Enum):
+    sweep = "sweep"
+    """The paper's: a full run per batch size, steps-to-target fitted over them (docs/method.md)."""
+    branched = "branched"
+    """Merrill et al. 2025: short branches at k x B from checkpoints of one base run give CBS(t) along training
+    (docs/method.md, "Branched local CBS")."""
+
+
+class LrScaling(str, enum.Enum):
+    sqrt = "sqrt"
+    """LR x sqrt(k) at k times the batch: the rule for Adam."""
+    linear = "linear"
+    """LR x k (SGD's rule)."""
+    none = "none"
+
+
+@dataclass
+class BranchedConfig:
+    """Settings of `method: branched`. Each setting gets one base run at `batch_sizes`' smallest batch B,
+    trained to the setting's budget D and checkpointed at every branch point t; from each, one branch per batch
+    b of `batch_sizes` (k = b / B, B itself included) trains `branch_tokens` more tokens."""
+
+    at_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    """Branch points t as fractions of each setting's budget D (after the warmup: t >= warmup_tokens)."""
+    branch_tokens: Optional[int] = None
+    """Tokens each branch trains (Delta); default: 10% of the setting's budget."""
+    lr_scaling: LrScaling = LrScaling.sqrt
+    """How a branch at k x B scales the base LR: sqrt (Adam), linear, none."""
+    tolerance: float = 0.01
+    """The local CBS at t is the largest batch whose branch loss is within this relative tolerance of the best
+    loss of the branches at smaller batches."""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.at_fractions) and all(0 < f <= 1 for f in self.at_fractions),
+               f"{p}.at_fractions must list fractions of the budget in (0, 1]: got {self.at_fractions}")
+        _check(len(set(self.at_fractions)) == len(self.at_fractions), f"{p}.at_fractions has duplicates")
+        _check(self.branch_tokens is None or self.branch_tokens >= 1,
+               f"{p}.branch_tokens must be >= 1: got {self.branch_tokens}")
+        _check(0 < self.tolerance < 1, f"{p}.tolerance must be in (0, 1): got {self.tolerance}")
+
+
 @dataclass
 class StudyConfig:
     """`cbs study`: settings x batch sizes x hyper-parameters -> runs -> evaluate -> fit."""
@@ -693,6 +813,10 @@ class StudyConfig:
     slurm: dict = field(default_factory=dict)
     """Resources for --executor slurm: partition, account, nodes, gpus_per_node, cpus_per_task, time,
     max_parallel, extra (list of raw sbatch flags). Command-line flags override them."""
+    method: StudyMethod = StudyMethod.sweep
+    """sweep (the paper's full runs per batch size) | branched (CBS along training from one base run)."""
+    branched: BranchedConfig = field(default_factory=BranchedConfig)
+    """Settings of method: branched."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -704,6 +828,11 @@ class StudyConfig:
         if ref and ref.batch is not None:
             _check(ref.batch in self.batch_sizes,
                    f"{p}.targets.reference.batch ({ref.batch}) must be one of batch_sizes {self.batch_sizes}")
+        if self.method is StudyMethod.branched:
+            _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1 and len(self.seeds) == 1,
+                   f"{p}: method branched has one base run per setting: give one hparams.lr, hparams.beta2 and seed")
+            _check(len(self.batch_sizes) >= 2, f"{p}.batch_sizes: method branched needs the base batch and at least "
+                                               f"one larger one")
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):

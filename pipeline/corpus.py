@@ -13,6 +13,7 @@ versions, so the manifest records the version.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import gzip
 import json
@@ -25,6 +26,8 @@ from typing import Iterator, Optional
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_BINARY_SNIFF_BYTES = 8192
+"""A .txt file with a NUL byte in its first 8 KiB is binary (git's test): text never holds NUL."""
 
 
 class CorpusError(ValueError):
@@ -105,11 +108,14 @@ def resolve(spec: str) -> Source:
     if path.is_dir():
         paths = sorted(q for q in path.rglob("*") if q.is_file() and _suffix_ok(q))
         if not paths:
-            raise CorpusError(f"input {spec!r}: directory holds no {'/'.join(FILE_SUFFIXES)} files")
+            raise CorpusError(f"input {spec!r} holds no {', '.join(FILE_SUFFIXES)} files: give "
+                              f"{', '.join(FILE_SUFFIXES)} files, a glob, hf:NAME or stdlib")
         return Source(spec, "files", paths)
     matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
     if not matches:
-        raise CorpusError(f"input {spec!r} matched no file: check the path or glob")
+        close = difflib.get_close_matches(spec, ["stdlib"], n=1, cutoff=0.7)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CorpusError(f"input {spec!r} matched no file: check the path or glob{hint}")
     files = [m for m in matches if m.is_file()]
     bad = [m for m in files if not _suffix_ok(m)]
     if bad:
@@ -169,10 +175,15 @@ class Reader:
             elif path.name.endswith((".jsonl", ".jsonl.gz")):
                 yield from self._jsonl(path)
             else:
-                text, bad = _decode(path.read_bytes())
+                raw = path.read_bytes()
+                if b"\0" in raw[:_BINARY_SNIFF_BYTES]:
+                    self.bad_record(str(path), "binary file (NUL bytes), not text; remove it from inputs")
+                    return
+                text, bad = _decode(raw)
                 yield Document(text, str(path), bad)
         except (OSError, EOFError) as e:  # unreadable file, corrupt gzip, truncated parquet
-            raise CorpusError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+            raise CorpusError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}; replace the file or "
+                              f"remove it from inputs") from None
 
     def _jsonl(self, path: Path) -> Iterator[Document]:
         opener = gzip.open if path.name.endswith(".gz") else open
@@ -197,7 +208,8 @@ class Reader:
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid (not OSError) for a file that is not parquet
-            raise CorpusError(f"{path}: cannot read as parquet: {e}") from None
+            raise CorpusError(f"{path}: cannot read as parquet: {e}; replace the file or remove it from "
+                              f"inputs") from None
         columns = pf.schema_arrow.names
         if self.text_field not in columns:
             raise CorpusError(f"{path}: no column {self.text_field!r} (columns: {', '.join(columns)}); "

@@ -11,55 +11,195 @@ the data position of a resumed run is its step alone (OLMo's "global data order"
 from __future__ import annotations
 
 import json
-import warnings
+import struct
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from pipeline.utils import log
+from pipeline.utils import log, sha256_file
+
+SPLITS = ("train", "val")
 
 
 class DataError(ValueError):
-    """The data directory cannot feed this run; the message says why."""
+    """The data directory cannot feed this run; the message names the file and says how to fix it."""
+
+
+REBUILD = "rebuild the data directory with `cbs preprocess --force` (same config)"
+# megatron-core's .idx layout (indexed_dataset.py): magic, version <Q, dtype code <B, sequence count <Q,
+# document count <Q, then int32 lengths[S], int64 byte pointers[S], int64 document indices[D].
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+"""megatron-core's dtype codes that can hold token ids (6 and 7 are floats)."""
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """What a split's .idx says, after it was checked against its own size and its .bin's."""
+
+    dtype: np.dtype
+    sequences: int
+    documents: int
+    """Document-boundary entries (megatron-core writes documents + 1 of them, the first 0)."""
+    tokens: int
+
+
+def read_index(prefix: str | Path) -> SplitIndex:
+    """Check PREFIX.idx and PREFIX.bin before trusting them: megatron-core's reader takes the header's counts as
+    given and fails later with an AttributeError or a buffer error on a truncated or foreign file.
+
+    Costs one pass over the sequence lengths (4 bytes per sequence); cached per file size and mtime."""
+    prefix = Path(prefix)
+    idx, bin_ = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+    for path in (idx, bin_):
+        if not path.is_file():
+            raise DataError(f"{path} is missing: {REBUILD}")
+    return _read_index(str(idx), str(bin_), _stat(idx), _stat(bin_))
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@lru_cache(maxsize=16)
+def _read_index(idx: str, bin_: str, idx_stat: tuple[int, int], bin_stat: tuple[int, int]) -> SplitIndex:
+    idx_bytes, bin_bytes = idx_stat[0], bin_stat[0]
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if len(head) < _IDX_HEADER.size or not head.startswith(_IDX_MAGIC):
+        raise DataError(f"{idx} is not a megatron-core index (truncated header or wrong magic bytes): {REBUILD}")
+    _, version, code, sequences, documents = _IDX_HEADER.unpack(head)
+    if version != 1 or code not in _TOKEN_DTYPES:
+        raise DataError(f"{idx} has index version {version} and dtype code {code}; only version 1 with an integer "
+                        f"token dtype can be read: {REBUILD}")
+    want = _IDX_HEADER.size + 12 * sequences + 8 * documents
+    if idx_bytes != want:
+        raise DataError(f"{idx} is {idx_bytes} bytes but its header ({sequences} sequences, {documents} document "
+                        f"entries) needs {want}: the file is truncated or damaged; {REBUILD}")
+    dtype = np.dtype(_TOKEN_DTYPES[code])
+    # mapped, not read: a corpus of 10^8 documents has a 400 MB lengths array, and every rank does this
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_IDX_HEADER.size, shape=(sequences,))
+    bounds = np.memmap(idx, dtype=np.int64, mode="r", offset=_IDX_HEADER.size + 12 * sequences, shape=(documents,))
+    if documents < 1 or bounds[0] != 0 or bounds[-1] != sequences or (sequences and lengths.min() < 0):
+        raise DataError(f"{idx} holds negative lengths or document entries that do not span its {sequences} "
+                        f"sequences: the file is damaged; {REBUILD}")
+    tokens = int(lengths.sum(dtype=np.int64))
+    if bin_bytes != tokens * dtype.itemsize:
+        other = [d.name for d in map(np.dtype, set(_TOKEN_DTYPES.values()))
+                 if d != dtype and bin_bytes == tokens * d.itemsize]
+        why = (f"it holds {other[0]} tokens, the index says {dtype.name}" if other
+               else "it is truncated, or the .idx belongs to another dataset")
+        raise DataError(f"{bin_} is {bin_bytes} bytes but {idx} describes {tokens} {dtype.name} tokens "
+                        f"({tokens * dtype.itemsize} bytes): {why}; {REBUILD}")
+    return SplitIndex(dtype, sequences, documents, tokens)
 
 
 def _open_split(data_dir: Path, split: str) -> np.ndarray:
-    """The split's tokens as one flat read-only memmap, checked against megatron-core's index."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-    prefix = data_dir / split
-    if not (prefix.with_suffix(".bin").exists() and prefix.with_suffix(".idx").exists()):
-        raise DataError(f"{data_dir} has no {split}.bin/{split}.idx: run `cbs preprocess` for it")
-    index = IndexedDataset(str(prefix))
-    n_tokens = int(index.sequence_lengths.sum())
-    flat = np.memmap(prefix.with_suffix(".bin"), dtype=index.index.dtype, mode="r")
-    if flat.size != n_tokens:
-        raise DataError(f"{prefix}.bin holds {flat.size} tokens but its .idx says {n_tokens}: rebuild the data")
-    return flat
+    """The split's tokens as one flat read-only memmap, after read_index checked its files."""
+    index = read_index(data_dir / split)
+    bin_ = data_dir / f"{split}.bin"
+    if index.tokens == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype=index.dtype)
+    return np.memmap(bin_, dtype=index.dtype, mode="r")
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
+def read_manifest(data_dir: str | Path, seq_len: Optional[int] = None,
+                  tokenizer_sha256: Optional[str] = None) -> dict:
+    """manifest.json of a `cbs preprocess` output, after checking that the directory can feed a run.
+
+    Checks: the manifest parses and has the fields the stages read; tokenizer.model is the file the shards were
+    made with (its sha256 is the manifest's; and `tokenizer_sha256`'s, when a caller knows the tokenizer its
+    model was trained with); each split's .idx/.bin are whole (read_index) and are the ones the manifest counted,
+    in a dtype that holds every token id; with `seq_len`, each split holds at least one sequence of seq_len + 1
+    tokens. Pretrain calls it as it starts, before it writes anything; evaluate should too, for `--data-dir`.
+    Cost: hashing the tokenizer (a few MB) and one pass over each split's sequence lengths."""
+    data_dir = Path(data_dir)
+    manifest = _load_manifest(data_dir)
+    _check_tokenizer(data_dir, manifest, tokenizer_sha256)
+    for split in SPLITS:
+        index = read_index(data_dir / split)
+        _check_split(data_dir, split, manifest, index, seq_len)
+    return manifest
+
+
+def _load_manifest(data_dir: Path) -> dict:
+    path = data_dir / "manifest.json"
+    if not data_dir.is_dir():
+        raise DataError(f"data_dir {data_dir} does not exist or is not a directory: run `cbs preprocess` first and "
+                        f"give its output_dir")
     if not path.is_file():
         raise DataError(f"data_dir {data_dir} is not a preprocessed data directory: no manifest.json "
-                        f"(run `cbs preprocess` first)")
-    return json.loads(path.read_text())
+                        f"(run `cbs preprocess` first and give its output_dir)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): {REBUILD}") from None
+    fields = {"vocab_size": int, "dtype": str, "tokens": dict, "documents": dict, "tokenizer": dict}
+    bad = [k for k, kind in fields.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
+    if not bad and not all(isinstance(manifest[k].get(s), int) for k in ("tokens", "documents") for s in SPLITS):
+        bad = ["tokens/documents per split"]
+    if bad:
+        raise DataError(f"{path} lacks {', '.join(bad)} (or they have the wrong type): it was not written by "
+                        f"`cbs preprocess` or was edited; {REBUILD}")
+    return manifest
+
+
+def _check_tokenizer(data_dir: Path, manifest: dict, run_sha256: Optional[str]) -> None:
+    path = data_dir / "tokenizer.model"
+    want = manifest["tokenizer"].get("sha256")
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the shards cannot be decoded without it; restore it or {REBUILD}")
+    got = sha256_file(path)
+    if got != want:
+        raise DataError(f"{path} is not the tokenizer the shards were made with (sha256 {got[:12]}..., "
+                        f"manifest.json says {str(want)[:12]}...): put the original back, or {REBUILD}")
+    if run_sha256 is not None and run_sha256 != got:
+        raise DataError(f"data_dir {data_dir} was tokenized with another tokenizer than this run's model "
+                        f"(sha256 {got[:12]}... vs {run_sha256[:12]}...): give a data directory made with the run's "
+                        f"tokenizer (preprocess.tokenizer.model)")
+
+
+def _check_split(data_dir: Path, split: str, manifest: dict, index: SplitIndex, seq_len: Optional[int]) -> None:
+    idx = data_dir / f"{split}.idx"
+    if index.dtype.name != manifest["dtype"]:
+        raise DataError(f"{idx} holds {index.dtype.name} tokens but manifest.json says {manifest['dtype']}: "
+                        f"the shards are not this directory's; {REBUILD}")
+    if manifest["vocab_size"] - 1 > np.iinfo(index.dtype).max:
+        raise DataError(f"{data_dir / 'manifest.json'} says vocab_size {manifest['vocab_size']}, but {idx} holds "
+                        f"{index.dtype.name} tokens, which cannot store ids above {np.iinfo(index.dtype).max}; "
+                        f"{REBUILD}")
+    if index.tokens != manifest["tokens"][split] or index.documents - 1 != manifest["documents"][split]:
+        raise DataError(f"{idx} holds {index.documents - 1} documents and {index.tokens} tokens but manifest.json "
+                        f"counted {manifest['documents'][split]} and {manifest['tokens'][split]}: the shards are "
+                        f"from another dataset; {REBUILD}")
+    if seq_len is not None and index.tokens < seq_len + 1:
+        fix = ("raise preprocess.val_fraction or add documents" if split == "val"
+               else "add documents to the corpus")
+        raise DataError(f"the {split} split of {data_dir} has {index.tokens} tokens: fewer than one sequence of "
+                        f"model.seq_len + 1 = {seq_len + 1}; {fix}, or lower model.seq_len")
 
 
 class TrainSamples:
     """Samples of seq_len + 1 tokens from the train split, in a seeded per-epoch order."""
 
-    def __init__(self, data_dir: str | Path, seq_len: int, seed: int):
+    def __init__(self, data_dir: str | Path, seq_len: int, seed: int, offset_seqs: int = 0):
         self.tokens = _open_split(Path(data_dir), "train")
         self.seq_len = seq_len
         self.seed = seed
+        self.offset_seqs = offset_seqs
+        """Global order positions already consumed before this run's step 0 (a branch continues its base run's
+        stream)."""
         self.per_epoch = (self.tokens.size - 1) // seq_len
         if self.per_epoch < 1:
-            raise DataError(f"the train split has {self.tokens.size} tokens: fewer than one sequence of "
-                            f"{seq_len + 1}; use more data or a shorter model.seq_len")
+            raise DataError(f"the train split of {data_dir} has {self.tokens.size} tokens: fewer than one "
+                            f"sequence of model.seq_len + 1 = {seq_len + 1}; add documents to the corpus, or "
+                            f"lower model.seq_len")
 
     @lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
@@ -83,11 +223,10 @@ class TrainSamples:
 
     def step_batch(self, step: int, global_batch: int, rank: int, world: int) -> torch.Tensor:
         """This rank's share of global step `step` (0-based): [global_batch / world, seq_len + 1]."""
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} does not split over {world} ranks")
         per_rank = global_batch // world
-        return self.batch(step * global_batch + rank * per_rank, per_rank)
-
-    def epochs_for(self, total_sequences: int) -> float:
-        return total_sequences / self.per_epoch
+        return self.batch(self.offset_seqs + step * global_batch + rank * per_rank, per_rank)
 
 
 def eval_sequences(data_dir: str | Path, seq_len: int, eval_tokens: int) -> torch.Tensor:
@@ -96,8 +235,9 @@ def eval_sequences(data_dir: str | Path, seq_len: int, eval_tokens: int) -> torc
     available = (tokens.size - 1) // seq_len
     want = max(1, eval_tokens // seq_len)
     if available < 1:
-        raise DataError(f"the val split has {tokens.size} tokens: fewer than one sequence of {seq_len + 1}; "
-                        f"raise preprocess.val_fraction")
+        raise DataError(f"the val split of {data_dir} has {tokens.size} tokens: fewer than one sequence of "
+                        f"model.seq_len + 1 = {seq_len + 1}; raise preprocess.val_fraction or add documents, or "
+                        f"lower model.seq_len")
     if available < want:
         log.warning("eval: the val split holds %d sequences of %d tokens, fewer than eval.eval_tokens asks "
                     "(%d); evaluating on all of them", available, seq_len, want)

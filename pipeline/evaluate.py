@@ -23,6 +23,7 @@ import yaml
 
 from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, from_dict
+from pipeline.data import DataError, eval_sequences, read_manifest
 from pipeline.utils import atomic_write_json, log
 
 class EvaluateError(ValueError):
@@ -65,6 +66,16 @@ def _run_config(run_dir: Path) -> tuple[PretrainConfig, dict]:
         return from_dict(PretrainConfig, data, "pretrain"), resolved
     except ConfigError as e:
         raise EvaluateError(f"{path}: {e}") from None
+
+
+def _run_tokenizer(cfg: PretrainConfig, resolved: dict) -> Optional[str]:
+    """The sha256 of the tokenizer the run trained with: recorded in config.yaml, else its data dir's manifest."""
+    if resolved.get("tokenizer_sha256"):
+        return resolved["tokenizer_sha256"]
+    try:
+        return read_manifest(cfg.data_dir)["tokenizer"].get("sha256")
+    except DataError:
+        return None  # the training data is gone: nothing to compare with
 
 
 def _checkpoint_tag(run_dir: Path, checkpoint: str) -> str:
@@ -116,7 +127,6 @@ def _ewa_state(tag_dir: Path, params: list[torch.nn.Parameter], zero_stage: int,
 def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[int] = None,
          data_dir: Optional[str] = None, out: Optional[str | Path] = None) -> dict:
     """Evaluate one checkpoint of a run; writes and returns eval.json's content."""
-    from pipeline.data import eval_sequences
     from pipeline.distributed import init_distributed
     from pipeline.model import build_model
     from pipeline.optim import EWA
@@ -130,8 +140,10 @@ def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[
     if eval_tokens is not None and eval_tokens < 1:
         raise EvaluateError(f"--eval-tokens must be >= 1: got {eval_tokens}")
     started = time.perf_counter()
-    dist = init_distributed(cfg.seed)
     data_dir = data_dir or cfg.data_dir
+    # the eval data must be whole and tokenized as the run's training data was (ids mean the same pieces)
+    read_manifest(data_dir, cfg.model.seq_len, tokenizer_sha256=_run_tokenizer(cfg, resolved))
+    dist = init_distributed(cfg.seed)
     vocab = resolved.get("vocab_size")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

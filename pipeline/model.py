@@ -5,8 +5,13 @@ What this module adds to megatron-core 0.16.1 and why:
   module is 1.9x slower end to end on an H100 (105k vs 201k tokens/s at GPT-2 small; docs/method.md, "Throughput
   and MFU") and cannot run on CPU at all without a mask built by the caller (its causal fallback builds the mask
   on CUDA).
-- RoPE on CPU: megatron's `RotaryEmbedding.get_emb` moves its frequencies to `torch.cuda.current_device()` on the
-  first forward, which fails without CUDA; CPU builds swap in `_HostRotaryEmbedding`, which leaves them in place.
+- Lean paths at tensor-parallel size 1, where megatron's generality costs host time on every step without doing
+  anything (docs/method.md, "Throughput and MFU"): the linear layers run as one `F.linear` (`_LocalColumnLinear`,
+  `_LocalRowLinear`) instead of a Python autograd Function that also checks for tensor-parallel communication;
+  the loss is `F.cross_entropy` (`_LocalGPTModel`) instead of the vocab-parallel one, which all-reduces three
+  times over a group of one; RoPE is applied by `SDPACoreAttention` from a cos/sin table built once per sequence
+  length, instead of megatron recomputing cos and sin for q and k in every layer and forward. Same maths, same
+  parameters and state-dict names; with tensor parallelism each falls back to megatron's own path.
 - Parameter and FLOP counts with the definitions of docs/method.md (N = 12 L d^2; MFU's 6 x matmul params +
   12 L d T).
 
@@ -38,7 +43,6 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex|Apex) (are|is) not installed",
                             category=UserWarning)
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -46,6 +50,7 @@ with warnings.catch_warnings():
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.utils import is_layer_window_attention
     from megatron.core.utils import divide
 
@@ -73,6 +78,11 @@ class SDPACoreAttention(MegatronModule):
     change it: megatron divides the scores by the layer number and multiplies them back inside its softmax, a
     trick for fp16 range only, so the softmax sees the same scaled scores.
 
+    RoPE: with `rotary_base` set, queries and keys are rotated here, where megatron's attention would rotate them
+    (after the QK norms, before the scores; the GPT is then built without megatron's own RoPE), with megatron's
+    maths (non-interleaved, rotate-half, all head dims): x cos + rotate_half(x) sin, the cos/sin of positions x
+    base^(-2i/d) computed in fp32 and cast to x's dtype. The tables are built once per (seq_len, dtype, device).
+
     Only causal self-attention: `attention_mask` is ignored (SDPA's `is_causal=True` is the mask, so no [s, s]
     mask is built, stored or read); any other mask type, packed sequences, attention bias, sliding windows,
     non-vanilla softmax and context parallelism raise errors instead of computing something else.
@@ -88,6 +98,7 @@ class SDPACoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        rotary_base: Optional[float] = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -114,6 +125,10 @@ class SDPACoreAttention(MegatronModule):
         head_dim = divide(projection_size, config.num_attention_heads)
         self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if rotary_base is not None and config.rotary_interleaved:
+            raise NotImplementedError("SDPACoreAttention applies non-interleaved RoPE only (rotary_interleaved=False)")
+        self.rotary_base = rotary_base
+        self._rope: Optional[tuple[tuple, torch.Tensor, torch.Tensor]] = None  # (key, cos, signed sin)
 
     def forward(
         self,
@@ -135,6 +150,8 @@ class SDPACoreAttention(MegatronModule):
             # SDPA's causal mask is aligned top-left; a KV cache (sq < sk) would need it bottom-right
             raise NotImplementedError(f"SDPACoreAttention needs as many queries as keys (self-attention over one "
                                       f"sequence, no KV cache): got {query.size(0)} and {key.size(0)}")
+        if self.rotary_base is not None:
+            query, key = self._rotate(query), self._rotate(key)
         # [s, b, h, d] -> [b, h, s, d] as views: SDPA accepts strided inputs, a copy would cost a read+write
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
@@ -146,6 +163,30 @@ class SDPACoreAttention(MegatronModule):
             out = _causal_sdpa(q, k, v, dropout_p, self.softmax_scale)
         # [b, h, s, d] -> [s, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), self.hidden_size_per_partition)
+
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on [s, b, h, d]: x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1] (RoFormer, Su et al. 2021,
+        eq. 34; megatron-core's `_apply_rotary_pos_emb_bshd`). Written as x cos + roll(x, d/2) [-sin, sin]: the
+        same products and sum, bit for bit, in 4 ops instead of megatron's 15 (cos and sin included)."""
+        s, d = x.size(0), x.size(-1)
+        key = (s, d, x.dtype, x.device)
+        if self._rope is None or self._rope[0] != key:
+            self._rope = (key, *_rope_tables(s, d, self.rotary_base, x.dtype, x.device))
+        _, cos, signed_sin = self._rope
+        return x * cos + x.roll(d // 2, dims=-1) * signed_sin
+
+
+@torch.no_grad()
+def _rope_tables(seq_len: int, head_dim: int, base: float, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and [-sin, sin] of RoPE as [s, 1, 1, d] in `dtype`, from megatron's RotaryEmbedding formula: inverse
+    frequencies base^(-2i/d) (i < d/2), angles positions x inv_freq in fp32, repeated for the two halves."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    cos, signed_sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return cos.to(dtype)[:, None, None, :], signed_sin.to(dtype)[:, None, None, :]
 
 
 def _check_causal(mask_type: AttnMaskType) -> None:
@@ -176,19 +217,70 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: f
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# RoPE that stays where it was built
+# tensor-parallel size 1: the same layers without megatron's communication machinery
 
 
-class _HostRotaryEmbedding(RotaryEmbedding):
-    """megatron's RotaryEmbedding minus the move of `inv_freq` to CUDA in `get_emb` (same maths, same cache)."""
+def _is_single_rank(layer: torch.nn.Module) -> bool:
+    """A megatron linear layer that communicates nothing: TP = 1 and none of sequence parallelism, expert
+    communication, fused gradient accumulation (Apex), deferred embedding wgrad or CPU offloading (which all need
+    megatron's own autograd function)."""
+    cfg = layer.config
+    return ((layer.tp_group is None or layer.tp_group.size() == 1) and not layer.sequence_parallel
+            and not layer.explicit_expert_comm and not layer.gradient_accumulation_fusion
+            and not cfg.defer_embedding_wgrad_compute and not cfg.cpu_offloading)
 
-    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
-        if self.rotary_interleaved:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
-        else:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        return emb[:, None, None, :]  # [s, 1, 1, head_dim]
+
+class _LocalColumnLinear(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear (same parameters, init and outputs) computed by one `F.linear` at TP = 1.
+
+    megatron's path runs a Python autograd Function (forward and backward in Python, with its group lookups and
+    checks) per linear layer and call: about 40 us of host time per layer per step that does nothing at TP = 1.
+    """
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.single_rank:
+            return super().forward(input_, weight, runtime_gather_output)
+        if weight is None:
+            weight = self.weight
+        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            raise RuntimeError(f"supplied weight's shape is {tuple(weight.shape)}, not "
+                               f"{(self.output_size_per_partition, self.input_size)} as expected")
+        if self.skip_bias_add:
+            return F.linear(input_, weight), self.bias
+        return F.linear(input_, weight, self.bias), None
+
+    @property
+    def single_rank(self) -> bool:
+        if not hasattr(self, "_single_rank"):
+            self._single_rank = _is_single_rank(self)
+        return self._single_rank
+
+
+class _LocalRowLinear(RowParallelLinear):
+    """megatron's RowParallelLinear computed by one `F.linear` at TP = 1 (see `_LocalColumnLinear`)."""
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.single_rank:
+            return super().forward(input_)
+        if self.skip_bias_add:
+            return F.linear(input_, self.weight), self.bias
+        return F.linear(input_, self.weight, self.bias), None
+
+    single_rank = _LocalColumnLinear.single_rank
+
+
+class _LocalGPTModel(GPTModel):
+    """GPTModel whose loss at TP = 1 is `F.cross_entropy` over fp32 logits, the maths of megatron's vocab-parallel
+    cross entropy (also fp32) without its three all-reduces over a one-rank group and its Python backward."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """labels [b, s], logits [s, b, V] -> per-token loss [b, s] (fp32)."""
+        if self.pg_collection.tp.size() > 1 or self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        s, b, v = logits.shape
+        loss = F.cross_entropy(logits.float().view(s * b, v), labels.t().reshape(s * b), reduction="none")
+        return loss.view(s, b).t()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,13 +288,20 @@ class _HostRotaryEmbedding(RotaryEmbedding):
 
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """megatron-core's local GPT layer (`get_gpt_layer_local_spec`) with SDPA core attention.
+    """megatron-core's local GPT layer (`get_gpt_layer_local_spec`) with SDPA core attention (which applies RoPE
+    for RoPE models) and the TP = 1 linear layers.
 
     The norms are torch's LayerNorm/RMSNorm (megatron's WrappedTorchNorm, or Apex's fused LayerNorm where Apex is
     installed); which one follows `TransformerConfig.normalization`, so `transformer_config` must agree with it.
     """
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=_NORMALIZATION[cfg.norm])
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    attention = spec.submodules.self_attention.submodules
+    rope = cfg.position_embedding is PositionEmbedding.rope
+    attention.core_attention = ModuleSpec(module=SDPACoreAttention,
+                                          params={"rotary_base": cfg.rope_base} if rope else {})
+    attention.linear_qkv, attention.linear_proj = _LocalColumnLinear, _LocalRowLinear
+    spec.submodules.mlp.submodules.linear_fc1 = _LocalColumnLinear
+    spec.submodules.mlp.submodules.linear_fc2 = _LocalRowLinear
     # megatron 0.16's MLP warns (DeprecationWarning) on every layer unless its spec names the width; same value
     spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": cfg.ffn}
     return spec
@@ -268,25 +367,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, params_dtype: torch.dtype = t
     weights are drawn on the host from torch's default generator (`use_cpu_initialization`); on CUDA megatron
     draws them on the current device from its RNG tracker. Norms and position tables are created in fp32 by
     torch; the final `.to(dtype)` casts them too, as megatron's Float16Module and DeepSpeed's bf16 mode do.
-    RoPE models built on CPU keep their frequency table on the CPU: build on the device you will run on.
+    RoPE is the core attention's (`layer_spec`), so megatron's GPTModel is built without position embedding then.
     """
     device = torch.device(device)
     on_cpu = device.type == "cpu"
-    rope = cfg.position_embedding is PositionEmbedding.rope
-    model = GPTModel(
+    model = _LocalGPTModel(
         config=transformer_config(cfg, params_dtype, use_cpu_initialization=on_cpu),
         transformer_layer_spec=layer_spec(cfg),
         vocab_size=padded_vocab(vocab_size),
         max_sequence_length=cfg.seq_len,
-        position_embedding_type="rope" if rope else "learned_absolute",
-        rotary_base=cfg.rope_base,
+        position_embedding_type="learned_absolute" if cfg.position_embedding is PositionEmbedding.learned else "none",
         share_embeddings_and_output_weights=cfg.tied_embeddings,
         pre_process=True,
         post_process=True,
     )
-    if rope and on_cpu:
-        # same object, same state: only get_emb changes (an instance-level class swap keeps megatron's own init)
-        model.rotary_pos_emb.__class__ = _HostRotaryEmbedding
+    # GPTModel builds its output layer itself: same object, same init, only forward changes (a class swap)
+    model.output_layer.__class__ = _LocalColumnLinear
     return model.to(device=device, dtype=params_dtype)
 
 

@@ -79,9 +79,9 @@ class EWA:
     def update(self) -> None:
         current = [local_tensor(p).float() for p in self.params]
         for tau, avg in self.averages.items():
-            # avg = tau * avg + (1 - tau) * theta, one fused kernel per list on GPU
-            torch._foreach_mul_(avg, tau)
-            torch._foreach_add_(avg, current, alpha=1 - tau)
+            # avg = tau avg + (1 - tau) theta = avg + (1 - tau)(theta - avg): one lerp pass over the averages
+            # (read avg and theta, write avg) where a multiply then an add would read and write avg twice
+            torch._foreach_lerp_(avg, current, 1 - tau)
         self.steps += 1
 
     def corrected(self, tau: float) -> list[torch.Tensor]:

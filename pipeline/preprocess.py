@@ -110,10 +110,14 @@ def _fingerprint(cfg: PreprocessConfig, sources) -> str:
 
 
 def _existing_manifest(out: Path) -> Optional[dict]:
+    for parent in out.parents:  # a file where a parent directory should be: mkdir would fail with a traceback
+        if parent.exists() and not parent.is_dir():
+            raise PreprocessError(f"output_dir {out}: {parent} is a file, not a directory; choose another "
+                                  f"output_dir")
     if not out.exists():
         return None
     if not out.is_dir():
-        raise PreprocessError(f"output_dir {out} exists and is not a directory")
+        raise PreprocessError(f"output_dir {out} exists and is a file, not a directory; choose another output_dir")
     manifest = out / MANIFEST
     if not manifest.exists():
         if any(out.iterdir()):
@@ -158,7 +162,7 @@ def _tokenizer(cfg: PreprocessConfig, reader: Reader) -> tuple[bytes, bool]:
     if cfg.tokenizer.model:
         path = Path(cfg.tokenizer.model)
         if not path.is_file():
-            raise PreprocessError(f"preprocess.tokenizer.model {path} does not exist")
+            raise PreprocessError(f"preprocess.tokenizer.model {path} does not exist: check the path")
         data = path.read_bytes()
         _load_processor(data, f"preprocess.tokenizer.model {path}")
         return data, False
@@ -241,7 +245,8 @@ def _tokenizer_error(cfg: PreprocessConfig, reader: Reader, train_documents: int
 def _empty_corpus_error(cfg: PreprocessConfig, reader: Reader) -> PreprocessError:
     stats = reader.stats
     detail = f"{stats.empty_documents} empty documents, {stats.skipped_records} skipped records"
-    return PreprocessError(f"empty corpus: no document with text in {', '.join(cfg.inputs)} ({detail})")
+    return PreprocessError(f"empty corpus: no document with text in {', '.join(cfg.inputs)} ({detail}); give "
+                           f"inputs with text")
 
 
 def _split_error(cfg: PreprocessConfig, reader: Reader, split: str) -> PreprocessError:
@@ -257,9 +262,11 @@ def _load_processor(model_bytes: bytes, what: str = "tokenizer"):
     try:
         sp.LoadFromSerializedProto(model_bytes)
     except (RuntimeError, OSError) as e:
-        raise PreprocessError(f"{what} is not a SentencePiece model: {e}") from None
+        raise PreprocessError(f"{what} is not a SentencePiece model ({e}): give a .model file written by "
+                              f"SentencePiece, or drop tokenizer.model to train one") from None
     if sp.eos_id() < 0:
-        raise PreprocessError(f"{what} has no end-of-sequence piece: it is needed as the EOD token")
+        raise PreprocessError(f"{what} has no end-of-sequence piece, needed as the EOD token: train it with an eos "
+                              f"piece (eos_id >= 0), or drop tokenizer.model to train one")
     return sp
 
 

@@ -34,6 +34,7 @@ from pipeline.config import ConfigError, PretrainConfig, Resume, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
 from pipeline.metrics import Tracker, eval_records
+from pipeline.noise import NoiseScale
 from pipeline.optim import EWA, lr_at, make_optimizer
 from pipeline.targets import TargetTracker, eval_key, weight_kinds
 from pipeline.utils import atomic_write_json, atomic_write_text, log
@@ -94,12 +95,17 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, self.manifest["vocab_size"])
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optimizer),
                                                config=self.ds_config)
+        if cfg.compile:
+            self.engine.compile()  # in place: parameter and state-dict names stay those of the GPTModel
         self.ewa = EWA(self.engine.module.parameters(), cfg.ewa.taus)
         self.targets = TargetTracker(cfg.targets, weight_kinds(cfg.ewa.taus))
-        self.samples = TrainSamples(cfg.data_dir, cfg.model.seq_len, cfg.seed)
+        self.base = self._init_from_meta()
+        self.samples = TrainSamples(cfg.data_dir, cfg.model.seq_len, cfg.seed,
+                                    offset_seqs=self.base["tokens"] // cfg.model.seq_len if self.base else 0)
         self.eval_set = eval_sequences(cfg.data_dir, cfg.model.seq_len, cfg.eval.eval_tokens)
         self.eval_grid = eval_steps(self.total_steps, cfg.eval.every_steps, cfg.eval.growth)
-        self.eval_grid |= {min(-(-t // self.tokens_per_step), self.total_steps) for t in cfg.eval.at_tokens}
+        self.eval_grid |= self.steps_at(cfg.eval.at_tokens)
+        self.kept_steps = self.steps_at(cfg.checkpoint.at_tokens)  # saved there and never pruned
         self.step = 0
         self.first_loss: Optional[float] = None
         self.last_eval: dict[str, float] = {}
@@ -119,12 +125,22 @@ class Trainer:
         self._window = (time.perf_counter(), 0)  # perf window: start time, step at start
         self._loss_sum = torch.zeros((), device=dist.device)
         self._loss_count = 0
+        self.log_due = lambda s: s % cfg.log.every_steps == 0 or s in (1, self.total_steps)
+        self.noise = NoiseScale(self.engine.module.parameters(), cfg.micro_batch, cfg.global_batch_seqs,
+                                self.grad_accum, dist.device)
+        if not self.noise.possible and dist.is_main:
+            log.info("train/noise_scale is not measured: it needs >= 2 micro-batches or ranks per step (here one "
+                     "micro-batch of %d sequences is the whole step)", cfg.micro_batch)
         self.hooks = [
-            Hook(self.log_hook, lambda s: s % cfg.log.every_steps == 0 or s in (1, self.total_steps)),
+            Hook(self.log_hook, self.log_due),
             Hook(self.eval_hook, lambda s: s in self.eval_grid),
             Hook(self.checkpoint_hook, lambda s: (cfg.checkpoint.every_steps > 0
-                                                  and s % cfg.checkpoint.every_steps == 0)),
+                                                  and s % cfg.checkpoint.every_steps == 0) or s in self.kept_steps),
         ]
+
+    def steps_at(self, tokens: list[int]) -> set[int]:
+        """The first step that has seen at least each token count (the last step for counts beyond it)."""
+        return {min(-(-t // self.tokens_per_step), self.total_steps) for t in tokens}
 
     # ----------------------------------------------------------------------------------------- one step
 
@@ -151,7 +167,12 @@ class Trainer:
 
     def train(self) -> str:
         while self.step < self.total_steps and self.stop_reason is None:
+            measure = self.noise.possible and self.log_due(self.step + 1)
+            if measure:
+                self.noise.arm()
             loss = self.train_step()
+            if measure:
+                self.noise.collect(self.engine.get_global_grad_norm(), self.dist.world_size)
             self._loss_sum += loss
             self._loss_count += 1
             for hook in self.hooks:
@@ -199,7 +220,7 @@ class Trainer:
         start, start_step = self._window
         tokens_per_s = (step - start_step) * self.tokens_per_step / max(now - start, 1e-9)
         metrics = {"train/loss": loss, "lr": self._lr, "perf/tokens_per_s": tokens_per_s,
-                   "perf/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size}
+                   "perf/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size, **self.noise.metrics()}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -283,14 +304,15 @@ class Trainer:
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
-                          "torch_rng": torch.get_rng_state()}}
+                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state()}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
                                     save_latest=False)
         dist.barrier()
         if self.dist.is_main:
-            rundir.mark_complete(tag_dir, {"step": step, "world_size": self.dist.world_size,
-                                           "zero_stage": self.zero_stage})
-            for old in rundir.tags(self.run_dir)[:-self.cfg.checkpoint.keep]:
+            rundir.mark_complete(tag_dir, {"step": step, "tokens": step * self.tokens_per_step,
+                                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage})
+            rolling = [t for t in rundir.tags(self.run_dir) if rundir.tag_step(t) not in self.kept_steps]
+            for old in rolling[:-self.cfg.checkpoint.keep]:
                 shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
             log.info("checkpoint %s", tag_dir)
         self.saved_step = step
@@ -315,8 +337,7 @@ class Trainer:
                     rundir.set_aside(self.checkpoint_dir / name)
         dist.barrier()  # every rank lists the same checkpoints below
         for name in good:
-            meta = rundir.checkpoint_meta(self.checkpoint_dir / name)
-            self._check_world_size(meta)
+            self._check_world_size(rundir.checkpoint_meta(self.checkpoint_dir / name), self.checkpoint_dir)
             problem = self._agreed_failure(self._load(name))
             if problem is None:
                 return True
@@ -334,12 +355,40 @@ class Trainer:
             log.warning("%s: no save ever finished; starting from step 0", self.checkpoint_dir)
         return False
 
-    def _check_world_size(self, meta: dict) -> None:
+    def _init_from_meta(self) -> Optional[dict]:
+        """The checkpoint `init_from` names, checked before anything loads: complete, same model, same ranks."""
+        init = self.cfg.init_from
+        if init is None:
+            return None
+        tag_dir = rundir.checkpoint_dir(init.run_dir) / rundir.tag(init.step)
+        problem = rundir.checkpoint_problem(tag_dir) if tag_dir.is_dir() else "it does not exist"
+        if problem:
+            raise ConfigError(f"pretrain.init_from: the checkpoint {tag_dir} cannot be used: {problem}")
+        base = yaml.safe_load((Path(init.run_dir) / rundir.CONFIG).read_text()) or {}
+        if base.get("model") != to_dict(self.cfg.model):
+            raise ConfigError(f"pretrain.init_from: {init.run_dir} trained another model; a branch keeps the model")
+        meta = rundir.checkpoint_meta(tag_dir)
+        self._check_world_size(meta, tag_dir.parent)
+        return meta
+
+    def warm_start(self) -> None:
+        """Load `init_from`'s weights and optimizer state (not its step, EWA or targets: this run starts at 0)."""
+        init = self.cfg.init_from
+        path, _ = self.engine.load_checkpoint(str(rundir.checkpoint_dir(init.run_dir)), tag=rundir.tag(init.step),
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise rundir.CheckpointError(f"pretrain.init_from: DeepSpeed found no model states in "
+                                         f"{rundir.checkpoint_dir(init.run_dir) / rundir.tag(init.step)}")
+        if self.dist.is_main:
+            log.info("starting from %s step %d (%d tokens into its data stream)", init.run_dir, init.step,
+                     self.base["tokens"])
+
+    def _check_world_size(self, meta: dict, where: Path) -> None:
         """ZeRO partitions the optimizer state (stage 1/2) and the parameters and EWA (stage 3) per rank, and
         DeepSpeed cannot re-partition them: a checkpoint resumes on as many ranks as wrote it."""
         ranks, stage = meta.get("world_size"), meta.get("zero_stage", 0)
         if ranks is not None and stage >= 1 and ranks != self.dist.world_size:
-            raise ConfigError(f"the checkpoints in {self.checkpoint_dir} were written by {ranks} rank(s) under ZeRO-"
+            raise ConfigError(f"the checkpoints in {where} were written by {ranks} rank(s) under ZeRO-"
                               f"{stage}, which shards the optimizer state per rank; resume with {ranks} rank(s) "
                               f"(this launch has {self.dist.world_size}), or start a new run_dir")
 
@@ -363,6 +412,7 @@ class Trainer:
             self.targets = TargetTracker(self.cfg.targets, self.targets.kinds)
             self.targets.replay(eval_records(self.run_dir), self.tokens_per_step, until_step=self.step)
         self.elapsed = state["elapsed"]
+        self.noise.load_state_dict(state.get("noise_scale", self.noise.state_dict()))
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
@@ -386,6 +436,8 @@ class Trainer:
     def run(self) -> dict:
         self._started = time.perf_counter()
         resumed = self.resume()
+        if not resumed and self.cfg.init_from:
+            self.warm_start()
         self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main, tensorboard=self.cfg.log.tensorboard,
                                resume_step=self.step if resumed else None)
         self._window = (time.perf_counter(), self.step)
@@ -480,6 +532,8 @@ def _write_config(trainer: Trainer) -> None:
         "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps,
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
         "data_manifest_fingerprint": trainer.manifest.get("fingerprint"),
+        "tokenizer_sha256": trainer.manifest["tokenizer"].get("sha256"),
+        "data_offset_seqs": trainer.samples.offset_seqs,
         "eval_sequences": len(trainer.eval_set), "device": str(trainer.dist.device),
         "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
     }
@@ -491,7 +545,7 @@ def main(cfg: PretrainConfig) -> dict:
     one `preempted` (no exception)."""
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
-    read_manifest(cfg.data_dir)
+    read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split at least one sequence long
     done = _check_run_dir(cfg)
     if done is not None:
         log.info("%s already finished (%s at step %d); nothing to do", cfg.run_dir, done["status"], done["steps"])

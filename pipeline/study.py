@@ -33,7 +33,8 @@ from typing import Optional
 import yaml
 
 from pipeline import rundir
-from pipeline.config import ConfigError, PreprocessConfig, PretrainConfig, StudyConfig, from_dict, to_dict
+from pipeline.config import (ConfigError, PreprocessConfig, PretrainConfig, StudyConfig, StudyMethod, from_dict,
+                             to_dict)
 from pipeline.executors import Executor, ExecutorError, LocalExecutor, RunJob, run_status
 from pipeline.metrics import eval_records
 from pipeline.study_plan import Run, human, plan, plan_table, reference_batch, run_config, run_path
@@ -244,6 +245,10 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     if not dry_run:
         write_run_inputs(runs, study_dir)
     refs = [r for r in runs if r.reference] if b0 is not None else []
+    if cfg.method is StudyMethod.branched:
+        executor.train(jobs_of(refs, study_dir), f"base runs (B = {min(cfg.batch_sizes)})")
+        executor.train(jobs_of([r for r in runs if not r.reference], study_dir), "branches")
+        return executor.fit(study_dir, study_dir / "fit", [])
     if refs:
         executor.train(jobs_of(refs, study_dir), f"reference runs (B0 = {b0})")
         if dry_run:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, ModelConfig, PretrainConfig, ScheduleKind,
-                             StudyConfig, from_dict, paper_value, to_dict)
+from pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
+                             ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, to_dict)
 from pipeline.utils import log
 
 RUNS = "runs"
@@ -49,6 +49,8 @@ class Run:
     reference: bool
     train_tokens: int
     config: dict = field(default_factory=dict)
+    branch: Optional[dict] = None
+    """method branched: where this branch starts (base run, tokens, step) and its multiplier; None otherwise."""
 
 
 def human(n: float) -> str:
@@ -146,7 +148,10 @@ def _groups(cfg: StudyConfig, settings: list[Setting]) -> list[list[Setting]]:
 
 
 def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
+    """Every run of the study, each with its validated pretrain config (`run.config`)."""
     settings = expand_settings(cfg.settings)
+    if cfg.method is StudyMethod.branched:
+        return plan_branched(cfg, settings, study_dir, data_dir)
     if cfg.targets.losses:
         missing = [s.name for s in settings if s.name not in cfg.targets.losses and s.target is None]
         if missing:
@@ -239,18 +244,79 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
         "model": to_dict(run.settings[0].model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
         "train_tokens": run.train_tokens, "seed": run.seed,
         "optimizer": {"lr": run.lr, "beta2": run.beta2}, "ewa": {"taus": run.taus},
-        "targets": targets, "stop_at_targets": bool(targets) and not run.reference, "stop_weights": "ewa",
-        "study": {"name": cfg.name, "reference": run.reference, "settings": [
+        "targets": targets, "stop_at_targets": bool(targets) and not run.reference,
+        "stop_weights": "ewa" if run.taus else "any",
+        "study": {"name": cfg.name, "method": cfg.method.value, "reference": run.reference, "settings": [
             {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
             for s in run.settings]},
     }
-    if run.reference:
+    if run.reference and cfg.method is StudyMethod.sweep:
         over["eval"] = {"at_tokens": [s.tokens for s in run.settings]}
     merged = _merge(base, over)
-    if run.reference and base.get("eval", {}).get("at_tokens"):
+    if "at_tokens" in over.get("eval", {}) and base.get("eval", {}).get("at_tokens"):
         merged["eval"]["at_tokens"] = sorted(set(base["eval"]["at_tokens"]) | {s.tokens for s in run.settings})
     from_dict(PretrainConfig, json.loads(json.dumps(merged)), f"study run {run.name}")  # every run validates now
     return merged
+
+
+# ---------------------------------------------------------------------------------------------------- branched
+
+
+LR_SCALE = {LrScaling.sqrt: lambda k: k ** 0.5, LrScaling.linear: lambda k: float(k), LrScaling.none: lambda k: 1.0}
+
+
+def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_dir: Path) -> list[Run]:
+    """One base run per setting at B = min(batch_sizes), checkpointed at each branch point t (a fraction of
+    the budget D); from each, a branch per batch b >= B (k = b / B, LR x scale(k)) trains `branch_tokens`
+    more tokens, continuing the base's optimizer state and data stream (pretrain's init_from). The base runs
+    come first (`reference` marks them for the phases), then every branch."""
+    b0, lr, seed = min(cfg.batch_sizes), cfg.hparams.lr[0], cfg.seeds[0]
+    beta2 = (cfg.hparams.beta2 or [paper_value(PAPER_BETA2, b0)])[0]
+    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
+    runs = []
+    for s in settings:
+        base = Run(f"m{s.model_label}_d{human(s.tokens)}_b{b0}_lr{lr:g}_base", [s], b0, lr, beta2, list(taus), seed,
+                   True, s.tokens)
+        points = sorted({max(1, int(f * s.tokens)) for f in cfg.branched.at_fractions})
+        base.config = run_config(cfg, base, study_dir, data_dir)
+        base.config["checkpoint"] = {**base.config.get("checkpoint", {}), "at_tokens": points}
+        base.config["study"]["base"] = {"batch": b0, "branch_tokens": points}
+        runs.append(base)
+        for tokens in points:
+            runs += [_branch(cfg, base, tokens, batch, study_dir, data_dir) for batch in sorted(cfg.batch_sizes)]
+    for r in runs:
+        from_dict(PretrainConfig, json.loads(json.dumps(r.config)), f"study run {r.name}")
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    warmup = runs[0].config.get("schedule", {}).get("warmup_tokens", 0)
+    early = [r.branch["base_tokens"] for r in runs if r.branch and r.branch["base_tokens"] < warmup]
+    if early:
+        raise ConfigError(f"study.branched.at_fractions: branch points {sorted(set(early))} (tokens) fall inside the "
+                          f"warmup ({warmup} tokens): a branch would start before the LR reached its peak; use "
+                          f"fractions of the budget past the warmup")
+    return runs
+
+
+def _branch(cfg: StudyConfig, base: Run, tokens: int, batch: int, study_dir: Path, data_dir: Path) -> Run:
+    """A branch of `base` from its checkpoint after `tokens` tokens, at `batch` sequences."""
+    k = batch / base.batch
+    seq_len = base.settings[0].model.seq_len
+    step = -(-tokens // (base.batch * seq_len))  # the checkpoint pretrain saves for checkpoint.at_tokens
+    delta = cfg.branched.branch_tokens or max(1, base.train_tokens // 10)
+    # EWA restarts at the branch; tau^k averages over the same tokens at every batch (k times fewer steps)
+    taus = [round(tau ** k, 6) for tau in base.taus]
+    run = Run(f"{base.name[:-len('_base')]}_t{human(tokens)}_b{batch}", base.settings, batch,
+              base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta)
+    run.branch = {"setting": base.settings[0].name, "base_run": base.name, "base_batch": base.batch,
+                  "base_tokens": step * base.batch * seq_len, "base_step": step, "multiplier": k,
+                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance,
+                  "loss_key": f"eval/loss_ewa/{taus[0]}" if taus else "eval/loss"}
+    run.config = run_config(cfg, run, study_dir, data_dir)
+    steps = -(-delta // (batch * seq_len))
+    run.config.update(init_from={"run_dir": base.config["run_dir"], "step": step},
+                      schedule={**run.config.get("schedule", {}), "kind": "constant", "warmup_tokens": 0},
+                      eval={**run.config.get("eval", {}), "every_steps": steps, "growth": 0, "at_tokens": []})
+    run.config["study"]["branch"] = run.branch
+    return run
 
 
 def plan_table(cfg: StudyConfig, runs: list[Run], b0: Optional[int]) -> str:

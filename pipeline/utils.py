@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -62,11 +65,14 @@ def staged_directory(final: Path) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it replaces `final` by rename, on error it is removed.
 
     The swap is two renames (old aside, new in place) so a crash leaves either the old directory, or the new one,
-    or the old one under a `.old-*` name next to it: never a half-written `final`.
+    or the old one under a `.old-*` name next to it: never a half-written `final`. The temp names carry host and
+    pid, so that the next call removes what a killed process (kill -9, a node failure) left behind on this host.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    _remove_stale_stages(final)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{owner}-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the mode mkdir would
     try:
         yield tmp
@@ -75,11 +81,33 @@ def staged_directory(final: Path) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{owner}"
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_stages(final: Path) -> None:
+    """Remove `.NAME.tmp-HOST-PID-*` / `.NAME.old-HOST-PID` siblings of `final` whose process is gone from this
+    host. Another host's, or a live process's (a concurrent run), are left alone."""
+    host = socket.gethostname()
+    for kind, rest in (("tmp", r"(\d+)-[^-]+"), ("old", r"(\d+)")):  # mkdtemp's random part has no "-"
+        prefix = f".{final.name}.{kind}-{host}-"
+        for path in final.parent.glob(glob.escape(prefix) + "*"):
+            match = re.fullmatch(rest, path.name[len(prefix):])  # not another host named HOST-something
+            if match and not _alive(int(match.group(1))):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def progress(**kwargs) -> tqdm:

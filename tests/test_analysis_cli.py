@@ -142,7 +142,7 @@ def test_study_cbs_recovers_truth_and_laws(study_fit):
         assert float(r["cbs_low"]) < float(r["cbs"]) < float(r["cbs_high"])
         assert int(r["n_batches"]) == len(BATCHES) - (r["setting"] == CENSORED[0])
     scaling = json.loads((out / "scaling.json").read_text())
-    assert scaling["seq_len"] == SEQ_LEN and set(scaling["laws"]) == {"tokens", "model_params"}
+    assert scaling["seq_len"] == SEQ_LEN and set(scaling["laws"]) == {"tokens", "model_params", "compute", "joint"}
     law = scaling["laws"]["tokens"]
     for key in ("variable", "coefficient", "coefficient_ci", "exponent", "exponent_ci", "r2", "n_points",
                 "cov_log_coefficient_exponent", "residual_variance"):
@@ -162,8 +162,9 @@ def test_study_report_and_figures(study_fit):
 
     pngs = sorted((out / "figures").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"steps_normalized.png", "cbs_vs_tokens.png", "cbs_vs_model_params.png"} <= names
-    assert len(pngs) == 3 + len(MODELS) * len(BUDGETS)
+    assert {"steps_normalized.png", "cbs_vs_tokens.png", "cbs_vs_model_params.png", "cbs_vs_compute.png",
+            "degradation.png"} <= names
+    assert len(pngs) == 5 + len(MODELS) * len(BUDGETS)
     for p in pngs:
         assert p.read_bytes()[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(p)
@@ -231,12 +232,21 @@ def test_csv_input_and_rerun_replaces_previous_output(tmp_path, capsys):
 
 CSV_HEADER = "setting,model_params,tokens,batch_size,steps\n"
 GOOD_ROWS = "s,1000,2000,64,100\ns,1000,2000,128,60\ns,1000,2000,256,40\n"
+GOOD_CSV = CSV_HEADER + GOOD_ROWS
+TP_HEADER = "batch_size,gpus,tokens_per_s\n"
 
 
-def _csv_input(text: str):
+def _csv_input(text: str, *flags: str):
     def make(tmp: Path) -> list[str]:
         (tmp / "in.csv").write_text(text)
-        return [str(tmp / "in.csv")]
+        return [str(tmp / "in.csv"), *flags]
+    return make
+
+
+def _throughput_input(text: str):
+    def make(tmp: Path) -> list[str]:
+        (tmp / "tp.csv").write_text(text)
+        return _csv_input(GOOD_CSV)(tmp) + ["--throughput", str(tmp / "tp.csv"), "--seq-len", "128"]
     return make
 
 
@@ -262,49 +272,154 @@ def _corrupt_one(study: Path) -> None:
     next(study.glob("runs/*/result.json")).write_text("{not json")
 
 
+def _bad_status(study: Path) -> None:
+    path = next(study.glob("runs/*/result.json"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "exploded"}))
+
+
 def _foreign_out(tmp: Path) -> list[str]:
-    (tmp / "in.csv").write_text(CSV_HEADER + GOOD_ROWS)
+    (tmp / "in.csv").write_text(GOOD_CSV)
     (tmp / "out").mkdir()
     (tmp / "out" / "precious.txt").write_text("keep me")
     return [str(tmp / "in.csv")]
 
 
+def _law(variable: str, x, y):
+    from analysis.laws import fit_scaling_law, law_to_json
+
+    return law_to_json(fit_scaling_law(x, y, variable))
+
+
+def _scaling(doc, *flags: str):
+    """A forecast on a scaling.json holding `doc` (a dict is JSON-encoded, a string written as is)."""
+    def make(tmp: Path) -> list[str]:
+        content = doc() if callable(doc) else doc
+        (tmp / "scaling.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        return ["--scaling", str(tmp / "scaling.json"), *(flags or ("--tokens", "1e9"))]
+    return make
+
+
+def _v2():
+    return {"version": 2, "laws": {"tokens": _law("tokens", [1e9, 2e9, 4e9], [100.0, 140.0, 190.0])}}
+
+
+def _v1_with_d_and_n():
+    return {"laws": {"tokens": _law("tokens", [1e9, 2e9, 4e9], [100.0, 140.0, 190.0]),
+                     "model_params": _law("model_params", [1e8, 2e8, 4e8], [100.0, 110.0, 125.0])}}
+
+
+def _forecast_throughput(text: str):
+    def make(tmp: Path) -> list[str]:
+        (tmp / "tp.csv").write_text(text)
+        return _scaling(_v2)(tmp) + ["--throughput", str(tmp / "tp.csv")]
+    return make
+
+
+# (command, arguments, what the one error line must contain: the message, the file and line or key, the fix)
 BAD_INPUTS = {
-    "empty csv": (_csv_input(""), "empty file"),
-    "header only": (_csv_input(CSV_HEADER), "no data rows"),
-    "missing column": (_csv_input("setting,model_params,tokens,batch_size\ns,1,2,64\n"), "missing column(s) steps"),
-    "non-numeric": (_csv_input(CSV_HEADER + GOOD_ROWS + "s,1000,2000,512,abc\n"), "steps must be a positive number"),
-    "zero steps": (_csv_input(CSV_HEADER + GOOD_ROWS + "s,1000,2000,512,0\n"), "got '0'"),
-    "negative steps": (_csv_input(CSV_HEADER + GOOD_ROWS + "s,1000,2000,512,-3\n"), "got '-3'"),
-    "nan steps": (_csv_input(CSV_HEADER + GOOD_ROWS + "s,1000,2000,512,nan\n"), "got 'nan'"),
-    "one batch size": (_csv_input(CSV_HEADER + "s,1000,2000,64,100\nt,1000,4000,64,90\n"), "only one batch size"),
-    "inconsistent setting": (_csv_input(CSV_HEADER + GOOD_ROWS + "s,1000,9999,512,30\n"), "setting 's' has"),
-    "no such path": (lambda tmp: [str(tmp / "missing.csv")], "no such file"),
-    "no finished runs": (_study_input(_unfinish_all), "no finished runs"),
-    "all runs diverged": (_study_input(_diverge_all), "no batch size reached its target"),
-    "corrupt result.json": (_study_input(_corrupt_one), "cannot read JSON"),
-    "not a study dir": (lambda tmp: [str(tmp)], "not a study directory"),
-    "bad overhead": (lambda tmp: _csv_input(CSV_HEADER + GOOD_ROWS)(tmp) + ["--overhead", "0"], "--overhead"),
-    "bad target kind": (lambda tmp: _csv_input(CSV_HEADER + GOOD_ROWS)(tmp) + ["--target-kind", "x"],
-                        "invalid choice"),
-    "foreign out dir": (_foreign_out, "not a `cbs fit` output"),
+    "empty csv": ("fit", _csv_input(""), ["in.csv", "empty file", "expected a header"]),
+    "header only": ("fit", _csv_input(CSV_HEADER), ["in.csv", "no data rows"]),
+    "missing column": ("fit", _csv_input("setting,model_params,tokens,batch_size\ns,1,2,64\n"),
+                       ["in.csv", "missing column(s) steps"]),
+    "short row": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,512\n"), ["in.csv, line 5", "4 cells, the header has 5"]),
+    "long row": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,512,30,7\n"), ["line 5", "6 cells", "quotes"]),
+    "duplicate row": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,128,60\n"),
+                      ["in.csv, line 5", "repeats line 3", "remove the duplicate"]),
+    "same run twice": ("fit", _csv_input(CSV_HEADER.strip() + ",best_run\n" + "".join(
+        f"{r},r{i}\n" for i, r in enumerate(GOOD_ROWS.split())) + "s,1000,2000,128,55,r1\n"),
+        ["line 5", "run 'r1' again", "line 3"]),
+    "censored with steps": ("fit", _csv_input(CSV_HEADER.strip() + ",censored\n" + GOOD_ROWS.replace("\n", ",0\n")
+                                              + "s,1000,2000,512,30,1\n"), ["line 5", "censored", "empty steps"]),
+    "non-numeric": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,512,abc\n"),
+                    ["in.csv, line 5", "steps must be a positive number"]),
+    "zero steps": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,512,0\n"), ["line 5", "got '0'"]),
+    "negative steps": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,512,-3\n"), ["line 5", "got '-3'"]),
+    "nan steps": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,512,nan\n"), ["line 5", "got 'nan'"]),
+    "fractional batch": ("fit", _csv_input(GOOD_CSV + "s,1000,2000,51.5,30\n"), ["line 5", "batch_size", "whole"]),
+    "negative model_params": ("fit", _csv_input(GOOD_CSV + "s,-1000,2000,512,30\n"), ["line 5", "model_params"]),
+    "one batch size": ("fit", _csv_input(CSV_HEADER + "s,1000,2000,64,100\nt,1000,4000,64,90\n"),
+                       ["only one batch size", "add runs at other batch sizes"]),
+    "contradicting setting": ("fit", _csv_input(GOOD_CSV + "s,1000,9999,512,30\n"),
+                              ["line 5", "setting 's' has", "rename one"]),
+    "no such path": ("fit", lambda tmp: [str(tmp / "missing.csv")], ["missing.csv", "no such file"]),
+    "no finished runs": ("fit", _study_input(_unfinish_all), ["no finished runs", "run the study first"]),
+    "all runs diverged": ("fit", _study_input(_diverge_all), ["no batch size reached its target"]),
+    "corrupt result.json": ("fit", _study_input(_corrupt_one), ["result.json", "cannot read JSON"]),
+    "unknown status": ("fit", _study_input(_bad_status), ["result.json", "status must be one of", "'exploded'"]),
+    "not a study dir": ("fit", lambda tmp: [str(tmp)], ["not a study directory"]),
+    "bad overhead": ("fit", _csv_input(GOOD_CSV, "--overhead", "0"), ["--overhead must be a positive number"]),
+    "bad overheads": ("fit", _csv_input(GOOD_CSV, "--overheads", "0.1,x"), ["--overheads", "'0.1,x'"]),
+    "negative overheads": ("fit", _csv_input(GOOD_CSV, "--overheads", "0.1,-1"), ["--overheads"]),
+    "bad reference batch": ("fit", _csv_input(GOOD_CSV, "--reference-batch", "-5"), ["--reference-batch"]),
+    "negative bootstrap": ("fit", _csv_input(GOOD_CSV, "--bootstrap", "-1"), ["--bootstrap must be >= 0"]),
+    "zero gpus": ("fit", _csv_input(GOOD_CSV, "--gpus", "0"), ["--gpus must be >= 1"]),
+    "zero seq len": ("fit", _csv_input(GOOD_CSV, "--seq-len", "0"), ["--seq-len must be >= 1"]),
+    "bad target kind": ("fit", _csv_input(GOOD_CSV, "--target-kind", "x"), ["invalid choice"]),
+    "foreign out dir": ("fit", _foreign_out, ["not a `cbs fit` output", "choose another"]),
+    "throughput missing": ("fit", lambda tmp: _csv_input(GOOD_CSV)(tmp) + ["--throughput", str(tmp / "no.csv")],
+                           ["--throughput", "no.csv", "no such file"]),
+    "throughput column": ("fit", _throughput_input("batch_size,tokens_per_s\n64,1e5\n"),
+                          ["tp.csv", "missing column(s) gpus"]),
+    "throughput nan": ("fit", _throughput_input(TP_HEADER + "64,8,1e5\n128,8,nan\n"),
+                       ["tp.csv, line 3", "tokens_per_s must be a positive number", "'nan'"]),
+    "throughput text": ("fit", _throughput_input(TP_HEADER + "64,8,fast\n"), ["tp.csv, line 2", "'fast'"]),
+    "throughput gpus": ("fit", _throughput_input(TP_HEADER + "64,0,1e5\n"),
+                        ["line 2", "gpus must be a positive whole"]),
+    "throughput fraction": ("fit", _throughput_input(TP_HEADER + "64,1.5,1e5\n"), ["line 2", "gpus"]),
+    "throughput split": ("fit", _throughput_input(TP_HEADER + "64,3,1e5\n"), ["line 2", "not a multiple of gpus 3"]),
+    "throughput duplicate": ("fit", _throughput_input(TP_HEADER + "64,8,1e5\n64,8,2e5\n"),
+                             ["tp.csv, line 3", "already on line 2", "average them"]),
+    "throughput short row": ("fit", _throughput_input(TP_HEADER + "64,8\n"), ["line 2", "2 cells"]),
+    "forecast no file": ("forecast", lambda tmp: ["--scaling", str(tmp / "nope.json"), "--tokens", "1e9"],
+                         ["nope.json", "no such file", "cbs fit"]),
+    "forecast not json": ("forecast", _scaling("{broken"), ["scaling.json", "cannot read JSON", "rewrite"]),
+    "forecast no laws": ("forecast", _scaling({"version": 2}), ["scaling.json", "no 'laws' mapping"]),
+    "forecast empty laws": ("forecast", _scaling({"laws": {}}), ["scaling.json", "no scaling law"]),
+    "forecast malformed law": ("forecast", _scaling({"laws": {"tokens": {"variable": "tokens"}}}),
+                               ["scaling.json", "laws.tokens is malformed", "KeyError"]),
+    "forecast malformed b_noise law": ("forecast", _scaling(lambda: {**_v2(), "laws_b_noise": {"tokens": [1]}}),
+                                       ["laws_b_noise.tokens is malformed"]),
+    "forecast malformed joint": ("forecast", _scaling(lambda: {**_v2(), "laws": {
+        **_v2()["laws"], "joint": {"variables": ["tokens", "params"], "exponents": {"tokens": 0.5}}}}),
+        ["laws.joint is malformed"]),
+    "forecast malformed throughput": ("forecast", _scaling(lambda: {**_v2(), "throughput": {"points": [{"gpus": 1}]}}),
+                                      ["scaling.json", "throughput is malformed"]),
+    "forecast old file without joint": ("forecast", _scaling(_v1_with_d_and_n, "--tokens", "1e9", "--model-params",
+                                                             "2e8"),
+                                        ["scaling.json", "version 1", "without a joint law", "re-run `cbs fit`"]),
+    "forecast negative tokens": ("forecast", _scaling(_v2, "--tokens", "-1"), ["--tokens must be a positive"]),
+    "forecast nan tokens": ("forecast", _scaling(_v2, "--tokens", "nan"), ["--tokens must be a positive"]),
+    "forecast zero params": ("forecast", _scaling(_v2, "--tokens", "1e9", "--model-params", "0"),
+                             ["--model-params must be a positive"]),
+    "forecast zero gpus": ("forecast", _scaling(_v2, "--tokens", "1e9", "--gpus", "0"), ["--gpus must be >= 1"]),
+    "forecast zero micro": ("forecast", _scaling(_v2, "--tokens", "1e9", "--micro-batch", "0"),
+                            ["--micro-batch must be >= 1"]),
+    "forecast zero seq len": ("forecast", _scaling(_v2, "--tokens", "1e9", "--seq-len", "0"),
+                              ["--seq-len must be >= 1"]),
+    "forecast bad throughput": ("forecast", _forecast_throughput(TP_HEADER + "64,8,-5\n"),
+                                ["--throughput", "tp.csv, line 2", "tokens_per_s"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
-    make, message = BAD_INPUTS[case]
+    prog, make, expected = BAD_INPUTS[case]
     argv = make(tmp_path)
     existed = (tmp_path / "out").exists()
-    rc, stdout, err = run_fit(capsys, *argv, "--out", tmp_path / "out", "--bootstrap", "20")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if prog == "fit":
+        rc, stdout, err = run_fit(capsys, "--out", tmp_path / "out", "--bootstrap", "20", *argv)  # argv's flags win
+    else:
+        rc = forecast_main(argv)
+        stdout, err = capsys.readouterr()
     assert rc == 2
-    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("cbs fit: error: ")
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"cbs {prog}: error: ")
+    for text in expected:
+        assert text in err, (text, err)
     assert "Traceback" not in err and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no staging left behind
     if existed:
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["precious.txt"]
-    else:
-        assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_help_returns_0(capsys):
@@ -312,23 +427,8 @@ def test_help_returns_0(capsys):
     assert forecast_main(["--help"]) == 0 and "--micro-batch" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such file"),
-    ("{broken", "cannot read JSON"),
-    ('{"laws": {}}', "no scaling law"),
-    ('{"laws": {"tokens": {"variable": "tokens"}}}', "malformed"),
-])
-def test_forecast_bad_scaling_file(tmp_path, capsys, content, message):
-    path = tmp_path / "scaling.json"
-    if content is not None:
-        path.write_text(content)
-    assert forecast_main(["--scaling", str(path), "--tokens", "1e9"]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("cbs forecast: error: ")
-
-
 def test_forecast_with_only_an_n_law(tmp_path, capsys):
-    from analysis.fit import fit_scaling_law, law_to_json
+    from analysis.laws import fit_scaling_law, law_to_json
 
     law = fit_scaling_law([1e8, 3e8, 1e9], [200.0, 240.0, 300.0], "model_params")
     path = tmp_path / "scaling.json"
@@ -343,7 +443,7 @@ def test_forecast_with_only_an_n_law(tmp_path, capsys):
 
 
 def test_figure_names_are_unique_file_names():
-    from analysis.report import figure_names
+    from analysis.figures import figure_names
     from analysis.steps import Setting, StepsPoint, StepsTable
 
     settings = [Setting(n, 1, 1) for n in ("a/b", "a b", "A_B", "ok-1.5")]
@@ -357,7 +457,203 @@ def test_figure_names_are_unique_file_names():
 
 
 def test_analysis_never_imports_the_training_stack():
-    code = ("import sys, analysis.cli, analysis.steps, analysis.fit, analysis.report, analysis.forecast\n"
+    code = ("import sys, analysis.cli, analysis.steps, analysis.fit, analysis.laws, analysis.cost, analysis.study_fit, "
+            "analysis.figures, analysis.report, analysis.outputs, analysis.forecast, analysis.noise_scale, "
+            "analysis.branched, analysis.compare, analysis.branched_fit, analysis.branched_figures, "
+            "analysis.branched_report, analysis.ramp\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'megatron', 'pipeline')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ------------------------------------------------------------------- what each run says, from pretrain-shaped files
+
+
+SWEEP_SETTINGS = [{"name": "m85M_d1", "model_params": 85_000_000, "tokens": 1_000_000_000, "target_loss": 3.5},
+                  {"name": "m85M_d4", "model_params": 85_000_000, "tokens": 4_000_000_000, "target_loss": 3.3}]
+SWEEP = [32, 64, 128, 256, 512, 1024]
+
+
+def sweep_truth(batch: int, setting: int = 0) -> float:
+    """S(B) of the first setting (B_noise 200) or the second (B_noise 400, twice the S_min)."""
+    return round(5000 * (1 + setting) * (1 + 200 * (1 + setting) / batch), 2)
+
+
+def _pretrain_crossing(steps: float, tokens_per_step: int) -> dict:
+    """A crossing as pretrain's TargetTracker records it (README, "pretrain")."""
+    return {"step": math.ceil(steps), "tokens": math.ceil(steps) * tokens_per_step, "step_interp": steps,
+            "tokens_interp": round(steps * tokens_per_step, 1)}
+
+
+def _pretrain_run(runs: Path, name: str, batch: int, status: str, steps_trained: int, crossed: list,
+                  tokens_per_s: list | None = None, world_size: int = 2) -> None:
+    """runs/<name>/config.yaml, result.json (and metrics.jsonl) with every key pretrain writes; `crossed`: the
+    steps at which each setting's target was crossed (None: not reached)."""
+    run = runs / name
+    run.mkdir(parents=True)
+    tps = batch * SEQ_LEN
+    config = {"global_batch_seqs": batch, "micro_batch_seqs": 4, "model": {"seq_len": SEQ_LEN, "layers": 2},
+              "study": {"settings": SWEEP_SETTINGS},
+              "resolved": {"world_size": world_size, "tokens_per_step": tps, "gradient_accumulation_steps": 1}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    targets = []
+    for s, steps in zip(SWEEP_SETTINGS, crossed):
+        crossing = None if steps is None else _pretrain_crossing(steps, tps)
+        targets.append({"loss": s["target_loss"], "raw": crossing, "ewa": {"0.999": crossing, "0.9995": None}})
+    reason = {"completed": "token budget trained", "diverged": f"train loss nan at step {steps_trained}",
+              "failed": "RuntimeError: NCCL timeout", "preempted": "SIGTERM"}[status]
+    result = {"status": status, "reason": reason, "steps": steps_trained, "tokens": steps_trained * tps,
+              "total_steps": 20_000, "wall_seconds": 12.5, "final": {"eval/loss": "nan"}, "targets": targets,
+              "params": {"total": 100_000_000, "non_embedding": 85_000_000}, "world_size": world_size}
+    (run / "result.json").write_text(json.dumps(result))
+    if tokens_per_s is not None:
+        lines = [{"step": 10 * (i + 1), "tokens": 10 * (i + 1) * tps, "train/loss": 3.9, "perf/tokens_per_s": v,
+                  "perf/tokens_per_s_per_rank": v if isinstance(v, str) else v / world_size}
+                 for i, v in enumerate(tokens_per_s)]
+        lines.insert(1, {"step": 10, "tokens": 10 * tps, "eval/loss": "nan", "eval/loss_ewa/0.999": "inf"})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _run_speed(batch: int) -> float:
+    return 1000.0 * batch ** 0.5  # whole-job tokens/s measured at this batch on 2 GPUs
+
+
+def make_divergence_study(root: Path) -> Path:
+    """One model, two data budgets (one sweep serves both), two LRs per batch. At B=1024 the high LR crossed the
+    first target and diverged before the second; at B=512 it diverged before crossing; at B=2048 both runs trained
+    3000 steps without crossing; at B=16 both diverged; one more run at B=64 was preempted."""
+    runs = root / "runs"
+    for b in SWEEP:
+        best = [sweep_truth(b, 0), sweep_truth(b, 1)]
+        noisy = [_run_speed(b) * 0.9, "nan", _run_speed(b), "inf", _run_speed(b) * 1.1, "-inf"]
+        if b == 1024:
+            _pretrain_run(runs, f"b{b}_lr_hi", b, "diverged", int(best[0]) + 400, [best[0], None], noisy)
+            _pretrain_run(runs, f"b{b}_lr_lo", b, "completed", 20_000, [round(x * 1.25, 2) for x in best], noisy)
+        elif b == 512:
+            _pretrain_run(runs, f"b{b}_lr_hi", b, "diverged", 300, [None, None], noisy)
+            _pretrain_run(runs, f"b{b}_lr_lo", b, "completed", 20_000, best, noisy)
+        else:
+            _pretrain_run(runs, f"b{b}_lr_hi", b, "completed", 20_000, [round(x * 1.1, 2) for x in best],
+                          ["nan", "nan"] if b == 128 else noisy)  # a run that logged only NaN throughput
+            _pretrain_run(runs, f"b{b}_lr_lo", b, "completed", 20_000, best, noisy)
+    for name in ("b2048_lr_hi", "b2048_lr_lo"):
+        _pretrain_run(runs, name, 2048, "completed", 3000, [None, None])
+    for name in ("b16_lr_hi", "b16_lr_lo"):
+        _pretrain_run(runs, name, 16, "diverged", 50, [None, None])
+    _pretrain_run(runs, "b64_lr_mid", 64, "preempted", 700, [None, None])
+    return root
+
+
+@pytest.fixture(scope="module")
+def divergence_fit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diverge")
+    study = make_divergence_study(root / "study")
+    assert fit_main([str(study), "--out", str(root / "fit"), "--bootstrap", "100", "--gpus", "4"]) == 0
+    return study, root / "fit"
+
+
+def test_a_crossing_before_divergence_counts_and_is_flagged(divergence_fit):
+    _, out = divergence_fit
+    rows = {int(r["batch_size"]): r for r in read_csv(out / "steps.csv") if r["setting"] == "m85M_d1"}
+    top = rows[1024]  # the diverged run's crossing is the best at this batch, not the slower completed run's
+    assert float(top["steps"]) == pytest.approx(sweep_truth(1024))
+    assert (top["best_run"], top["diverged_after"], top["censored"], top["lost_runs"]) == ("b1024_lr_hi", "1", "0",
+                                                                                            "0")
+    assert (rows[512]["diverged_after"], rows[512]["lost_runs"]) == ("0", "1")
+    assert float(rows[512]["steps"]) == pytest.approx(sweep_truth(512))
+    assert (rows[2048]["censored"], rows[2048]["censored_at_steps"], rows[2048]["runs"]) == ("1", "3000", "2")
+    assert (rows[16]["censored"], rows[16]["censored_at_steps"], rows[16]["lost_runs"]) == ("1", "", "2")
+    assert int(rows[64]["runs"]) == 2  # the preempted run is unfinished, not an observation
+    report = (out / "report.md").read_text()
+    assert "Points whose best run diverged after crossing the target" in report
+    assert f"- m85M_d1, B=1024: S={sweep_truth(1024):.4g} from `b1024_lr_hi`" in report
+    second = {int(r["batch_size"]): r for r in read_csv(out / "steps.csv") if r["setting"] == "m85M_d4"}
+    assert second[1024]["diverged_after"] == "0" and second[1024]["best_run"] == "b1024_lr_lo"
+    assert second[1024]["lost_runs"] == "1"  # diverged before this target: no observation
+    assert "> 3000 (2)" in report and "no observation (2)" in report and "b64_lr_mid" in report
+    cbs = read_csv(out / "cbs.csv")[0]
+    assert cbs["n_censored"] == "1" and float(cbs["b_noise"]) == pytest.approx(200, rel=0.05)
+
+
+def test_steps_csv_reads_back_with_its_new_columns(divergence_fit, tmp_path, capsys):
+    _, out = divergence_fit
+    rc, _, err = run_fit(capsys, out / "steps.csv", "--out", tmp_path / "again", "--bootstrap", "0")
+    assert rc == 0, err
+    keep = ["setting", "batch_size", "steps", "censored", "runs", "best_run", "censored_at_steps",
+                         "diverged_after", "lost_runs"]
+    first = [[r[k] for k in keep] for r in read_csv(out / "steps.csv")]
+    assert [[r[k] for k in keep] for r in read_csv(tmp_path / "again" / "steps.csv")] == first
+    assert "b1024_lr_hi" in (tmp_path / "again" / "report.md").read_text()
+
+
+def test_time_and_cost_from_metrics_jsonl_with_nan_strings(divergence_fit):
+    _, out = divergence_fit
+    rows = read_csv(out / "time_to_target.csv")
+    mine = [r for r in rows if r["setting"] == "m85M_d1"]
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) and float(r[k]) > 0 for k in ("tokens_per_s", "hours", "gpu_hours"))
+    at = {(int(r["batch_size"]), int(r["gpus"])): r for r in mine}
+    assert {g for (b, g) in at if b == 64} == {1, 2, 4}  # powers of two up to --gpus 4
+    r = at[64, 2]  # measured: the median of each run's finite values, over the runs at B=64
+    assert r["throughput"] == "measured" and float(r["tokens_per_s"]) == pytest.approx(_run_speed(64))
+    assert float(r["hours"]) == pytest.approx(sweep_truth(64) * 64 * SEQ_LEN / _run_speed(64) / 3600)
+    assert float(r["gpu_hours"]) == pytest.approx(2 * float(r["hours"]))
+    # B=128: one run logged only "nan"; the other's measurement stands
+    assert at[128, 2]["throughput"] == "measured" and float(at[128, 2]["tokens_per_s"]) == pytest.approx(
+        _run_speed(128))
+    # B=64 on 1 GPU is not measured: 1 x the per-GPU throughput measured at local batch 64 (B=128 on 2 GPUs)
+    assert at[64, 1]["throughput"] == "modelled"
+    assert float(at[64, 1]["tokens_per_s"]) == pytest.approx(_run_speed(128) / 2)
+    fastest = [r for r in mine if r["fastest"] == "1"]
+    assert len(fastest) == 1 and float(fastest[0]["hours"]) == min(float(r["hours"]) for r in mine)
+    report = (out / "report.md").read_text()
+    assert "## Time and cost to target" in report and "fastest with <= 4 GPU(s)" in report
+    tp = json.loads((out / "scaling.json").read_text())["throughput"]["points"]
+    assert all(math.isfinite(p["tokens_per_s"]) for p in tp) and len(tp) == 2 * len(SWEEP) - 1
+    assert {r["setting"] for r in rows} == {"m85M_d1", "m85M_d4"}
+
+
+def test_forecast_prints_the_fastest_plan_on_a_gpu_budget(divergence_fit, capsys, tmp_path):
+    _, out = divergence_fit
+    assert forecast_main(["--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4"]) == 0
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if x.startswith("fastest to the target with <= 4 GPU(s)"))
+    assert "wall-clock" in line and "GPU-hours" in line
+    assert "the batch plan (global batch" in text
+    tp = tmp_path / "tp.csv"
+    tp.write_text("batch_size,gpus,tokens_per_s\n256,4,1e6\n")
+    assert forecast_main(["--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4",
+                          "--throughput", str(tp)]) == 0
+    assert "1,000,000 tokens/s" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- the Chinchilla design
+
+
+def test_chinchilla_design_says_d_and_n_cannot_be_separated(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    path = tmp_path / "chinchilla.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "model_params", "tokens", "batch_size", "steps"])
+        for n in (85_000_000, 151_000_000, 302_000_000, 604_000_000):
+            d = 20 * n
+            b_noise = 0.02 * d ** 0.5
+            for b in (64, 128, 256, 512, 1024, 2048, 4096):
+                w.writerow([f"n{n}", n, d, b, 1e4 * (1 + b_noise / b) * math.exp(rng.normal(0, 0.02))])
+    rc, stdout, err = run_fit(capsys, path, "--out", tmp_path / "fit", "--bootstrap", "100")
+    assert rc == 0, err
+    scaling = json.loads((tmp_path / "fit" / "scaling.json").read_text())
+    joint = scaling["laws"]["joint"]
+    assert joint["identifiable"] is False and "collinear" in joint["reason"]
+    assert joint["exponents"] == {"tokens": None, "params": None} and scaling["collinearity"]["collinear"] is True
+    report = (tmp_path / "fit" / "report.md").read_text()
+    assert "cannot be separated" in report and "D = c D^a N^b" not in report
+    assert "D^a N^b" not in stdout  # no meaningless split printed
+    args = ["--scaling", str(tmp_path / "fit" / "scaling.json"), "--tokens", "1e10"]
+    assert forecast_main(args + ["--model-params", "5e8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("CBS(D=1e+10) = ") and "no joint law" in text and "collinear" in text
+    assert "off the fitted design" not in text  # D = 20 N, as fitted
+    assert forecast_main(args + ["--model-params", "1e8"]) == 0  # D = 100 N
+    assert "off the fitted design" in capsys.readouterr().out

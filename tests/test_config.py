@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config
+from pipeline.config import (ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config,
+                             read_yaml)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,19 +58,57 @@ def test_every_shipped_preprocess_config_validates():
         assert cfg.inputs
 
 
-def test_every_shipped_pretrain_config_and_ds_config_validates():
+def test_every_shipped_pretrain_config_and_ds_config_is_accepted_by_deepspeed():
+    """DeepSpeed's own parser (pydantic: an unknown or mistyped key fails) reads the config we build from every
+    shipped pretrain YAML with every shipped ZeRO file, and derives the batch arithmetic and stage we meant."""
     import json
+
+    from deepspeed.runtime.config import DeepSpeedConfig
 
     from pipeline.config import PretrainConfig
     from pipeline.distributed import deepspeed_config
 
     shipped = sorted((ROOT / "configs").glob("pretrain*.yaml"))
-    assert shipped
+    zero_files = sorted((ROOT / "ds_configs").glob("*.json"))
+    assert shipped and zero_files
     for path in shipped:
         cfg = load_config(PretrainConfig, path)
-        assert cfg.global_batch_seqs % cfg.micro_batch == 0, path
-        ds = deepspeed_config(cfg, world_size=1, cuda=True)
-        assert ds["train_batch_size"] == cfg.global_batch_seqs
-    for path in sorted((ROOT / "ds_configs").glob("*.json")):
-        stage = json.loads(path.read_text())["zero_optimization"]["stage"]
-        assert path.name == f"zero{stage}.json"
+        for zero in zero_files:
+            stage = json.loads(zero.read_text())["zero_optimization"]["stage"]
+            assert zero.name == f"zero{stage}.json"
+            cfg.deepspeed_config = zero.name
+            for cuda in (True, False):
+                parsed = DeepSpeedConfig(deepspeed_config(cfg, world_size=1, cuda=cuda))
+                assert parsed.train_batch_size == cfg.global_batch_seqs, (path, zero)
+                assert parsed.train_micro_batch_size_per_gpu * parsed.gradient_accumulation_steps == \
+                    cfg.global_batch_seqs
+                assert parsed.zero_optimization_stage == stage
+                assert parsed.bfloat16_config.enabled is cuda  # bf16 on GPU, fp32 on CPU
+
+
+def test_a_preset_shorthand_can_be_refined_by_overrides(tmp_path):
+    from pipeline.config import MODEL_PRESETS, PretrainConfig
+
+    path = write(tmp_path, "data_dir: d\nrun_dir: r\nglobal_batch_seqs: 8\ntrain_tokens: 1000\nmodel: tiny\n")
+    cfg = load_config(PretrainConfig, path, ["model.seq_len=64"])
+    assert cfg.model.preset == "tiny" and cfg.model.seq_len == 64
+    assert cfg.model.hidden == MODEL_PRESETS["tiny"]["hidden"] and cfg.model.layers == MODEL_PRESETS["tiny"]["layers"]
+    other = load_config(PretrainConfig, path, ["model.preset=85M"])  # the new preset, not tiny's fields
+    assert (other.model.layers, other.model.hidden) == (12, 768)
+    with pytest.raises(ConfigError, match=r"pretrain\.model\.preset must be one of .*: got 'huge'"):
+        load_config(PretrainConfig, write(tmp_path, path.read_text().replace("tiny", "huge")), ["model.seq_len=64"])
+
+
+def test_yaml_problems_name_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml:4:1: not valid YAML \(while parsing a flow mapping that starts "
+                                         r"at line 3: expected ',' or '}', but got '<stream end>'\): fix the YAML "
+                                         r"there"):
+        load_config(PreprocessConfig, write(tmp_path, "inputs: [stdlib]\noutput_dir: o\ntokenizer: {vocab_size: 4\n"))
+    with pytest.raises(ConfigError, match=r"c\.yaml:5: vocab_size is given twice in one mapping: keep one"):
+        load_config(PreprocessConfig, write(tmp_path, "inputs: [stdlib]\noutput_dir: o\ntokenizer:\n"
+                                                      "  vocab_size: 400\n  vocab_size: 500\n"))
+    anchors = write(tmp_path, "inputs: [stdlib]\noutput_dir: o\nbase: &b {vocab_size: 400, type: unigram}\n"
+                              "tokenizer:\n  <<: *b\n  vocab_size: 500\n")  # a merge key may be overridden
+    with pytest.raises(ConfigError, match=r"preprocess\.base is not a known key"):  # the anchor parsed fine
+        load_config(PreprocessConfig, anchors)
+    assert read_yaml(anchors)["tokenizer"] == {"vocab_size": 500, "type": "unigram"}

@@ -6,14 +6,18 @@ import math
 
 import numpy as np
 import pytest
-from scipy.optimize import least_squares
+from scipy import special
+from scipy.optimize import least_squares, minimize
 
 from analysis.fit import (
-    MIN_BATCHES, critical_batch_size, estimate_setting, fit_hyperbola, fit_log_hyperbola, fit_scaling_law,
-    law_from_json, law_to_json, setting_rng, steps_model,
+    MIN_BATCHES, critical_batch_size, degradation_range, estimate_setting, fit_hyperbola, fit_log_hyperbola,
+    setting_rng, steps_model,
 )
+from analysis.laws import fit_scaling_law, law_from_json, law_to_json
 from analysis.forecast import batch_plan, forecast_cbs
-from analysis.steps import Setting, StepsPoint, TargetKind, steps_to_target
+from analysis.steps import (
+    Setting, StepsPoint, TargetKind, _Observation, as_float, reduce_observations, steps_to_target,
+)
 
 BATCHES = 64.0 * 2 ** np.arange(6)  # 64 .. 2048 sequences: a typical sweep, 6 points
 SETTING = Setting("m_d", 85_000_000, 1_700_000_000)
@@ -134,9 +138,15 @@ def test_reference_batch_and_censored_points():
 
 
 def test_too_few_batches_is_insufficient_not_an_error():
-    est = estimate_setting(SETTING, _points(BATCHES[:3], [100.0, None, 60.0]), 0.2)
-    assert not est.fitted and math.isnan(est.s_min) and "insufficient" in est.note
-    assert MIN_BATCHES == 3
+    steps = steps_model(BATCHES, 1000.0, 300.0)
+    enough = estimate_setting(SETTING, _points(BATCHES[:MIN_BATCHES], steps[:MIN_BATCHES]), 0.2, n_resamples=50)
+    assert enough.fitted and enough.n_batches == MIN_BATCHES
+    # one point short: the fit is refused whether the missing point is absent or censored
+    short = [None] + list(steps[1:MIN_BATCHES])
+    for points in (_points(BATCHES[1:MIN_BATCHES], steps[1:MIN_BATCHES]), _points(BATCHES[:MIN_BATCHES], short)):
+        est = estimate_setting(SETTING, points, 0.2)
+        assert not est.fitted and math.isnan(est.s_min) and est.fit is None
+        assert f"insufficient: {MIN_BATCHES - 1} batch size(s)" in est.note
 
 
 def test_no_saturation_gives_no_cbs_with_a_note():
@@ -229,3 +239,149 @@ def test_steps_to_target_kinds():
     assert all(steps_to_target(never, k) is None for k in TargetKind)
     with pytest.raises(ValueError):
         steps_to_target({"loss": 3.3, "raw": {"step": -5}}, TargetKind.RAW)
+
+
+# ------------------------------------------------------------------------------------------------ censored fit
+
+
+def _censored_nll(log_a, u, batch, steps, cens_batch, caps, sigma):
+    """The Tobit objective written out directly (docs/method.md, "Censored fit")."""
+    mu = np.log(np.exp(log_a) * (1 + np.exp(u) / batch))
+    mu_c = np.log(np.exp(log_a) * (1 + np.exp(u) / cens_batch))
+    return (((np.log(steps) - mu) ** 2).sum() / (2 * sigma**2)
+            - special.log_ndtr(-(np.log(caps) - mu_c) / sigma).sum())
+
+
+def test_censored_fit_maximises_the_tobit_likelihood():
+    """Same optimum as scipy's Nelder-Mead from 8 starts on the likelihood written out by hand."""
+    rng = np.random.default_rng(6)
+    for _ in range(10):
+        steps = steps_model(BATCHES, 10 ** rng.uniform(2, 4), 10 ** rng.uniform(1.5, 3.5)) * np.exp(
+            rng.normal(0, 0.1, len(BATCHES)))
+        cap = steps[-1:] * np.exp(rng.uniform(-0.1, 0.3))  # the largest batch: S > cap, cap near the curve
+        fit = fit_hyperbola(BATCHES[:-1], steps[:-1], BATCHES[-1:], cap)
+        assert fit.n_censored == 1 and fit.sigma == pytest.approx(max(math.sqrt(
+            fit_hyperbola(BATCHES[:-1], steps[:-1]).rss / 3), 0.01))
+        args = (BATCHES[:-1], steps[:-1], BATCHES[-1:], cap, fit.sigma)
+        best = min((minimize(lambda p: _censored_nll(*p, *args), [math.log(steps.min()), u0], method="Nelder-Mead",
+                             options=dict(xatol=1e-10, fatol=1e-12, maxiter=5000)) for u0 in np.linspace(2, 9, 8)),
+                   key=lambda r: r.fun)
+        ours = _censored_nll(math.log(fit.s_min), math.log(fit.b_noise), *args)
+        assert ours <= best.fun + 1e-9
+        assert fit.b_noise == pytest.approx(math.exp(best.x[1]), rel=1e-4)
+
+
+def test_a_lower_bound_moves_the_fit_only_when_it_binds():
+    steps = steps_model(BATCHES, 1000.0, 300.0) * np.exp([0.05, -0.05, 0.03, -0.02, 0.04, -0.06])
+    plain = fit_hyperbola(BATCHES[:-1], steps[:-1])
+    far = fit_hyperbola(BATCHES[:-1], steps[:-1], BATCHES[-1:], [plain.steps(BATCHES[-1]) / 3])
+    assert (far.s_min, far.b_noise) == (pytest.approx(plain.s_min, rel=1e-6), pytest.approx(plain.b_noise, rel=1e-5))
+    cap = plain.steps(BATCHES[-1]) * 1.3  # the run trained 30% longer than the curve says S is, and never got there
+    bound = fit_hyperbola(BATCHES[:-1], steps[:-1], BATCHES[-1:], [cap])
+    assert bound.steps(BATCHES[-1]) > plain.steps(BATCHES[-1]) * 1.1  # the curve is pushed up towards the bound
+    assert bound.s_min > plain.s_min and bound.rss > plain.rss
+
+
+def test_censored_batches_enter_estimate_setting_and_its_bootstrap():
+    steps = list(steps_model(BATCHES, 1000.0, 300.0) * np.exp([0.05, -0.05, 0.03, -0.02, 0.04, -0.06]))
+    plain = estimate_setting(SETTING, _points(BATCHES[:-1], steps[:-1]), 0.2, n_resamples=200)
+    cap = float(plain.fit.steps(BATCHES[-1]) * 1.2)
+    points = _points(BATCHES[:-1], steps[:-1]) + [StepsPoint(SETTING, int(BATCHES[-1]), None, 3,
+                                                             censored_at_steps=cap)]
+    est = estimate_setting(SETTING, points, 0.2, n_resamples=200)
+    assert est.n_censored == 1 and est.n_batches == len(BATCHES) - 1
+    assert est.b_noise < plain.b_noise and est.cbs_ci[0] < est.cbs < est.cbs_ci[1]
+    assert not any("conflicts" in w for w in est.warnings)  # the curve met the bound
+    far = points[:-1] + [StepsPoint(SETTING, int(BATCHES[-1]), None, 3, censored_at_steps=cap * 3)]
+    conflict = estimate_setting(SETTING, far, 0.2, n_resamples=0)
+    assert any(f"at B={int(BATCHES[-1])} no run reached the target" in w and "conflicts" in w
+               for w in conflict.warnings)
+    unbounded = points[:-1] + [StepsPoint(SETTING, int(BATCHES[-1]), None, 3, lost_runs=3)]  # all diverged
+    assert estimate_setting(SETTING, unbounded, 0.2, n_resamples=0).b_noise == pytest.approx(plain.b_noise)
+
+
+def test_censored_likelihood_removes_the_bias_of_dropping_censored_batches():
+    """Runs stop at a token cap, so the largest batches reach the target only with a lucky draw: dropping the
+    unlucky ones leaves S(B) biased low there. Over 300 draws the censored fit is unbiased, the dropped one not."""
+    s_min, b_noise = 1000.0, 300.0
+    caps = steps_model(BATCHES[-2], s_min, b_noise) * BATCHES[-2] * 1.05 / BATCHES  # one token budget for all
+    rng = np.random.default_rng(0)
+    dropped, censored = [], []
+    for _ in range(300):
+        steps = steps_model(BATCHES, s_min, b_noise) * np.exp(rng.normal(0, 0.1, len(BATCHES)))
+        ok = steps <= caps
+        dropped.append(math.log(fit_hyperbola(BATCHES[ok], steps[ok]).b_noise / b_noise))
+        censored.append(math.log(fit_hyperbola(BATCHES[ok], steps[ok], BATCHES[~ok], caps[~ok]).b_noise / b_noise))
+    assert abs(np.mean(censored)) < 0.02 and np.mean(dropped) > 0.04
+
+
+# --------------------------------------------------------------------------------------------- degradation range
+
+
+def test_degradation_range_arithmetic():
+    rows = degradation_range(200.0, (150.0, 280.0), 64.0, (0.1, 0.2, 0.5, 1.0))
+    assert [(d.overhead, d.batch, d.low, d.high) for d in rows] == [
+        (0.1, pytest.approx(1.1 * 64 + 0.1 * 200), pytest.approx(1.1 * 64 + 0.1 * 150), pytest.approx(1.1 * 64 + 28)),
+        (0.2, pytest.approx(116.8), pytest.approx(106.8), pytest.approx(132.8)),
+        (0.5, pytest.approx(196.0), pytest.approx(171.0), pytest.approx(236.0)),
+        (1.0, pytest.approx(328.0), pytest.approx(278.0), pytest.approx(408.0))]
+    s = lambda b: 1000.0 * (1 + 200.0 / b)  # noqa: E731  the definition: S(B(o)) = (1 + o) S(B0) B0 / B(o)
+    for d in rows:
+        assert s(d.batch) == pytest.approx((1 + d.overhead) * s(64.0) * 64.0 / d.batch, rel=1e-12)
+    assert degradation_range(200.0, (0.0, math.inf), 64.0, (0.5,))[0].high == math.inf
+
+
+def test_estimate_carries_the_degradation_range():
+    steps = steps_model(BATCHES, 1000.0, 500.0)
+    est = estimate_setting(SETTING, _points(BATCHES, steps), 0.2, n_resamples=100, overheads=(0.1, 0.2, 1.0))
+    assert [d.overhead for d in est.degradation] == [0.1, 0.2, 1.0]
+    at_o = {d.overhead: d for d in est.degradation}
+    assert at_o[0.2].batch == pytest.approx(est.cbs) and (at_o[0.2].low, at_o[0.2].high) == pytest.approx(est.cbs_ci)
+    assert at_o[0.1].batch < at_o[0.2].batch < at_o[1.0].batch
+
+
+# --------------------------------------------------------------------------------------------------- diagnostics
+
+
+def test_diagnostics_and_warnings():
+    noise = np.array([0.02, -0.03, 0.01, 0.0, -0.01, 0.02])
+    good = estimate_setting(SETTING, _points(BATCHES, steps_model(BATCHES, 1000.0, 400.0) * np.exp(noise)), 0.2,
+                            n_resamples=0, reference_batch=8)
+    d = good.diagnostics
+    assert d.batches == tuple(int(b) for b in BATCHES) and len(d.residuals) == len(BATCHES)
+    assert d.max_abs_residual == pytest.approx(max(abs(r) for r in d.residuals))
+    assert d.residual_sd == pytest.approx(math.sqrt(sum(r * r for r in d.residuals) / 4)) and d.r2 > 0.95
+    assert good.warnings == ()
+    below = estimate_setting(SETTING, _points(BATCHES, steps_model(BATCHES, 100.0, 5000.0)), 0.2, n_resamples=0)
+    assert any("every batch is below it" in w for w in below.warnings)
+    above = estimate_setting(SETTING, _points(BATCHES, steps_model(BATCHES, 1000.0, 30.0)), 0.2, n_resamples=0)
+    assert any("every batch is above it" in w for w in above.warnings)
+    assert any("CBS ~ (1+o)B0" in w for w in above.warnings) and above.b0_share > 0.9
+    flat = estimate_setting(SETTING, _points(BATCHES, np.full(len(BATCHES), 500.0)), 0.2, n_resamples=0)
+    assert any("lower search bound" in w for w in flat.warnings)
+    linear = estimate_setting(SETTING, _points(BATCHES, 1e6 / BATCHES), 0.2, n_resamples=0)
+    assert not linear.fitted and any("upper search bound" in w for w in linear.warnings)
+
+
+# ------------------------------------------------------------------------------------ steps table: what runs say
+
+
+def test_reduction_keeps_crossings_of_diverged_runs_and_the_smallest_cap():
+    obs = [_Observation(SETTING, 64, 120.0, 1, "lr_hi", diverged=True),
+           _Observation(SETTING, 64, 150.0, 1, "lr_lo"),
+           _Observation(SETTING, 128, None, 1, "a", censored_at=900.0),
+           _Observation(SETTING, 128, None, 1, "b", censored_at=700.0),
+           _Observation(SETTING, 128, None, 1, "c", diverged=True, lost=1),
+           _Observation(SETTING, 256, None, 1, "d", diverged=True, lost=1)]
+    p64, p128, p256 = reduce_observations(obs)
+    assert (p64.steps, p64.best_run, p64.diverged_after, p64.runs) == (120.0, "lr_hi", True, 2)
+    assert (p128.steps, p128.censored_at_steps, p128.lower_bound, p128.lost_runs) == (None, 700.0, True, 1)
+    assert p128.runs == 3
+    assert (p256.censored, p256.lower_bound, p256.lost_runs) == (True, False, 1)  # no observation, no bound
+
+
+@pytest.mark.parametrize("value,want", [(3.5, 3.5), (7, 7.0), ("nan", math.nan), ("inf", math.inf),
+                                        ("-inf", -math.inf), ("fast", None), (None, None), (True, None)])
+def test_as_float_reads_the_non_finite_strings_of_metrics_jsonl(value, want):
+    got = as_float(value)
+    assert (got is None and want is None) or (math.isnan(want) and math.isnan(got)) or got == want

@@ -152,6 +152,61 @@ def test_build_forward_backward(name):
         assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
 
 
+def stock_megatron(cfg: ModelConfig):
+    """The same GPT through megatron-core's own paths: its linear layers (autograd Functions), its RoPE (in its
+    attention, from GPTModel's RotaryEmbedding) and its vocab-parallel cross entropy; SDPA core attention."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=M._NORMALIZATION[cfg.norm])
+    spec.submodules.self_attention.submodules.core_attention = M.SDPACoreAttention  # no rotary_base: no RoPE
+    spec.submodules.mlp.params = {**spec.submodules.mlp.params, "ffn_hidden_size": cfg.ffn}
+    rope = cfg.position_embedding is PositionEmbedding.rope
+    model = GPTModel(config=M.transformer_config(cfg, torch.float32, use_cpu_initialization=True),
+                     transformer_layer_spec=spec, vocab_size=M.padded_vocab(VOCAB), max_sequence_length=cfg.seq_len,
+                     position_embedding_type="rope" if rope else "learned_absolute", rotary_base=cfg.rope_base,
+                     share_embeddings_and_output_weights=cfg.tied_embeddings)
+    if rope:  # megatron's get_emb minus its move of the frequencies to CUDA (the only line that needs a GPU)
+        rotary = model.rotary_pos_emb
+        rotary.get_emb = lambda s, offset=0: torch.cat([rotary.get_freqs_non_repeated(s, offset)] * 2, -1)[
+            :, None, None, :]
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny", "learned-positions", "tied", "bias", "gqa", "swiglu-rmsnorm"])
+def test_tp1_paths_equal_megatron_stock_paths(name):
+    """Our TP = 1 linear layers, loss and RoPE-in-attention compute what megatron's own paths compute, from the
+    same state dict (loaded strictly: same parameter names), forward and backward."""
+    cfg = preset("tiny", **VARIANTS[name])
+    ours = build(cfg)
+    assert isinstance(ours.decoder.layers[0].mlp.linear_fc2, M._LocalRowLinear)
+    assert not hasattr(ours, "rotary_pos_emb")  # RoPE is the core attention's
+    stock = stock_megatron(cfg)
+    stock.load_state_dict(ours.state_dict(), strict=True)
+    batch = tokens(3, cfg)
+    (loss, per_token), (stock_loss, stock_per_token) = M.forward_loss(ours, batch), M.forward_loss(stock, batch)
+    torch.testing.assert_close(per_token, stock_per_token, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    stock_loss.backward()
+    stock_params = dict(stock.named_parameters())
+    for pname, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, stock_params[pname].grad, rtol=1e-4, atol=1e-6, msg=pname)
+
+
+def test_sdpa_rope_is_megatrons_rope_bit_for_bit():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    config = M.transformer_config(preset("tiny"), torch.float32, use_cpu_initialization=True)
+    attn = M.SDPACoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                               rotary_base=500.0)
+    x = torch.randn(16, 2, 4, 32, generator=torch.Generator().manual_seed(0))
+    freqs = RotaryEmbedding(kv_channels=32, rotary_percent=1.0, rotary_base=500, use_cpu_initialization=True)
+    freqs = torch.cat([freqs.get_freqs_non_repeated(16)] * 2, -1)[:, None, None, :]
+    assert torch.equal(attn._rotate(x), _apply_rotary_pos_emb_bshd(x, freqs))
+    assert torch.equal(attn._rotate(x[:8]), _apply_rotary_pos_emb_bshd(x[:8], freqs[:8]))  # table per length
+
+
 def test_forward_loss_is_shifted_next_token_cross_entropy_and_causal():
     cfg = preset("tiny", seq_len=32)
     model = build(cfg)

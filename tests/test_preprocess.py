@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +246,63 @@ def test_given_tokenizer_is_used_as_is(corpus, tmp_path, stdlib_data):
     assert (tmp_path / "d" / "tokenizer.model").read_bytes() == (stdlib_data / "tokenizer.model").read_bytes()
     ds = read_split(tmp_path / "d", "train")  # keep it alive: its items are views into its mmap
     assert max(int(ds[i].max()) for i in range(len(ds))) < 512
+
+
+# ------------------------------------------------------------------------------------------- kill -9
+
+
+# wall-clock facts of a run, not of its output
+MANIFEST_TIMING = ("created", "seconds", "tokens_per_second")
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = json.loads(files.pop("manifest.json"))
+    files["manifest.json"] = json.dumps({k: v for k, v in manifest.items() if k not in MANIFEST_TIMING}).encode()
+    return files
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """`cbs preprocess` (a subprocess and its tokenizer workers, killed as a process group) at seeded random
+    moments: during start-up or tokenizer training, during tokenization, and anywhere within a whole run's
+    duration. The final path never holds a partial directory, and the run that finishes writes the same files
+    as an uninterrupted one, leaving no temp directory behind."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "pre.yaml"
+    cfg.write_text(f"inputs: [stdlib]\noutput_dir: {out}\ntokenizer: {{vocab_size: 400}}\nval_fraction: 0.05\n"
+                   f"max_documents: 300\nworkers: 2\ndocuments_per_task: 8\n")
+    cbs = [sys.executable, "-m", "pipeline.cli", "preprocess", str(cfg)]
+    started = time.monotonic()
+    subprocess.run(cbs, check=True, capture_output=True)
+    whole_s = time.monotonic() - started
+    reference = output_files(out)
+    shutil.rmtree(out)
+
+    def tokenizing() -> bool:
+        return any(p.name.startswith(".out.tmp-") and (p / "tokenizer.model").exists() for p in tmp_path.iterdir())
+
+    rng = random.Random(20250101)
+    early_s, tokenizing_s, anywhere_s = rng.uniform(0.3, 1.5), rng.uniform(0.0, 0.5), rng.uniform(0.5, whole_s)
+    kill_points = [("start-up or tokenizer training", lambda t: t > early_s),
+                   ("tokenization", lambda t: tokenizing()),
+                   ("anywhere", lambda t: t > anywhere_s)]
+    for what, due in kill_points:
+        proc = subprocess.Popen(cbs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        begun = time.monotonic()
+        while proc.poll() is None and not due(time.monotonic() - begun):
+            time.sleep(0.01)
+        if what == "tokenization":
+            time.sleep(tokenizing_s)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stage and its workers, as Slurm or the OOM killer would
+        proc.wait()
+        assert killed or what == "anywhere", f"the run ended before the kill point ({what})"
+        assert not out.exists() or output_files(out) == reference, what  # never a partial directory
+        if out.exists():
+            shutil.rmtree(out)  # so that the next kill lands in a run that has work to do
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")], "the kills left temp directories"
+    subprocess.run(cbs, check=True, capture_output=True)
+    assert output_files(out) == reference
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # stale temp dirs removed

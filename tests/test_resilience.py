@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from pipeline import pretrain, rundir
+from pipeline.config import ConfigError
 from pipeline.metrics import read_metrics
-from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, torchrun, write_cfg
+from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, series, torchrun, write_cfg
 
 STEPS = 40
 
@@ -217,3 +218,105 @@ def _cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_branch_at_the_same_batch_continues_its_base_run_exactly(stdlib_data, tmp_path):
+    """init_from: the weights, the optimizer state and the data stream continue where the base checkpoint
+    stopped, so a branch at the base batch and LR logs what the base run logged after that step."""
+    base = make_cfg(stdlib_data, tmp_path / "base", train_tokens=8 * SEQ * 24, ewa={"taus": []},
+                    checkpoint={"every_steps": 0, "keep": 1, "at_tokens": [8 * SEQ * 8]})
+    pretrain.main(base)
+    assert sorted(rundir.tags(tmp_path / "base")) == [rundir.tag(8), rundir.tag(24)]  # at_tokens kept
+    branch = make_cfg(stdlib_data, tmp_path / "branch", train_tokens=8 * SEQ * 16, ewa={"taus": []},
+                      init_from={"run_dir": str(tmp_path / "base"), "step": 8})
+    pretrain.main(branch)
+    base_loss = {s - 8: v for s, v in series(tmp_path / "base", "train/loss").items() if s > 8}
+    assert series(tmp_path / "branch", "train/loss") == pytest.approx(base_loss, rel=1e-6)
+    with pytest.raises(ConfigError, match=r"init_from: the checkpoint .*step00000012 cannot be used"):
+        pretrain.main(make_cfg(stdlib_data, tmp_path / "other", init_from={"run_dir": str(tmp_path / "base"),
+                                                                          "step": 12}))
+
+
+def _kill_at(cmd: list[str], after_s: float) -> int:
+    """Start `cmd`, SIGKILL it (and its children) `after_s` seconds later unless it ended; its return code."""
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=after_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_saves_included(stdlib_data, tmp_path):
+    """A checkpoint every 2 steps, so that kills land in saves too: killed at seeded random points and started
+    again, the run logs what an uninterrupted one logs; evaluate and fit killed mid-way leave no half file."""
+    import random
+
+    rng = random.Random(4)
+    steps = 30
+
+    def cfg(name: str) -> Path:
+        c = make_cfg(stdlib_data, tmp_path / name, train_tokens=8 * SEQ * steps, checkpoint={"every_steps": 2})
+        return write_cfg(c, tmp_path / f"{name}.yaml")
+
+    run_subprocess(cli("pretrain", str(cfg("whole"))))
+    cut = cfg("cut")
+    started = time.time()
+    run_subprocess(cli("pretrain", str(cut)))  # a first timing, then restart from scratch with kills
+    full_s = time.time() - started
+    shutil.rmtree(tmp_path / "cut")
+    for _ in range(3):
+        _kill_at(cli("pretrain", str(cut)), rng.uniform(0.3, 1.0) * full_s)
+        for tag_dir in (tmp_path / "cut" / "checkpoints").glob("step*"):  # never a `latest` at half a save
+            if (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == tag_dir.name:
+                assert rundir.checkpoint_problem(tag_dir) is None
+    run_subprocess(cli("pretrain", str(cut)))
+    ma, mb = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        for key in x:
+            if not key.startswith("perf/"):
+                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+
+    out = tmp_path / "eval.json"
+    run_subprocess(cli("evaluate", str(tmp_path / "whole"), "--out", str(out)))
+    whole_eval = json.loads(out.read_text())
+    out.unlink()
+    for after in (1.0, 3.0, 5.0):
+        _kill_at(cli("evaluate", str(tmp_path / "whole"), "--out", str(out)), after)
+        assert not out.exists() or json.loads(out.read_text())["weights"] == whole_eval["weights"]
+    assert not list(tmp_path.glob(".eval.json.*"))  # no temp file left behind where it is read
+
+    table = tmp_path / "steps.csv"  # S(B) = S_min (1 + B_noise / B) for three budgets
+    table.write_text("setting,model_params,tokens,batch_size,steps\n" + "".join(
+        f"d{d},1000000,{d},{b},{s_min * (1 + noise / b) * (1.03 if b % 3 else 0.97):.3f}\n"
+        for d, s_min, noise in ((10**6, 100, 40), (4 * 10**6, 300, 90), (16 * 10**6, 900, 200))
+        for b in (8, 16, 32, 64, 128, 256)))
+    fit_out = tmp_path / "fit"
+    for after in (0.5, 1.5, 2.5, 60):
+        _kill_at(cli("fit", str(table), "--out", str(fit_out), "--bootstrap", "200"), after)
+        assert not fit_out.exists() or (fit_out / "cbs.csv").is_file()  # the old directory or a whole new one
+    assert (fit_out / "report.md").is_file() and not list(tmp_path.glob(".fit*"))  # the last one ran through
+
+
+def test_a_fit_killed_while_writing_leaves_nothing_behind_the_next_one(tmp_path):
+    """A fit killed between staging and swapping leaves `.OUT.tmp-HOST-PID-*`: the next fit removes it when that
+    process is gone, and leaves a live one's (a concurrent fit) alone."""
+    import socket
+
+    from analysis.cli import fit_main
+
+    table = tmp_path / "steps.csv"
+    table.write_text("setting,model_params,tokens,batch_size,steps\n" + "".join(
+        f"s,1000000,1000000,{b},{100 * (1 + 40 / b) * (1.02 if b % 3 else 0.98):.3f}\n" for b in (8, 16, 32, 64)))
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    host = socket.gethostname()
+    stale = tmp_path / f".fit.tmp-{host}-{dead}-0a0b"
+    live = tmp_path / f".fit.tmp-{host}-{os.getpid()}-0c0d"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "cbs.csv").write_text("half")
+    assert fit_main([str(table), "--out", str(tmp_path / "fit"), "--bootstrap", "50"]) == 0
+    assert not stale.exists() and live.exists() and (tmp_path / "fit" / "cbs.csv").is_file()

@@ -291,3 +291,31 @@ def test_status_lists_runs_in_batch_order(tmp_path):
     rows = study.status_table(tmp_path).splitlines()[1:-1]
     assert [r.split()[0] for r in rows] == [r.name for r in runs]  # the plan's order: batch, then lr
     assert [int(r.split()[1]) for r in rows] == [4, 8, 16]  # not alphabetical (b16 < b4 < b8)
+
+
+# ---------------------------------------------------------------------------------------------------- branched
+
+
+def test_branched_plan_branches_every_batch_from_each_checkpoint_of_one_base_run(tmp_path):
+    cfg = study_cfg(method="branched", settings={"generator": "fixed_model",
+                                                 "model": {"preset": "tiny", "seq_len": 32}, "tokens": [64000]},
+                    branched={"at_fractions": [0.25, 1.0], "branch_tokens": 4096})
+    runs = study.plan(cfg, tmp_path, tmp_path / "data")
+    base, branches = runs[0], runs[1:]
+    assert base.reference and base.name == "mL2d128_d64K_b4_lr0.00316_base"
+    assert base.config["checkpoint"]["at_tokens"] == [16000, 64000]
+    assert [b.name for b in branches[:3]] == ["mL2d128_d64K_b4_lr0.00316_t16K_b4", "mL2d128_d64K_b4_lr0.00316_t16K_b8",
+                                              "mL2d128_d64K_b4_lr0.00316_t16K_b16"]
+    assert len(branches) == 2 * 3  # branch points x batch sizes (the base batch included: k = 1)
+    b16 = branches[2]
+    assert b16.config["init_from"] == {"run_dir": base.config["run_dir"], "step": 125}  # 16000 / (4 x 32)
+    assert b16.config["optimizer"]["lr"] == pytest.approx(base.lr * 2)  # sqrt(16 / 4)
+    assert b16.config["train_tokens"] == 4096
+    assert b16.config["ewa"]["taus"] == [pytest.approx(base.taus[0] ** 4)]  # averages over the same tokens
+    assert b16.config["schedule"]["warmup_tokens"] == 0 and b16.branch["multiplier"] == 4
+    with pytest.raises(ConfigError, match=r"branch points \[1024\] \(tokens\) fall inside the warmup"):
+        study.plan(study_cfg(method="branched", branched={"at_fractions": [0.05, 0.5]},
+                             settings={"generator": "fixed_model", "model": {"preset": "tiny", "seq_len": 32},
+                                       "tokens": [20000]}), tmp_path, tmp_path / "data")
+    with pytest.raises(ConfigError, match="method branched has one base run per setting"):
+        study_cfg(method="branched", hparams={"lr": [1e-3, 3e-3]})

@@ -1,0 +1,68 @@
+"""Everything `cbs fit` computes for a branched study: CBS(t) per setting, the base run's B_simple along t, the
+comparison with a sweep, and the warnings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from analysis.branched import BranchedStudy, LocalCbs, cbs_curve
+from analysis.compare import MATCH, Comparison, SweepCbs, compare
+from analysis.noise_scale import NoisePoint, NoiseReader, value_near
+
+
+@dataclass
+class BranchedFit:
+    study: BranchedStudy
+    points: list[LocalCbs]
+    noise: dict[str, list[NoisePoint]] = field(default_factory=dict)
+    """Setting name -> the usable B_simple values its base run logged, in token order."""
+    noise_logged: bool = False
+    """Whether any base run logged train/noise_scale at all (finite or not)."""
+    sweep: list[SweepCbs] = field(default_factory=list)
+    sweep_source: str | None = None
+    comparison: list[Comparison] = field(default_factory=list)
+
+    def points_of(self, name: str) -> list[LocalCbs]:
+        return [p for p in self.points if p.setting.name == name]
+
+    def b_simple_at(self, point: LocalCbs) -> NoisePoint | None:
+        """The base run's B_simple logged closest to the branch point (within noise_scale.NEAR)."""
+        return value_near(self.noise.get(point.setting.name, []), point.tokens)
+
+
+def fit_branched(study: BranchedStudy, tolerance: float | None = None, sweep: list[SweepCbs] | None = None,
+                 sweep_source: str | None = None) -> BranchedFit:
+    reader = NoiseReader()
+    logged = {name: reader.points(path) for name, path in study.base_runs.items()}
+    noise = {name: sorted((p for p in pts if p.usable), key=lambda p: p.tokens) for name, pts in logged.items()}
+    points = cbs_curve(study, tolerance)
+    return BranchedFit(study, points, noise, any(logged.values()), sweep or [], sweep_source,
+                       compare(points, sweep or []))
+
+
+def branched_warnings(fit: BranchedFit) -> list[str]:
+    out = []
+    for p in fit.points:
+        where = f"{p.setting.name} at t = {p.tokens:,} tokens"
+        if not p.complete:
+            out.append(f"{where}: incomplete, no CBS (branches not finished: {', '.join(p.missing)}); finish them "
+                       "(`cbs study` resumes) and fit again")
+        elif math.isnan(p.cbs):
+            out.append(f"{where}: no batch passes, the branch at the smallest batch {p.verdicts[0].verdict}; check "
+                       "the base learning rate")
+        elif math.isinf(p.cbs_high):
+            out.append(f"{where}: every batch passes, CBS(t) >= {p.cbs:g} (a lower bound); add larger batches")
+    for name in fit.study.settings:
+        mine = [p for p in fit.points_of(name) if math.isfinite(p.cbs)]
+        if len(mine) >= 2 and all(p.cbs == p.verdicts[0].batch for p in mine):
+            out.append(f"{name}: CBS(t) is the smallest batch at every t: the curve is below the batches tried; "
+                       "branch from a smaller base batch, or raise the tolerance")
+    if fit.study.base_runs and not fit.noise_logged:
+        out.append("no base run logged train/noise_scale: B_simple needs two batch sizes in one step, i.e. >= 2 "
+                   "micro-batches (gradient accumulation) or >= 2 data-parallel ranks, and the base runs had a "
+                   "single micro-batch on a single rank")
+    if fit.sweep_source and not fit.comparison:
+        out.append(f"--compare {fit.sweep_source}: no sweep setting has the same N and a D within {MATCH:.0%} of a "
+                   "branch point t: nothing compared")
+    return out

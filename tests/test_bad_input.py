@@ -1,0 +1,510 @@
+"""Bad input through the real CLI: every kind ends in exit code 2 and one message that names the file or key and
+says the fix; nothing is written, and nothing that was there (a foreign directory, a finished dataset) is
+touched. Each case builds its files under tmp_path; the whole tree is compared byte for byte before and after."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from conftest import stdlib_texts, write_jsonl
+from pipeline import cli
+from test_data import make_small_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A finished small dataset; cases copy it before they damage it."""
+    return make_small_data(tmp_path_factory.mktemp("bad-input") / "data")
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory) -> Path:
+    """Another dataset (other documents, other tokenizer): the source of foreign shards and tokenizers."""
+    from pipeline.config import TokenizerConfig
+
+    return make_small_data(tmp_path_factory.mktemp("bad-input-other") / "data", documents=50,
+                           tokenizer=TokenizerConfig(vocab_size=380))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root (hidden temp directories too) -> 'dir' or the sha256 of its bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ preprocess
+
+
+def pre_yaml(tmp: Path, inputs, extra: str = "") -> Path:
+    listed = ", ".join(f"'{i}'" for i in inputs)
+    path = tmp / "pre.yaml"
+    path.write_text(f"inputs: [{listed}]\noutput_dir: {tmp / 'out'}\ntokenizer: {{vocab_size: 400}}\n"
+                    f"val_fraction: 0.2\n{extra}")
+    return path
+
+
+def corpus(tmp: Path, n: int = 40) -> Path:
+    return write_jsonl(tmp / "docs.jsonl", stdlib_texts(n))
+
+
+Case = Callable[[Path, Path, Path], tuple[list[str], str, str]]
+"""(tmp, data, other_data) -> (argv, regex naming the file or key, regex of the fix)."""
+
+
+def yaml_syntax(tmp, data, other):
+    (tmp / "pre.yaml").write_text("inputs: [stdlib\noutput_dir: out\n")
+    return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml:\d+:\d+", "fix the YAML"
+
+
+def yaml_list(tmp, data, other):
+    (tmp / "pre.yaml").write_text("- inputs: [stdlib]\n- output_dir: out\n")
+    return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml must hold a mapping", "write one `key: value`"
+
+
+def yaml_duplicate_key(tmp, data, other):
+    (tmp / "pre.yaml").write_text(f"inputs: [stdlib]\noutput_dir: {tmp / 'out'}\nval_fraction: 0.1\n"
+                                  f"val_fraction: 0.2\n")
+    return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml:4: val_fraction is given twice", "keep one"
+
+
+def yaml_not_utf8(tmp, data, other):
+    (tmp / "pre.yaml").write_bytes(b"inputs: [stdlib]\noutput_dir: caf\xe9\n")
+    return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml is not UTF-8 text", "save it as UTF-8"
+
+
+def unknown_key(tmp, data, other):
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"], "val_fractoin: 0.1\n"))],
+            r"preprocess\.val_fractoin is not a known key", r"did you mean preprocess\.val_fraction\?")
+
+
+def missing_config(tmp, data, other):
+    return ["preprocess", str(tmp / "nope.yaml")], r"nope\.yaml", "check the path"
+
+
+def directory_as_config(tmp, data, other):
+    (tmp / "configs").mkdir()
+    return ["preprocess", str(tmp / "configs")], r"configs is a directory", "give the path of a YAML file"
+
+
+def set_without_equals(tmp, data, other):
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"])), "--set", "workers"], r"override 'workers'",
+            "must look like key.subkey=value")
+
+
+def set_empty_key_part(tmp, data, other):
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"])), "--set", "tokenizer..vocab_size=3"],
+            r"override 'tokenizer\.\.vocab_size=3'", "empty key part")
+
+
+def set_into_a_list(tmp, data, other):
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"])), "--set", "inputs.first=x"],
+            r"override 'inputs\.first=x': inputs is not a mapping", r"--set inputs=")
+
+
+def set_wrong_type(tmp, data, other):
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"])), "--set", "workers=two"],
+            r"preprocess\.workers", "must be an integer: got 'two'")
+
+
+def max_documents_one(tmp, data, other):
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"])), "--set", "max_documents=1"],
+            r"preprocess\.max_documents", r"must be >= 2")
+
+
+def output_dir_is_a_file(tmp, data, other):
+    (tmp / "out").write_text("my notes")
+    return ["preprocess", str(pre_yaml(tmp, [corpus(tmp)]))], r"output_dir .*out exists and is a file", \
+        "choose another output_dir"
+
+
+def output_dir_parent_is_a_file(tmp, data, other):
+    (tmp / "notes").write_text("my notes")
+    path = pre_yaml(tmp, [corpus(tmp)])
+    return (["preprocess", str(path), "--set", f"output_dir={tmp / 'notes' / 'out'}"],
+            r"output_dir .*notes/out: .*notes is a file", "choose another output_dir")
+
+
+def output_dir_foreign(tmp, data, other):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "thesis.tex").write_text("keep me")
+    return (["preprocess", str(pre_yaml(tmp, [corpus(tmp)])), "--force"], r"output_dir .*out .*not a cbs data",
+            "choose a new or empty directory")
+
+
+def finished_dataset_other_settings(tmp, data, other):
+    shutil.copytree(data, tmp / "out")
+    return (["preprocess", str(pre_yaml(tmp, ["stdlib"]))], r"out holds data made from other settings",
+            "use --force to replace it, or choose another output_dir")
+
+
+def glob_matches_nothing(tmp, data, other):
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "shards" / "*.jsonl"]))], r"shards/\*\.jsonl' matched no file", \
+        "check the path or glob"
+
+
+def stdlib_typo(tmp, data, other):
+    return ["preprocess", str(pre_yaml(tmp, ["stdib"]))], r"input 'stdib'", r"did you mean 'stdlib'\?"
+
+
+def directory_without_documents(tmp, data, other):
+    (tmp / "corpus").mkdir()
+    (tmp / "corpus" / "a.csv").write_text("text\nhello\n")
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "corpus"]))], r"corpus' holds no \.txt", \
+        r"give \.txt, \.jsonl"
+
+
+def hf_without_name(tmp, data, other):
+    return ["preprocess", str(pre_yaml(tmp, ["hf:"]))], r"input 'hf:'", r"give a dataset name"
+
+
+def jsonl_not_an_object(tmp, data, other):
+    path = corpus(tmp)
+    path.write_text(path.read_text() + '["a list", "not an object"]\n')
+    return ["preprocess", str(pre_yaml(tmp, [path]))], r"docs\.jsonl:41: record is a list", "set on_error: skip"
+
+
+def jsonl_bad_json(tmp, data, other):
+    path = corpus(tmp)
+    path.write_text('{"text": "unterminated\n' + path.read_text())
+    return ["preprocess", str(pre_yaml(tmp, [path]))], r"docs\.jsonl:1: invalid JSON", "set on_error: skip"
+
+
+def jsonl_text_not_a_string(tmp, data, other):
+    path = corpus(tmp)
+    path.write_text(path.read_text() + '{"text": 42}\n')
+    return ["preprocess", str(pre_yaml(tmp, [path]))], r"docs\.jsonl:41: field 'text' is int", "set on_error: skip"
+
+
+def gzip_corrupt(tmp, data, other):
+    (tmp / "docs.jsonl.gz").write_bytes(gzip.compress(corpus(tmp).read_bytes())[:300])
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "docs.jsonl.gz"]))], r"docs\.jsonl\.gz: cannot read", \
+        "replace the file or remove it from inputs"
+
+
+def parquet_without_text(tmp, data, other):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": stdlib_texts(20)}), tmp / "docs.parquet")
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "docs.parquet"]))], r"docs\.parquet: no column 'text'", \
+        "set text_field"
+
+
+def parquet_not_parquet(tmp, data, other):
+    (tmp / "docs.parquet").write_text("text\nhello\n")
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "docs.parquet"]))], r"docs\.parquet: cannot read as parquet", \
+        "replace the file or remove it from inputs"
+
+
+def binary_as_txt(tmp, data, other):
+    (tmp / "txt").mkdir()
+    for i, text in enumerate(stdlib_texts(30)):
+        (tmp / "txt" / f"{i:02d}.txt").write_text(text)
+    shutil.copy(sys.executable, tmp / "txt" / "python.txt")
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "txt" / "*.txt"]))], r"python\.txt: binary file", \
+        "remove it from inputs"
+
+
+def empty_corpus(tmp, data, other):
+    (tmp / "empty.jsonl").write_text('{"text": ""}\n\n')
+    return ["preprocess", str(pre_yaml(tmp, [tmp / "empty.jsonl"]))], r"empty corpus: no document with text in " \
+        r".*empty\.jsonl", "give inputs with text"
+
+
+def corpus_too_small_for_val(tmp, data, other):
+    path = write_jsonl(tmp / "docs.jsonl", stdlib_texts(3))
+    cfg = pre_yaml(tmp, [path], f"tokenizer: {{model: {data / 'tokenizer.model'}}}\n")
+    cfg.write_text(cfg.read_text().replace("tokenizer: {vocab_size: 400}\n", ""))
+    return (["preprocess", str(cfg), "--set", "val_fraction=0.01"], r"no document fell in the val split",
+            r"raise preprocess\.val_fraction or add documents")
+
+
+def corpus_too_small_for_vocab(tmp, data, other):
+    path = write_jsonl(tmp / "docs.jsonl", ["tiny corpus one", "tiny corpus two", "and three"])
+    return ["preprocess", str(pre_yaml(tmp, [path]))], r"preprocess\.tokenizer\.vocab_size=400", \
+        "lower tokenizer.vocab_size or add data"
+
+
+def tokenizer_not_sentencepiece(tmp, data, other):
+    (tmp / "tok.model").write_text("this is not a model")
+    cfg = pre_yaml(tmp, [corpus(tmp)], f"tokenizer: {{model: {tmp / 'tok.model'}}}\n")
+    cfg.write_text(cfg.read_text().replace("tokenizer: {vocab_size: 400}\n", ""))
+    return ["preprocess", str(cfg)], r"preprocess\.tokenizer\.model .*tok\.model is not a SentencePiece model", \
+        "give a .model file"
+
+
+def tokenizer_without_eos(tmp, data, other):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((data / "tokenizer.model").read_bytes())
+    proto.trainer_spec.eos_id = -1
+    proto.pieces[2].type = pb.ModelProto.SentencePiece.USER_DEFINED  # </s> becomes an ordinary piece
+    (tmp / "noeos.model").write_bytes(proto.SerializeToString())
+    cfg = pre_yaml(tmp, [corpus(tmp)], f"tokenizer: {{model: {tmp / 'noeos.model'}}}\n")
+    cfg.write_text(cfg.read_text().replace("tokenizer: {vocab_size: 400}\n", ""))
+    return ["preprocess", str(cfg)], r"noeos\.model has no end-of-sequence piece", "train it with an eos piece"
+
+
+def tokenizer_missing(tmp, data, other):
+    cfg = pre_yaml(tmp, [corpus(tmp)], f"tokenizer: {{model: {tmp / 'gone.model'}}}\n")
+    cfg.write_text(cfg.read_text().replace("tokenizer: {vocab_size: 400}\n", ""))
+    return ["preprocess", str(cfg)], r"preprocess\.tokenizer\.model .*gone\.model does not exist", "check the path"
+
+
+# ------------------------------------------------------------------------------------------------ pretrain
+
+
+def pt_yaml(tmp: Path, data_dir: Path, extra: str = "") -> Path:
+    path = tmp / "pt.yaml"
+    path.write_text(f"data_dir: {data_dir}\nrun_dir: {tmp / 'run'}\nmodel: {{preset: tiny, seq_len: 64}}\n"
+                    f"global_batch_seqs: 8\nmicro_batch_seqs: 4\ntrain_tokens: 4096\n{extra}")
+    return path
+
+
+def damaged(tmp: Path, data: Path, damage: Callable[[Path], None]) -> Path:
+    copy = Path(shutil.copytree(data, tmp / "data"))
+    damage(copy)
+    return copy
+
+
+REBUILD = r"cbs preprocess --force"
+
+
+def truncated_idx(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "train.idx").write_bytes((d / "train.idx").read_bytes()[:100]))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/train\.idx is 100 bytes .* truncated", REBUILD
+
+
+def truncated_idx_header(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "val.idx").write_bytes(b"MMIDIDX"))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/val\.idx is not a megatron-core index", REBUILD
+
+
+def truncated_bin(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:5001]))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/train\.bin is 5001 bytes .* truncated", REBUILD
+
+
+def idx_of_another_dataset(tmp, data, other):
+    d = damaged(tmp, data, lambda d: shutil.copy(other / "train.idx", d / "train.idx"))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/train\.bin .* the \.idx belongs to another dataset", REBUILD
+
+
+def shards_of_another_dataset(tmp, data, other):
+    def swap(d):
+        for name in ("val.idx", "val.bin"):
+            shutil.copy(other / name, d / name)
+    d = damaged(tmp, data, swap)
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/val\.idx holds \d+ documents .* from another dataset", REBUILD
+
+
+def bin_idx_dtype_mismatch(tmp, data, other):
+    def widen(d):
+        tokens = np.fromfile(d / "train.bin", dtype=np.uint16)
+        tokens.astype(np.int32).tofile(d / "train.bin")  # as if written with int32 under a uint16 index
+    d = damaged(tmp, data, widen)
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/train\.bin .* it holds int32 tokens, the index says uint16", \
+        REBUILD
+
+
+def vocab_larger_than_shard_dtype(tmp, data, other):
+    def edit(d):
+        manifest = json.loads((d / "manifest.json").read_text())
+        manifest["vocab_size"] = 70_000
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    d = damaged(tmp, data, edit)
+    return (["pretrain", str(pt_yaml(tmp, d))],
+            r"manifest\.json says vocab_size 70000, but .*train\.idx holds uint16 tokens", REBUILD)
+
+
+def missing_manifest(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "manifest.json").unlink())
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data_dir .*data is not a preprocessed data directory", \
+        "run `cbs preprocess` first"
+
+
+def manifest_broken_json(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:50]))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/manifest\.json is not valid JSON", REBUILD
+
+
+def manifest_not_ours(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "manifest.json").write_text('["not", "a", "manifest"]'))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/manifest\.json lacks vocab_size", REBUILD
+
+
+def data_dir_missing(tmp, data, other):
+    return ["pretrain", str(pt_yaml(tmp, tmp / "nowhere"))], r"data_dir .*nowhere does not exist", \
+        "run `cbs preprocess` first"
+
+
+def data_dir_without_shards(tmp, data, other):
+    d = damaged(tmp, data, lambda d: [(d / n).unlink() for n in ("train.bin", "train.idx")])
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/train\.idx is missing", REBUILD
+
+
+def tokenizer_garbage_in_data_dir(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "tokenizer.model").write_text("not a model"))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/tokenizer\.model is not the tokenizer the shards were made " \
+        r"with", "put the original back"
+
+
+def tokenizer_of_another_dataset(tmp, data, other):
+    d = damaged(tmp, data, lambda d: shutil.copy(other / "tokenizer.model", d / "tokenizer.model"))
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/tokenizer\.model is not the tokenizer the shards were made " \
+        r"with", "put the original back"
+
+
+def tokenizer_missing_in_data_dir(tmp, data, other):
+    d = damaged(tmp, data, lambda d: (d / "tokenizer.model").unlink())
+    return ["pretrain", str(pt_yaml(tmp, d))], r"data/tokenizer\.model is missing", REBUILD
+
+
+def set_train_tokens_abc(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "train_tokens=abc"],
+            r"pretrain\.train_tokens", "must be an integer: got 'abc'")
+
+
+def set_layers_fraction(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "model.layers=2.5"],
+            r"pretrain\.model\.layers", "must be an integer: got 2.5")
+
+
+def set_section_to_scalar(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "eval=3"], r"pretrain\.eval",
+            "must be a mapping of EvalConfig fields")
+
+
+def unknown_nested_key(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "optimizer.betas=0.9"],
+            r"pretrain\.optimizer\.betas is not a known key", r"did you mean pretrain\.optimizer\.beta")
+
+
+CASES: dict[str, Case] = {f.__name__: f for f in [
+    yaml_syntax, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
+    set_without_equals, set_empty_key_part, set_into_a_list, set_wrong_type, max_documents_one,
+    output_dir_is_a_file, output_dir_parent_is_a_file, output_dir_foreign, finished_dataset_other_settings,
+    glob_matches_nothing, stdlib_typo, directory_without_documents, hf_without_name, jsonl_not_an_object,
+    jsonl_bad_json, jsonl_text_not_a_string, gzip_corrupt, parquet_without_text, parquet_not_parquet,
+    binary_as_txt, empty_corpus, corpus_too_small_for_val, corpus_too_small_for_vocab,
+    tokenizer_not_sentencepiece, tokenizer_without_eos, tokenizer_missing,
+    truncated_idx, truncated_idx_header, truncated_bin, idx_of_another_dataset, shards_of_another_dataset,
+    bin_idx_dtype_mismatch, vocab_larger_than_shard_dtype, missing_manifest, manifest_broken_json,
+    manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
+    tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
+    set_section_to_scalar, unknown_nested_key,
+]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_names_the_culprit_and_the_fix_and_writes_nothing(case, tmp_path, data, other_data,
+                                                                             capsys):
+    argv, names, fix = CASES[case](tmp_path, data, other_data)
+    before = snapshot(tmp_path)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if ": error: " in line]
+    assert len(message) == 1, err  # one message, no traceback
+    assert re.search(names, message[0]), message[0]
+    assert re.search(fix, message[0]), message[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_no_traceback_reaches_the_user(tmp_path, data, other_data):
+    """The issue's own example, as a user runs it: a truncated train.idx given to `cbs pretrain`."""
+    argv, names, fix = truncated_idx(tmp_path, data, other_data)
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "AttributeError" not in proc.stderr
+    assert re.search(names, proc.stderr) and re.search(fix, proc.stderr)
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------ input that is accepted
+
+
+def test_invalid_utf8_lines_are_counted_not_fatal(tmp_path, capsys):
+    texts = stdlib_texts(40)
+    lines = [json.dumps({"text": t}).encode() for t in texts]
+    for i in range(0, 40, 8):  # raw invalid bytes inside the JSON string of 5 records
+        lines[i] = lines[i][:-2] + b"\xff\xfe" + lines[i][-2:]
+    (tmp_path / "docs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert cli.main(["preprocess", str(pre_yaml(tmp_path, [tmp_path / "docs.jsonl"]))]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["invalid_utf8_documents"] == 5 and sum(manifest["documents"].values()) == 40
+
+
+def test_binary_file_is_skipped_and_counted_with_on_error_skip(tmp_path):
+    binary_as_txt(tmp_path, None, None)
+    cfg = pre_yaml(tmp_path, [tmp_path / "txt" / "*.txt"], "on_error: skip\n")
+    assert cli.main(["preprocess", str(cfg)]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped_records"] == 1 and "python.txt: binary file" in manifest["skipped_examples"][0]
+    assert sum(manifest["documents"].values()) == 30
+
+
+# ------------------------------------------------------------------------------------------------ past the config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_pretrain_split_shorter_than_one_sequence_writes_nothing(tmp_path, data, split):
+    tokens = json.loads((data / "manifest.json").read_text())["tokens"][split]
+    cfg = pt_yaml(tmp_path, data)
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", str(cfg), "--set",
+                           f"model.seq_len={tokens}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(rf"{split} split of .*data has {tokens} tokens: fewer than one sequence", proc.stderr)
+    assert snapshot(tmp_path) == before  # no run_dir, no result.json of a run that never started
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data) -> Path:
+    """A 2-step tiny run with its final checkpoint, trained in this process (as tests/test_evaluate.py does)."""
+    from pipeline import pretrain
+    from pipeline.config import PretrainConfig, load_config
+
+    tmp = tmp_path_factory.mktemp("bad-input-run")
+    cfg = load_config(PretrainConfig, pt_yaml(tmp, data), ["train_tokens=1024", "eval.eval_tokens=256"])
+    assert pretrain.main(cfg)["status"] == "completed"
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_damaged_data_dir_exits_2_and_writes_nothing(tmp_path, data, trained_run, capsys):
+    d = damaged(tmp_path, data, lambda d: (d / "val.idx").write_bytes((d / "val.idx").read_bytes()[:-8]))
+    before, run_before = snapshot(tmp_path), snapshot(trained_run)
+    code = cli.main(["evaluate", str(trained_run), "--data-dir", str(d), "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(rf"data/val\.idx is \d+ bytes .* truncated.*{REBUILD}", err), err
+    assert snapshot(tmp_path) == before and snapshot(trained_run) == run_before
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_data_dir_of_another_tokenizer(tmp_path, trained_run, other_data, capsys):
+    run_before = snapshot(trained_run)
+    code = cli.main(["evaluate", str(trained_run), "--data-dir", str(other_data), "--out",
+                     str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenized with another tokenizer" in err, err
+    assert not (tmp_path / "eval.json").exists() and snapshot(trained_run) == run_before
