@@ -246,8 +246,8 @@ maybe_requeue() {
   local job=${SLURM_JOB_ID}
   [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]] && job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
   if [[ -n $KILLED_BY ]]; then
-    say "stopped by SIG$KILLED_BY (scancel or the time limit): not requeued; \`scontrol requeue $job\`," \
-      "or running the study again, resumes the run"
+    say "stopped by SIG$KILLED_BY: not requeued by this script (a scancel stays cancelled; Slurm requeues" \
+      "by itself what it preempts with requeue or what \`scontrol requeue $job\` asks for)"
   elif scontrol requeue "$job"; then
     say "stopped: requeued job $job; it resumes from the checkpoint just saved"
   else

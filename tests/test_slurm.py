@@ -296,8 +296,9 @@ def test_requeued_pretrain_task_resumes(study, tmp_path):
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
     assert wait([job], poll_s=POLL_S, timeout_s=120) == {task: "COMPLETED"}, log_of(logs, "*.out")
-    log = log_of(logs, "*.out")
-    assert log.count("run_stage: pretrain") == 2 and "DUE TO JOB REQUEUE" in log and "resumed from" in log, log
+    log = full_log(logs, "*.out")  # whole: log_of keeps only the tail
+    assert log.count("run_stage: pretrain") == 2 and "DUE TO JOB REQUEUE" in log and "resumed from" in log, \
+        log[-3000:]
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "completed" and result["steps"] == 30
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
