@@ -56,6 +56,7 @@ down() {
     if [[ -e /run/netns/$ns ]]; then ip netns del "$ns" || die "ip netns del $ns failed"; fi
     rm -rf "/etc/netns/$ns"
   done
+  rmdir /etc/netns 2>/dev/null || true  # only if empty: another tool may keep files there
   # a veth left in the root namespace by a half-made `up`
   ip link del "${VETH[0]}" 2>/dev/null || true
 }
