@@ -7,8 +7,9 @@ come from measuring a real Slurm 22.05 (Debian 12 packages):
   `scontrol show job`, which keeps it for MinJobAge seconds (300 by default; our test cluster keeps 3600).
 - Array tasks get their own state: keys are `"<array job id>_<task id>"` (what `squeue -r` prints as `%i`),
   plain jobs are keyed by their id.
-- A requeued job (`scontrol requeue`, node failure, preemption) is PENDING with reason BeginTime for 120 s
-  before it runs again: `wait()` keeps waiting through that.
+- A requeued job (`scontrol requeue`, node failure, preemption, or a pretrain task that stopped on the SIGUSR1
+  Slurm sends before its time limit and requeued itself: jobs/run_stage.sh) is PENDING with reason BeginTime for
+  120 s before it runs again: `wait()` keeps waiting through that.
 """
 
 from __future__ import annotations

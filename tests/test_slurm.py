@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import pytest
 import yaml
 
 from conftest import stdlib_texts, write_jsonl
+from pipeline import rundir
+from pipeline.metrics import read_metrics
 from pipeline.slurm import SlurmError, SlurmResources, cancel, job_states, require_sbatch, submit, wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,9 @@ def test_impossible_resources_are_refused(kw, key):
 
 @pytest.mark.slurm
 def test_states_failures_and_dependencies(slurm_cluster, tmp_path):
-    assert subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split() == ["idle"]
+    # up and serving (other jobs may hold the node: "mixed" or "allocated", never "drained" or "down")
+    assert subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split() in \
+        (["idle"], ["mixed"], ["allocated"])
     logs, res = tmp_path / "logs", SlurmResources()
     ok = submit(script(tmp_path / "ok.sh", 'echo "hello from $SLURM_JOB_ID: $1 $LIST $GPUS_PER_NODE/$NNODES"'),
                 ["an arg"], res, job_name="ok", env={"LIST": "a,b"}, log_dir=logs)
@@ -179,10 +182,11 @@ def study(slurm_cluster, tmp_path_factory):
         # 2 ranks on CPU: GPUS_PER_NODE=2 picks the multi-process launch without asking Slurm for GPUs
         cfg = write_yaml(root / f"{launcher}.yaml", tiny_pretrain(data, root / launcher, 8, steps=5))
         (root / f"{launcher}.runs").write_text(f"{cfg}\n")
+        (root / f"tmp_{launcher}").mkdir()  # the job's TMPDIR: where the hostfile goes, and must not stay
         jobs[launcher] = submit(JOBS / "pretrain.sbatch", [str(root / f"{launcher}.runs")], cpu,
                                 job_name=f"cbs-{launcher}", dependency=after_prep, log_dir=logs,
                                 env={"GPUS_PER_NODE": "2", "LAUNCHER": launcher, "MASTER_PORT": "29511"
-                                     if launcher == "torchrun" else "29512"})
+                                     if launcher == "torchrun" else "29512", "TMPDIR": str(root / f"tmp_{launcher}")})
     jobs["evaluate"] = submit(JOBS / "evaluate.sbatch", [*map(str, runs), str(root / "no_such_run")], cpu,
                               job_name="cbs-evaluate", dependency=f"afterok:{jobs['train']}", log_dir=logs)
     good = write_steps_csv(root / "steps.csv", [16, 32, 64, 128, 256])
@@ -239,7 +243,7 @@ def test_two_process_pretrain_through_each_launcher(study, launcher):
     two_ranks = json.loads((study["root"] / launcher / "result.json").read_text())
     assert two_ranks["status"] == "completed" and two_ranks["steps"] == one_rank["steps"] == 5
     assert two_ranks["final"]["eval/loss"] == pytest.approx(one_rank["final"]["eval/loss"], abs=1e-4)
-    assert not list(Path(tempfile.gettempdir()).glob("cbs-hostfile.*"))  # the job wrote nothing but its log
+    assert not list((study["root"] / f"tmp_{launcher}").glob("cbs-hostfile.*"))  # node-local, removed at exit
 
 
 @pytest.mark.slurm
@@ -292,10 +296,112 @@ def test_requeued_pretrain_task_resumes(study, tmp_path):
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
     assert wait([job], poll_s=POLL_S, timeout_s=120) == {task: "COMPLETED"}, log_of(logs, "*.out")
-    log = log_of(logs, "*.out")
-    assert log.count("run_stage: pretrain") == 2 and "DUE TO JOB REQUEUE" in log and "resumed from" in log, log
+    log = full_log(logs, "*.out")  # whole: log_of keeps only the tail
+    assert log.count("run_stage: pretrain") == 2 and "DUE TO JOB REQUEUE" in log and "resumed from" in log, \
+        log[-3000:]
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "completed" and result["steps"] == 30
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in json.loads(line)]
     assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def preemptible(data: Path, run_dir: Path, steps: int, batch: int = 4) -> dict:
+    """A run long enough to be signalled mid-way (~30 steps/s on one CPU); no periodic checkpoint, so a resume can
+    only start from the one the stop saved. Every step logged, evals on a fixed grid: metrics to compare."""
+    cfg = tiny_pretrain(data, run_dir, batch, steps=steps)
+    return cfg | {"log": {"every_steps": 1}, "eval": {"every_steps": 50, "growth": 0, "eval_tokens": 256},
+                  "checkpoint": {"every_steps": 100_000}}
+
+
+def wait_for_step(run: Path, step: int, job: str, task: str, logs: Path, timeout_s: float = 180) -> None:
+    """Until the run has logged `step` (the job's state only every 2 s: squeue and scontrol are slow to ask)."""
+    deadline, asked = time.monotonic() + timeout_s, 0.0
+    while not (run / "metrics.jsonl").exists() or \
+            max((m["step"] for m in read_metrics(run)), default=0) < step:
+        assert time.monotonic() < deadline, log_of(logs, "*.out")
+        if time.monotonic() - asked > 2:
+            assert job_states([job])[task] in ("PENDING", "RUNNING"), log_of(logs, "*.out")
+            asked = time.monotonic()
+        time.sleep(0.05)
+
+
+def full_log(log_dir: Path, pattern: str) -> str:
+    return "".join(p.read_text() for p in sorted(log_dir.glob(pattern)))
+
+
+def scontrol_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=True).stdout
+    return re.search(rf"\b{name}=(\S*)", out).group(1)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr1_before_the_time_limit_saves_requeues_and_resumes_exactly(slurm_cluster, stdlib_data, tmp_path):
+    """What `#SBATCH --signal=B:USR1@300` does near the time limit, sent now (`scancel --signal=USR1 --batch`:
+    the batch shell only, as B: does): the run saves after its step and exits 75 within seconds, the task requeues
+    itself, starts again, resumes, completes, and logs exactly what an uninterrupted run of it logs."""
+    steps, logs = 200, tmp_path / "logs"
+    for name in ("cut", "whole"):
+        cfg = write_yaml(tmp_path / f"{name}.yaml", preemptible(stdlib_data, tmp_path / name, steps))
+        (tmp_path / f"{name}.txt").write_text(f"{cfg}\n")
+    job = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "cut.txt")], SlurmResources(), job_name="cbs-usr1",
+                 array="0", log_dir=logs)
+    whole = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "whole.txt")], SlurmResources(), job_name="cbs-whole",
+                   log_dir=logs)
+    task = f"{job}_0"
+    wait_for_step(tmp_path / "cut", 10, job, task, logs)
+    signalled = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
+    while job_states([job])[task] != "PENDING":  # saved, stopped, requeued by itself
+        assert time.monotonic() - signalled < 30, log_of(logs, "cbs-usr1-*.out")
+        time.sleep(0.1)
+    stopped_s = time.monotonic() - signalled
+    log = full_log(logs, "cbs-usr1-*.out")
+    stop = re.search(r"stopped by SIGUSR1 after step (\d+)", log)
+    assert stop and 10 <= int(stop.group(1)) < steps and f"requeued job {task}" in log, log[-3000:]
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "preempted"
+    assert stopped_s < 15, f"{stopped_s:.1f} s from the signal to the requeue"
+    assert scontrol_field(task, "Restarts") == "1"
+    # Slurm holds a requeued job for 120 s (BeginTime); let it go now (see test_requeued_pretrain_task_resumes)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+    states = wait([job, whole], poll_s=POLL_S, timeout_s=180)
+    assert states == {task: "COMPLETED", whole: "COMPLETED"}, log_of(logs, "*.out")
+    log = full_log(logs, "cbs-usr1-*.out")
+    assert log.count("run_stage: pretrain") == 2 and "resumed from" in log, log[-3000:]
+    result = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert result["status"] == "completed" and result["steps"] == steps
+    cut, uncut = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "whole")
+    assert [m["step"] for m in cut] == [m["step"] for m in uncut]  # each step once, none lost
+    for a, b in zip(cut, uncut):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith("perf/"):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "deepspeed-2-ranks"])
+def test_scancel_saves_the_run_but_never_requeues_it(ranks, slurm_cluster, stdlib_data, tmp_path):
+    """scancel sends SIGTERM to every process of the job, launchers included: the run still saves and stops
+    (status preempted; the launchers must not pass SIGTERM on to ranks that already have it), and the task stays
+    cancelled: a requeue would undo what the user asked for."""
+    cfg = write_yaml(tmp_path / "run.yaml", preemptible(stdlib_data, tmp_path / "run", 200, batch=4 * ranks))
+    (tmp_path / "runs.txt").write_text(f"{cfg}\n")
+    logs = tmp_path / "logs"
+    env = {"GPUS_PER_NODE": "2", "MASTER_PORT": "29751"} if ranks == 2 else {}
+    job = submit(JOBS / "pretrain.sbatch", [str(tmp_path / "runs.txt")], SlurmResources(), job_name="cbs-cancel",
+                 array="0", log_dir=logs, env=env)
+    task = f"{job}_0"
+    wait_for_step(tmp_path / "run", 20, job, task, logs)
+    subprocess.run(["scancel", task], check=True)
+    assert wait([job], poll_s=POLL_S, timeout_s=60) == {task: "CANCELLED"}
+    time.sleep(3)  # a requeue would show by now
+    assert job_states([job]) == {task: "CANCELLED"} and scontrol_field(task, "Restarts") == "0"
+    log = full_log(logs, "*.out")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "preempted" and result["world_size"] == ranks, log[-3000:]
+    assert rundir.tags(tmp_path / "run")[-1] == rundir.tag(result["steps"])
+    assert "not requeued" in log, log[-3000:]
