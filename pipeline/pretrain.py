@@ -185,10 +185,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- preemption
 
     def _on_signal(self, signum, frame) -> None:
-        """Only note it: the step in flight finishes, then `train` stops and `run` saves. A second signal
+        """Only note it: the step in flight finishes, then `train` stops and `run` saves. A second stop signal
         gets the default action (the process ends at once), for a user who does not want to wait."""
-        self.stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL)
+        if self.stop_signal is None:
+            self.stop_signal = signum  # the first one names the reason
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
 
     def _signalled(self) -> bool:
         """True on every rank once any rank got a stop signal (one tiny all-reduce per step on several ranks)."""
