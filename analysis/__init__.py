@@ -31,3 +31,25 @@ class InputError(ValueError):
 
     The CLI turns it into one line on stderr and exit code 2.
     """
+
+
+def read_csv_lines(path, what: str, not_found: str = "no such file") -> list[list[str]]:
+    """Every line of a CSV file as cells; InputError `{what}: {not_found}` when it is missing, `{what}: cannot
+    read as CSV` when it is unreadable (permissions, not UTF-8, a malformed quote)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f))
+    except FileNotFoundError:
+        raise InputError(f"{what}: {not_found}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{what}: cannot read as CSV: {e}") from None
+
+
+def csv_dicts(lines: list[list[str]]) -> list[dict]:
+    """csv.DictReader's rows from read_csv_lines' lines (the first line is the header)."""
+    if not lines:
+        return []
+    header = lines[0]  # as DictReader: blank lines skipped, missing cells None
+    return [dict(zip(header, cells + [None] * (len(header) - len(cells)))) for cells in lines[1:] if cells]

@@ -11,12 +11,11 @@ side is read from the sweep fit's cbs.csv, so any `cbs fit` output serves.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import InputError
+from analysis import InputError, csv_dicts, read_csv_lines
 from analysis.branched import LocalCbs
 
 MATCH = 0.1
@@ -52,14 +51,10 @@ def read_sweep_cbs(path: str | Path) -> tuple[list[SweepCbs], str]:
     """The fitted settings of a sweep fit (OUT_DIR of `cbs fit`, or its cbs.csv), and the file read."""
     path = Path(path)
     csv_path = path / "cbs.csv" if path.is_dir() else path
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
+    if not csv_path.is_file():
         raise InputError(f"--compare {path}: no cbs.csv there; give the output directory of `cbs fit` on a sweep "
-                         "study") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"--compare {csv_path}: cannot read as CSV: {e}") from None
+                         "study")
+    rows = csv_dicts(read_csv_lines(csv_path, f"--compare {csv_path}"))
     missing = [c for c in SWEEP_COLUMNS if not rows or c not in rows[0]]
     if missing:
         raise InputError(f"--compare {csv_path}: not a sweep fit's cbs.csv (missing column(s) {', '.join(missing)}"

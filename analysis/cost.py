@@ -17,7 +17,6 @@ size N' (a forecast) t is scaled by N / N' (the same model FLOP/s per GPU: 6 N F
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import InputError
+from analysis import InputError, read_csv_lines
 from analysis.steps import RunInfo, as_float
 
 THROUGHPUT_COLUMNS = ("batch_size", "gpus", "tokens_per_s")
@@ -95,13 +94,7 @@ def study_throughput(runs: list[RunInfo]) -> list[ThroughputPoint]:
 def read_throughput_csv(path: str | Path) -> list[ThroughputPoint]:
     """Rows `batch_size,gpus,tokens_per_s[,model_params]`: whole-job tokens/s measured at each (B, G)."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            lines = list(csv.reader(f))
-    except FileNotFoundError:
-        raise InputError(f"--throughput {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"--throughput {path}: cannot read as CSV: {e}") from None
+    lines = read_csv_lines(path, f"--throughput {path}")
     header = [c.strip() for c in lines[0]] if lines else []
     missing = [c for c in THROUGHPUT_COLUMNS if c not in header]
     if missing:

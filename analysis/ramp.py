@@ -17,12 +17,11 @@ ceil(D / (B_f T)). Steps saved = 1 - sum(stage steps) / fixed steps.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import InputError
+from analysis import InputError, csv_dicts, read_csv_lines
 
 CURVE_COLUMNS = ("setting", "tokens", "cbs", "cbs_low", "cbs_high")
 _EPS = 1e-9  # log2 of a CBS exactly on the ladder (16 / 4 = 2^2) must not floor to the rung below
@@ -84,13 +83,8 @@ def read_curve(path: str | Path, setting: str | None) -> tuple[CbsCurve, str, in
     """CBS(t) of one setting of a cbs_curve.csv (`--setting` when it holds several): its complete points with a
     CBS. Returns the curve, the setting and the file's seq_len (None when absent)."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise InputError(f"--curve {path}: no such file (write it with `cbs fit` on a branched study)") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"--curve {path}: cannot read as CSV: {e}") from None
+    rows = csv_dicts(read_csv_lines(path, f"--curve {path}",
+                                    "no such file (write it with `cbs fit` on a branched study)"))
     missing = [c for c in CURVE_COLUMNS if not rows or c not in rows[0]]
     if missing:
         raise InputError(f"--curve {path}: not a cbs_curve.csv (missing column(s) {', '.join(missing)} or no rows); "

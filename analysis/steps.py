@@ -24,7 +24,6 @@ Two inputs:
 
 from __future__ import annotations
 
-import csv
 import enum
 import json
 import math
@@ -34,7 +33,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from analysis import InputError
+from analysis import InputError, read_csv_lines
 
 CSV_COLUMNS = ("setting", "model_params", "tokens", "batch_size", "steps")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe_load's semantics; libyaml is ~10x faster
@@ -274,11 +273,7 @@ def _count(value: Any, what: str) -> int:
 
 def read_steps_csv(path: Path) -> StepsTable:
     """Rows `setting,model_params,tokens,batch_size,steps[,censored,runs,best_run,...]` -> table (taken as given)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            lines = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read as CSV: {e}") from None
+    lines = read_csv_lines(path, str(path))
     header = [c.strip() for c in lines[0]] if lines else []
     if not any(header):
         raise InputError(f"{path}: empty file; expected a header {','.join(CSV_COLUMNS)}")
