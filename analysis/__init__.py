@@ -25,6 +25,8 @@ scipy, statsmodels, matplotlib and pyyaml.
     cli.py        `cbs fit` and `cbs forecast`
 """
 
+import csv
+
 
 class InputError(ValueError):
     """The input (CSV, study directory, scaling.json or a command-line value) is unusable; the message says why.
@@ -36,8 +38,6 @@ class InputError(ValueError):
 def read_csv_lines(path, what: str, not_found: str = "no such file") -> list[list[str]]:
     """Every line of a CSV file as cells; InputError `{what}: {not_found}` when it is missing, `{what}: cannot
     read as CSV` when it is unreadable (permissions, not UTF-8, a malformed quote)."""
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.reader(f))
