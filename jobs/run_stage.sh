@@ -53,6 +53,10 @@ say() { echo "run_stage: $*" >&2; }
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 REPO=$(dirname "$(dirname "$SELF")")
 PYTHON=${CBS_PYTHON:-$REPO/.venv/bin/python}
+# A rank's identity is the launcher's to give. One inherited from the submitter (a process that ran pretrain
+# in-process keeps LOCAL_RANK=0, and sbatch --export=ALL passes it on) would make the launcher itself look like a
+# rank here, and a plain process look like one rank of a larger job.
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK NODE_RANK
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-1}}
 LAUNCHER=${LAUNCHER:-deepspeed}

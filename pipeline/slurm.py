@@ -37,6 +37,10 @@ FINAL_STATES = frozenset({
     "DEADLINE", "REVOKED", "UNKNOWN", "DEPENDENCY_NEVER_SATISFIED",
 })
 
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+              "MASTER_PORT")
+"""torch.distributed's variables of the process that submits: never the job's."""
+
 _TIME_RE = re.compile(r"^(\d+-)?\d+:\d{2}:\d{2}$")
 
 
@@ -149,7 +153,10 @@ def submit(script: Path, args: list[str], resources: SlurmResources, *, job_name
         return cmd
     require_sbatch()
     Path(log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it: the job would fail silently
-    proc = _run(cmd, env={**os.environ, **variables})
+    # not the submitter's own rendezvous (a process that ran pretrain in-process keeps LOCAL_RANK): --export=ALL
+    # would hand it to the job, whose launcher gives its ranks their own
+    inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    proc = _run(cmd, env={**inherited, **variables})
     if proc.returncode != 0:
         raise SlurmError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}\n"
                          f"  command: {shlex.join(cmd)}")

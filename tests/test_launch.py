@@ -359,3 +359,21 @@ def test_a_signal_before_training_waits_for_the_rank(stdlib_data, tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "preempted" and 1 <= result["steps"] < 100, result
     assert rundir.tags(run) == [rundir.tag(result["steps"])]
+
+
+@pytest.mark.slow
+def test_a_rendezvous_left_in_the_environment_does_not_hide_the_ranks(stdlib_data, tmp_path):
+    """A process that ran pretrain in-process keeps LOCAL_RANK=0 (DeepSpeed reads it), and sbatch --export=ALL
+    passed it to the job: the launcher then looked like a rank, the stop went to it (it does not handle SIGUSR1)
+    and the run trained on to the end (seen in CI: a scancel'd 2-rank job finished 'completed')."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = start(stoppable(stdlib_data, run), log, GPUS_PER_NODE="2", LAUNCHER="deepspeed", MASTER_PORT="29743",
+                 LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+    try:
+        wait_for_step(proc, run, 3, log)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=90) == 75, log.read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    assert "passed SIGUSR1 on as SIGUSR1 to 2 of 2 rank process(es)" in log.read_text()
+    assert json.loads((run / "result.json").read_text())["status"] == "preempted"
