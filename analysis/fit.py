@@ -203,10 +203,6 @@ class HyperbolaFit:
     def b(self) -> float:
         return self.s_min * self.b_noise
 
-    @property
-    def censoring_sigma(self) -> float | None:
-        return None if self.n_censored == 0 else self.sigma
-
     def steps(self, batch):
         return steps_model(batch, self.s_min, self.b_noise)
 

@@ -4,8 +4,8 @@ noise scale").
 Pretrain logs, at its log steps and only when a step has >= 2 micro-batches or ranks (it needs two batch sizes):
 
     train/noise_scale          B_simple = tr(Sigma) / |G|^2 in sequences, from EMAs of numerator and denominator
-    train/grad_sq_small        EMA'd estimate of |G_small|^2 (one micro-batch)
-    train/grad_sq_big          EMA'd estimate of |G_big|^2 (the whole global batch)
+    train/grad_sq_small        |G_small|^2 measured at that step (one micro-batch, mean over the step's)
+    train/grad_sq_big          |G_big|^2 measured at that step (the whole global batch)
     train/noise_scale_batches  [B_small, B_big] in sequences
 
 (McCandlish et al. 2018, arXiv 1812.06162, appendix A.1). Values may be the strings "nan"/"inf" (JSON has none):

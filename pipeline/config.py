@@ -833,6 +833,9 @@ class StudyConfig:
                    f"{p}: method branched has one base run per setting: give one hparams.lr, hparams.beta2 and seed")
             _check(len(self.batch_sizes) >= 2, f"{p}.batch_sizes: method branched needs the base batch and at least "
                                                f"one larger one")
+            _check(self.targets.losses is None and (self.targets.reference is None or self.targets.reference.batch
+                                                    in (None, min(self.batch_sizes))),
+                   f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):

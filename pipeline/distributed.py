@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, Precision, PretrainConfig, gradient_accumulation
+from pipeline.utils import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +38,6 @@ class Dist:
         return self.device.type == "cuda"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(seed: int) -> Dist:
     """Initialise (once) the process group, megatron-core's model-parallel state (TP = PP = 1) and its RNG."""
     import deepspeed
@@ -52,7 +46,7 @@ def init_distributed(seed: int) -> Dist:
     own_rendezvous = {}
     if "RANK" not in os.environ:  # a plain process: one rank, our own rendezvous
         own_rendezvous = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         os.environ.update(own_rendezvous)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -25,6 +25,9 @@ from typing import Optional, Protocol
 
 from pipeline import rundir
 from pipeline.targets import targets_reached
+from pipeline.utils import free_port
+
+RUN_STAGE = Path(__file__).resolve().parent.parent / "jobs" / "run_stage.sh"
 
 
 class ExecutorError(ValueError):
@@ -132,10 +135,12 @@ def device_slots(parallel: Optional[int], gpus_per_run: int, gpus: list[str]) ->
 
 
 def launch_command(slot: Slot, stage_args: list[str], python: str = sys.executable) -> list[str]:
-    """One process on the CPU or one GPU; torchrun with one rank per GPU on several."""
+    """One process on the CPU or one GPU. A run on several GPUs goes through jobs/run_stage.sh (torchrun, one rank
+    per GPU; slot_env sets its variables), which owns stopping ranks: it blocks SIGTERM in the launcher and
+    passes one SIGUSR1 to the ranks, where torchrun would forward SIGTERM and kill the ranks 30 s later, maybe
+    in the middle of their checkpoint save."""
     if len(slot.gpus) > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(slot.gpus)}",
-                "-m", "pipeline.cli", *stage_args]
+        return ["bash", str(RUN_STAGE), *stage_args]
     return [python, "-m", "pipeline.cli", *stage_args]
 
 
@@ -147,6 +152,8 @@ def slot_env(slot: Slot, threads: int, base: Optional[dict] = None) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
         if env.get("DS_ACCELERATOR") == "cpu":
             del env["DS_ACCELERATOR"]  # a GPU run must not be forced onto the CPU
+    if len(slot.gpus) > 1:  # jobs/run_stage.sh's variables: one node, a rank per GPU, this python
+        env.update(GPUS_PER_NODE=str(len(slot.gpus)), NNODES="1", LAUNCHER="torchrun", CBS_PYTHON=sys.executable)
     else:
         env.setdefault("DS_ACCELERATOR", "cpu")
     env["OMP_NUM_THREADS"] = str(threads)
@@ -247,10 +254,13 @@ class _Pool:
     def _launch(self, job: RunJob) -> None:
         slot = self.free.pop(0)
         logf = open(job.run_dir / "pretrain.log", "a")
+        env = slot_env(slot, self.threads)
+        if len(slot.gpus) > 1:
+            env["MASTER_PORT"] = str(free_port())  # a rendezvous of its own: parallel runs share the host
         # own session: a Ctrl-C reaches only the study, which forwards one SIGTERM; and if the study dies (even
         # by kill -9) its runs get SIGTERM from the kernel, save a checkpoint and stop instead of training on
         proc = subprocess.Popen(launch_command(slot, ["pretrain", str(job.config)]), stdout=logf,
-                                stderr=subprocess.STDOUT, env=slot_env(slot, self.threads),
+                                stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=_sigterm_when_parent_dies)
         self.active[job.name] = (proc, time.time(), logf, job, slot)
 

@@ -79,12 +79,12 @@ class Hook:
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, dist: Dist):
+    def __init__(self, cfg: PretrainConfig, dist: Dist, manifest: Optional[dict] = None):
         import deepspeed
 
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run_dir)
-        self.manifest = read_manifest(cfg.data_dir)
+        self.manifest = manifest or read_manifest(cfg.data_dir, cfg.model.seq_len)
         self.ds_config = deepspeed_config(cfg, dist.world_size, dist.cuda)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -113,10 +113,12 @@ class Trainer:
         self.stop_reason: Optional[str] = None
         self.diverged: Optional[str] = None  # why, when the run diverged
         self.saved_step = 0  # the step of the newest checkpoint (loaded or saved)
-        self.stop_signal: Optional[int] = None  # set by the SIGTERM/SIGUSR1 handler
+        self.stop_signal: Optional[int] = None  # set by the stop-signal handler (STOP_SIGNALS)
         # Ranks must agree on the step they stop at, or their checkpoint saves would not line up. A flag is
-        # all-reduced every step over a gloo group on the host: no GPU sync, ~0.1 ms on one node.
+        # all-reduced over a gloo group on the host, asynchronously: launched after step t, read after step t + 1,
+        # so the round trip overlaps a step (no GPU sync, no wait) and a stop lands one step later.
         self._stop_group = None
+        self._stop_vote: Optional[tuple] = None  # (the all-reduce in flight, its flag tensor)
         if dist.world_size > 1:
             import torch.distributed as torch_dist
 
@@ -193,14 +195,26 @@ class Trainer:
             signal.signal(s, signal.SIG_DFL)
 
     def _signalled(self) -> bool:
-        """True on every rank once any rank got a stop signal (one tiny all-reduce per step on several ranks)."""
+        """True on every rank, at the same step, once any rank got a stop signal: each step reads the vote launched
+        after the step before (every rank launches and reads the same votes, so all agree) and launches the next."""
         if self._stop_group is None:
             return self.stop_signal is not None
         import torch.distributed as dist
 
+        agreed = False
+        if self._stop_vote is not None:
+            work, flag = self._stop_vote
+            work.wait()
+            agreed = bool(flag.item())
         flag = torch.tensor([int(self.stop_signal is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
-        return bool(flag.item())
+        self._stop_vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group, async_op=True), flag)
+        return agreed
+
+    def _settle_vote(self) -> None:
+        """Wait for the vote still in flight when training ends (every rank launched it), so none is left."""
+        if self._stop_vote is not None:
+            self._stop_vote[0].wait()
+            self._stop_vote = None
 
     # ----------------------------------------------------------------------------------------- hooks
 
@@ -449,6 +463,7 @@ class Trainer:
         try:
             with _stop_signals(self._on_signal):
                 reason = self.train()
+                self._settle_vote()
                 if reason != "diverged" and self.saved_step != self.step:
                     self.save_checkpoint(self.step)  # the last step, whatever ended the run (not a diverged one)
         finally:
@@ -485,7 +500,7 @@ def _signal_name(signum: Optional[int]) -> str:
 
 @contextlib.contextmanager
 def _stop_signals(handler):
-    """Route SIGTERM/SIGUSR1 to `handler` for the block (main thread only), then restore the old handlers."""
+    """Route SIGTERM/SIGUSR1/SIGINT to `handler` for the block (main thread only), then restore the old handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -521,6 +536,14 @@ def _check_run_dir(cfg: PretrainConfig) -> Optional[dict]:
     return None
 
 
+def _finished(cfg: PretrainConfig) -> Optional[dict]:
+    """result.json of a run that already finished in run_dir (after checking run_dir holds this run)."""
+    done = _check_run_dir(cfg)
+    if done is not None:
+        log.info("%s already finished (%s at step %d); nothing to do", cfg.run_dir, done["status"], done["steps"])
+    return done
+
+
 def _write_config(trainer: Trainer) -> None:
     cfg = trainer.cfg
     data = to_dict(cfg)
@@ -543,20 +566,23 @@ def main(cfg: PretrainConfig) -> dict:
     one `preempted` (no exception)."""
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
-    read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split at least one sequence long
-    done = _check_run_dir(cfg)
-    if done is not None:
-        log.info("%s already finished (%s at step %d); nothing to do", cfg.run_dir, done["status"], done["steps"])
-        return done
+    manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
+    if _finished(cfg) is not None:  # the cheap way out, before any process group or lock
+        return _finished(cfg)
     dist = init_distributed(cfg.seed)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        # rank 0 alone holds the run's lock (other ranks would conflict with it)
+        # rank 0 alone holds the run's lock (other ranks would conflict with it); every rank waits for it, then
+        # looks again: a predecessor it waited for (a run still saving) may have finished the run meanwhile
         with rundir.exclusive(cfg.run_dir) if dist.is_main else contextlib.nullcontext():
+            torch.distributed.barrier()
+            done = _finished(cfg)
+            if done is not None:
+                return done
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                trainer = Trainer(cfg, dist)
+                trainer = Trainer(cfg, dist, manifest)
             if dist.is_main:
                 _write_config(trainer)
             return trainer.run()

@@ -167,7 +167,7 @@ def reference_targets(runs: list[Run], study_dir: Path) -> dict[str, dict]:
         if run_status(path) != "completed":
             continue
         records = eval_records(path)
-        keys = [eval_key(f"ewa/{tau}") for tau in run.taus] or [eval_key("raw")]
+        keys = [eval_key(k) for k in weight_kinds(run.taus)[1:]] or [eval_key("raw")]  # the EWA kinds, else raw
         for s in run.settings:
             at = next((m for m in records if m["tokens"] >= s.tokens), None)
             for loss in (at.get(k) for k in keys) if at else ():
@@ -217,14 +217,14 @@ def reconcile_finished(runs: list[Run], study_dir: Path) -> None:
         result = json.loads((path / rundir.RESULT).read_text())
         if crossings_match(result, targets):
             continue
-        tracker = TargetTracker(targets, weight_kinds(run.taus))
-        tracker.replay(eval_records(path), run.batch * run.settings[0].model.seq_len)
-        result["targets"] = tracker.to_json()
         saved = yaml.safe_load((path / rundir.CONFIG).read_text())
+        tracker = TargetTracker(targets, weight_kinds(run.taus))
+        tracker.replay(eval_records(path), saved["resolved"]["tokens_per_step"])
+        result["targets"] = tracker.to_json()
         saved["study"], saved["targets"] = run.config["study"], targets
         atomic_write_text(path / rundir.CONFIG, yaml.safe_dump(saved, sort_keys=False))
         stopped_early = result.get("reason") == "every target reached" and result["steps"] < result["total_steps"]
-        if stopped_early and not tracker.all_reached("ewa"):
+        if stopped_early and not tracker.all_reached(run.config["stop_weights"]):
             atomic_write_json(path / "result.stale.json", result)
             (path / rundir.RESULT).unlink()
             print(f"{run.name}: the targets changed since it stopped; it will train on", flush=True)
@@ -244,11 +244,11 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
         executor.preprocess(pre)
     if not dry_run:
         write_run_inputs(runs, study_dir)
-    refs = [r for r in runs if r.reference] if b0 is not None else []
-    if cfg.method is StudyMethod.branched:
-        executor.train(jobs_of(refs, study_dir), f"base runs (B = {min(cfg.batch_sizes)})")
+    if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then every branch of them
+        executor.train(jobs_of([r for r in runs if r.reference], study_dir), f"base runs (B = {min(cfg.batch_sizes)})")
         executor.train(jobs_of([r for r in runs if not r.reference], study_dir), "branches")
         return executor.fit(study_dir, study_dir / "fit", [])
+    refs = [r for r in runs if r.reference] if b0 is not None else []
     if refs:
         executor.train(jobs_of(refs, study_dir), f"reference runs (B0 = {b0})")
         if dry_run:

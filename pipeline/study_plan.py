@@ -280,7 +280,6 @@ def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, da
         points = sorted({max(1, int(f * s.tokens)) for f in cfg.branched.at_fractions})
         base.config = run_config(cfg, base, study_dir, data_dir)
         base.config["checkpoint"] = {**base.config.get("checkpoint", {}), "at_tokens": points}
-        base.config["study"]["base"] = {"batch": b0, "branch_tokens": points}
         runs.append(base)
         for tokens in points:
             runs += [_branch(cfg, base, tokens, batch, study_dir, data_dir) for batch in sorted(cfg.batch_sizes)]
@@ -308,8 +307,7 @@ def _branch(cfg: StudyConfig, base: Run, tokens: int, batch: int, study_dir: Pat
               base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta)
     run.branch = {"setting": base.settings[0].name, "base_run": base.name, "base_batch": base.batch,
                   "base_tokens": step * base.batch * seq_len, "base_step": step, "multiplier": k,
-                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance,
-                  "loss_key": f"eval/loss_ewa/{taus[0]}" if taus else "eval/loss"}
+                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance}
     run.config = run_config(cfg, run, study_dir, data_dir)
     steps = -(-delta // (batch * seq_len))
     run.config.update(init_from={"run_dir": base.config["run_dir"], "step": step},

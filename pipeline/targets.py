@@ -27,9 +27,8 @@ def weight_kinds(taus: Iterable[float]) -> list[str]:
 
 
 def as_loss(value) -> float:
-    """A logged loss as a float: metrics.jsonl writes non-finite values as the strings "nan", "inf", "-inf"."""
-    if isinstance(value, str):
-        return float(value)  # float() reads "nan", "inf", "-inf"
+    """A logged loss as a float: metrics.jsonl writes non-finite values as the strings "nan", "inf", "-inf",
+    which float() reads as well as numbers (read_metrics converts them already; a record made by hand may not)."""
     return float(value)
 
 

@@ -117,3 +117,10 @@ def progress(**kwargs) -> tqdm:
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("file", sys.stderr)
     return tqdm(**kwargs)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it): a rendezvous of one's own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

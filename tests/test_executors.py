@@ -6,9 +6,13 @@ study used to force DS_ACCELERATOR=cpu on every run and let parallel runs share 
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
-from pipeline.executors import ExecutorError, LocalExecutor, Slot, device_slots, launch_command, slot_env, visible_gpus
+from pipeline.executors import (RUN_STAGE, ExecutorError, LocalExecutor, Slot, device_slots, launch_command, slot_env,
+                                visible_gpus)
 
 EIGHT = [str(i) for i in range(8)]
 
@@ -42,13 +46,19 @@ def test_impossible_device_plans_are_refused(parallel, per_run, gpus, message):
 def test_commands_and_environments():
     one, two, cpu = Slot(0, ("3",)), Slot(1, ("4", "5")), Slot(0)
     assert launch_command(one, ["pretrain", "r.yaml"], "py") == ["py", "-m", "pipeline.cli", "pretrain", "r.yaml"]
-    assert launch_command(two, ["pretrain", "r.yaml"], "py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli", "pretrain",
-        "r.yaml"]
-    host = {"DS_ACCELERATOR": "cpu", "RANK": "0", "MASTER_PORT": "1234", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5"}
+    # several GPUs: through run_stage.sh, which stops ranks without the 30 s SIGKILL torchrun would add
+    assert launch_command(two, ["pretrain", "r.yaml"], "py") == ["bash", str(RUN_STAGE), "pretrain", "r.yaml"]
+    host = {"DS_ACCELERATOR": "cpu", "RANK": "0", "MASTER_PORT": "1234", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5",
+            "PATH": os.environ["PATH"]}
     env = slot_env(two, 4, host)
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5" and "DS_ACCELERATOR" not in env  # never the CPU on a GPU
     assert env["OMP_NUM_THREADS"] == "4" and "RANK" not in env and "MASTER_PORT" not in env
+    assert (env["GPUS_PER_NODE"], env["LAUNCHER"], env["NNODES"]) == ("2", "torchrun", "1")
+    dry = subprocess.run(launch_command(two, ["pretrain", "r.yaml"]), env={**env, "MASTER_PORT": "29611",
+                                                                             "CBS_DRY_RUN": "1"},
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert "torch.distributed.run --nnodes=1 --nproc_per_node=2" in dry.stdout and ":29611" in dry.stdout
     assert slot_env(cpu, 2, {})["DS_ACCELERATOR"] == "cpu"
     assert slot_env(cpu, 2, {"DS_ACCELERATOR": "xpu"})["DS_ACCELERATOR"] == "xpu"  # a user's choice stays
 

@@ -212,6 +212,7 @@ def fake_run(path: Path, run: study_plan.Run, evals: list[tuple[int, float]], st
     lines = [json.dumps({"step": s, "tokens": s * tps, **{k: loss for k in keys}}) for s, loss in evals]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     resolved = to_dict(from_dict(PretrainConfig, {**run.config, "targets": list(targets)}, "pretrain"))
+    resolved["resolved"] = {"tokens_per_step": tps}
     (path / "config.yaml").write_text(yaml.safe_dump(resolved))  # as pretrain writes it: every default filled
     tracker = TargetTracker(list(targets), weight_kinds(run.taus))
     tracker.replay([json.loads(line) for line in lines], tps)
@@ -319,3 +320,5 @@ def test_branched_plan_branches_every_batch_from_each_checkpoint_of_one_base_run
                                        "tokens": [20000]}), tmp_path, tmp_path / "data")
     with pytest.raises(ConfigError, match="method branched has one base run per setting"):
         study_cfg(method="branched", hparams={"lr": [1e-3, 3e-3]})
+    with pytest.raises(ConfigError, match="method branched has no target losses"):  # its base runs would be skipped
+        study_cfg(method="branched", targets={"losses": {"mL2d128_d20K": 4.0, "mL2d128_d60K": 3.5}})
