@@ -269,9 +269,9 @@ def test_kill_9_at_random_points_saves_included(stdlib_data, tmp_path):
     shutil.rmtree(tmp_path / "cut")
     for _ in range(3):
         _kill_at(cli("pretrain", str(cut)), rng.uniform(0.3, 1.0) * full_s)
-        for tag_dir in (tmp_path / "cut" / "checkpoints").glob("step*"):  # never a `latest` at half a save
-            if (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == tag_dir.name:
-                assert rundir.checkpoint_problem(tag_dir) is None
+        latest = tmp_path / "cut" / "checkpoints" / "latest"  # none yet if killed inside the first save
+        if latest.exists():  # never a `latest` at half a save
+            assert rundir.checkpoint_problem(latest.parent / latest.read_text().strip()) is None
     run_subprocess(cli("pretrain", str(cut)))
     ma, mb = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
@@ -320,3 +320,44 @@ def test_a_fit_killed_while_writing_leaves_nothing_behind_the_next_one(tmp_path)
         (d / "cbs.csv").write_text("half")
     assert fit_main([str(table), "--out", str(tmp_path / "fit"), "--bootstrap", "50"]) == 0
     assert not stale.exists() and live.exists() and (tmp_path / "fit" / "cbs.csv").is_file()
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.path.realpath(fd) == str(path.resolve()) for fd in fd_dir.iterdir())
+    except (FileNotFoundError, PermissionError):  # the process is gone, or an fd closed under us
+        return False
+
+
+def test_a_trainer_that_waited_for_the_lock_finds_the_run_finished_meanwhile(stdlib_data, tmp_path):
+    """A second trainer of a run directory looks for result.json before the lock (cheap), waits for the holder,
+    then must look again: the holder may have finished the run meanwhile. It used to resume the holder's last
+    checkpoint instead: a run stopped at its targets was rewritten (result.json, metrics) by a trainer with
+    nothing left to do."""
+    cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    yaml_path = write_cfg(cfg, tmp_path / "run.yaml")
+    run_subprocess(cli("pretrain", str(yaml_path)))
+    result, metrics = (tmp_path / "run" / rundir.RESULT), (tmp_path / "run" / "metrics.jsonl")
+    before = result.read_bytes(), metrics.read_bytes()
+    hidden = result.rename(tmp_path / "result.hidden")  # as it is while the holder still trains
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+from pipeline import rundir
+import sys
+with rundir.exclusive({str(tmp_path / "run")!r}):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    waiter = subprocess.Popen(cli("pretrain", str(yaml_path)), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _has_open(waiter.pid, tmp_path / "run" / rundir.LOCK):  # past its first look, waiting for the lock
+        assert waiter.poll() is None and time.time() < deadline, waiter.stderr.read()[-2000:]
+        time.sleep(0.05)
+    hidden.rename(result)  # the holder finishes the run, then lets go
+    holder.communicate("\n", timeout=30)
+    _, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err[-2000:]
+    assert "already finished" in err
+    assert (result.read_bytes(), metrics.read_bytes()) == before
