@@ -79,8 +79,10 @@ def _setup_logging() -> None:
 
 def _run_pretrain(args) -> int:
     from pipeline import pretrain
+    from pipeline.distributed import shutdown_distributed
 
     result = pretrain.main(pretrain.load(args.config, args.overrides))
+    shutdown_distributed()  # a run that ended (even preempted or diverged): every rank got here
     if result["status"] == "preempted":
         return pretrain.EXIT_PREEMPTED  # checkpointed: start it again to continue (jobs/pretrain.sbatch requeues)
     return 0 if result["status"] in ("completed", "diverged") else 1
@@ -88,6 +90,7 @@ def _run_pretrain(args) -> int:
 
 def _run_evaluate(args) -> int:
     from pipeline import evaluate
+    from pipeline.distributed import shutdown_distributed
 
     if args.out and len(args.run_dirs) > 1:
         print("cbs evaluate: error: --out needs a single RUN_DIR", file=sys.stderr)
@@ -101,6 +104,7 @@ def _run_evaluate(args) -> int:
                 raise
             failed.append(run_dir)
             print(f"cbs evaluate: {run_dir}: error: {e}", file=sys.stderr)
+    shutdown_distributed()
     return 2 if failed else 0
 
 

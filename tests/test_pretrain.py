@@ -187,6 +187,22 @@ def test_two_ranks_match_one_rank(stdlib_data, reference, tmp_path, stage):
     assert resolved["world_size"] == 2 and resolved["deepspeed"]["gradient_accumulation_steps"] == 1
 
 
+def test_each_rank_tears_its_process_groups_down_before_exit(stdlib_data, tmp_path):
+    """Groups left to the interpreter's teardown can abort a rank at exit (gloo: "terminate called without an
+    active exception", SIGABRT after the last checkpoint was saved), failing a finished run: the pretrain and
+    evaluate commands destroy them once the stage has succeeded."""
+    cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 2, deepspeed_config="zero1.json")
+    yaml_path = write_cfg(cfg, tmp_path / "c.yaml")
+    script = tmp_path / "stage.py"
+    script.write_text("import sys, torch.distributed as dist\nfrom pipeline import cli\n"
+                      "code = cli.main(sys.argv[1:])\nprint('left', dist.is_initialized(), code)\n")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = run_subprocess([*launch, "pretrain", str(yaml_path)])
+    assert proc.stdout.count("left False 0") == 2, proc.stdout[-2000:]
+    proc = run_subprocess([sys.executable, str(script), "evaluate", str(tmp_path / "run")])
+    assert "left False 0" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_killed_run_resumes_exactly(stdlib_data, tmp_path):
     """SIGKILL after the step-30 checkpoint; `resume: auto` then logs what the uninterrupted run logs. All runs
     are subprocesses with one thread each: equal float reductions, so equality to 1e-6 is a fair demand."""
