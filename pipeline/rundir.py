@@ -117,6 +117,13 @@ def checkpoint_problem(tag_dir: Path) -> Optional[str]:
     """Why a checkpoint cannot be used (None if it looks whole): no marker, or a file missing or resized."""
     marker = tag_dir / COMPLETE
     if not marker.is_file():
+        latest = tag_dir.parent / LATEST
+        named = latest.read_text().strip() if latest.is_file() else ""
+        if named[4:].isdigit() and tag_step(tag_dir.name) <= tag_step(named):
+            # `latest` moves after complete.json is written, so a save at or before it finished: a cbs that wrote
+            # no complete.json made it (or the marker was deleted). It cannot be checked; it is kept, not removed.
+            return (f"no {COMPLETE}, although `latest` names it or a later step (saved by a cbs that wrote no "
+                    f"{COMPLETE}): it cannot be checked")
         return f"{INCOMPLETE} (no {COMPLETE})"
     try:
         files = json.loads(marker.read_text())["files"]

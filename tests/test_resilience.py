@@ -105,8 +105,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(runs, damage):
     run_dir, yaml_path = copy_of(runs, f"damaged_{damage}")
     newest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     model_file = newest / "mp_rank_00_model_states.pt"
-    if damage == "cut_short":  # a kill during the save: every rank's files, but no complete.json
+    if damage == "cut_short":  # a kill during the save: every rank's files, no complete.json, `latest` not moved
         (newest / rundir.COMPLETE).unlink()
+        (newest.parent / "latest").write_text(rundir.usable_tags(run_dir)[0][0])
     elif damage == "truncated":
         model_file.write_bytes(model_file.read_bytes()[:1000])
     else:  # same size, other bytes: only loading it can tell
@@ -130,6 +131,23 @@ def test_every_checkpoint_damaged_is_refused_not_restarted(runs):
     assert "Traceback" not in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == before  # nothing wiped
 
+
+@pytest.mark.slow
+def test_checkpoints_without_complete_json_that_latest_names_are_kept_and_refused(runs):
+    """A run directory saved before cbs wrote complete.json: `latest` names a tag without the marker. Saves at or
+    before `latest` finished (it moves last), so they are not cut-short ones: they used to be deleted as such, and
+    the run trained again from step 0."""
+    run_dir, yaml_path = copy_of(runs, "no_markers")
+    tag_dirs = sorted((run_dir / "checkpoints").glob("step*"))
+    for tag_dir in tag_dirs:
+        (tag_dir / rundir.COMPLETE).unlink()
+    before = (run_dir / "metrics.jsonl").read_text()
+    proc = subprocess.run(cli("pretrain", str(yaml_path)), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no usable checkpoint" in proc.stderr and "`latest` names it or a later step" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing wiped, no step 0 again
+    assert len(tag_dirs) == 2 and all((d.parent / f"{d.name}.damaged" / "mp_rank_00_model_states.pt").is_file()
+                                      for d in tag_dirs)  # every finished save kept
 
 @pytest.mark.slow
 def test_zero1_checkpoint_refuses_another_world_size(runs):
