@@ -567,8 +567,9 @@ def main(cfg: PretrainConfig) -> dict:
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
     manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
-    if _finished(cfg) is not None:  # the cheap way out, before any process group or lock
-        return _finished(cfg)
+    done = _finished(cfg)
+    if done is not None:  # the cheap way out, before any process group or lock
+        return done
     dist = init_distributed(cfg.seed)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
