@@ -78,14 +78,14 @@ def _setup_logging() -> None:
 
 
 def _run_pretrain(args) -> int:
-    from pipeline import pretrain
+    from pipeline import pretrain, rundir
     from pipeline.distributed import shutdown_distributed
 
     result = pretrain.main(pretrain.load(args.config, args.overrides))
     shutdown_distributed()  # a run that ended (even preempted or diverged): every rank got here
-    if result["status"] == "preempted":
+    if result["status"] == rundir.PREEMPTED:
         return pretrain.EXIT_PREEMPTED  # checkpointed: start it again to continue (jobs/pretrain.sbatch requeues)
-    return 0 if result["status"] in ("completed", "diverged") else 1
+    return 0 if result["status"] in rundir.FINISHED else 1
 
 
 def _run_evaluate(args) -> int:

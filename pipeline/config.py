@@ -666,7 +666,12 @@ class PretrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return -(-self.train_tokens // self.tokens_per_step)
+        return steps_for(self.train_tokens, self.tokens_per_step)
+
+
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    """The first step that has seen at least `tokens` tokens: ceil(tokens / tokens_per_step)."""
+    return -(-tokens // tokens_per_step)
 
 
 def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int) -> int:

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from pipeline import rundir
+from pipeline.slurm import RENDEZVOUS
 from pipeline.targets import targets_reached
 from pipeline.utils import free_port
 
-RUN_STAGE = Path(__file__).resolve().parent.parent / "jobs" / "run_stage.sh"
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+RUN_STAGE = JOBS / "run_stage.sh"
 
 
 class ExecutorError(ValueError):
@@ -51,8 +53,9 @@ class Executor(Protocol):
     def preprocess(self, config: Path) -> None:
         """Make the study's data from a preprocess config file."""
 
-    def train(self, jobs: list[RunJob], label: str) -> None:
-        """Train every job that is not finished; return once none is running."""
+    def train(self, jobs: list[RunJob], name: str, label: str) -> None:
+        """Train every job that is not finished; return once none is running. `name` is a word for files and
+        job names (`reference`, `runs`); `label` says what the jobs are to a reader."""
 
     def evaluate(self, run_dirs: list[Path]) -> None:
         """Evaluate the last checkpoint of each run (writes RUN_DIR/eval.json)."""
@@ -61,14 +64,25 @@ class Executor(Protocol):
         """`cbs fit STUDY_DIR --out OUT ARGS`; returns its exit code."""
 
 
-def run_status(path: Path) -> str:
-    """pending | started | completed | diverged | preempted | failed, from a run directory."""
-    result = path / rundir.RESULT
-    if result.is_file():
-        try:
-            return json.loads(result.read_text()).get("status", "failed")
-        except json.JSONDecodeError:
-            return "failed"
+def read_result(path: Path) -> Optional[dict]:
+    """A run directory's result.json; None if there is none yet. One that cannot be read (cut short, edited) is
+    a failed run's: {"status": "failed", "reason": ...}."""
+    try:
+        result = json.loads((path / rundir.RESULT).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"status": "failed", "reason": f"{path / rundir.RESULT} cannot be read ({e})"}
+    return result if isinstance(result, dict) else {"status": "failed", "reason": f"{path / rundir.RESULT} is not "
+                                                                                  f"a mapping"}
+
+
+def run_status(path: Path, result: Optional[dict] = None) -> str:
+    """pending | started | completed | diverged | preempted | failed, from a run directory (or its `result`,
+    already read with read_result)."""
+    result = result if result is not None else read_result(path)
+    if result is not None:
+        return result.get("status", "failed")
     return "started" if (path / rundir.METRICS).exists() else "pending"
 
 
@@ -76,11 +90,9 @@ def unfinished(jobs: list[RunJob]) -> list[RunJob]:
     return [j for j in jobs if run_status(j.run_dir) not in rundir.FINISHED]
 
 
-def result_note(path: Path) -> str:
-    """`, 120 steps, targets 2/2` or `(why it failed; see pretrain.log)`: one line of progress."""
-    try:
-        result = json.loads((path / rundir.RESULT).read_text())
-    except (OSError, ValueError):
+def result_note(path: Path, result: Optional[dict]) -> str:
+    """`, 120 steps, targets 2/2` or `(why it failed; see pretrain.log)`: one line of progress from read_result."""
+    if result is None:
         return f" (no result.json; see {path / 'pretrain.log'})"
     if result.get("status") == "failed":
         return f" ({result.get('reason', '')[:120]}; see {path / 'pretrain.log'})"
@@ -157,7 +169,7 @@ def slot_env(slot: Slot, threads: int, base: Optional[dict] = None) -> dict:
     else:
         env.setdefault("DS_ACCELERATOR", "cpu")
     env["OMP_NUM_THREADS"] = str(threads)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in RENDEZVOUS:  # the study's own, if it runs under a launcher: never its runs'
         env.pop(var, None)
     return env
 
@@ -183,7 +195,7 @@ class LocalExecutor:
 
         preprocess.main(load_config(PreprocessConfig, config, prefix="study.data"))
 
-    def train(self, jobs: list[RunJob], label: str) -> None:
+    def train(self, jobs: list[RunJob], name: str, label: str) -> None:
         todo = unfinished(jobs)
         if not todo:
             return
@@ -247,8 +259,9 @@ class _Pool:
                 done += 1
                 left = len(pending) + len(self.active)
                 eta = sum(durations) / len(durations) * left / max(1, len(self.free) + len(self.active))
-                print(f"  [{done}/{total}] {name}: {run_status(job.run_dir)} in {durations[-1]:.0f} s"
-                      f"{result_note(job.run_dir)}; ETA {eta / 60:.1f} min", flush=True)
+                result = read_result(job.run_dir)
+                print(f"  [{done}/{total}] {name}: {run_status(job.run_dir, result)} in {durations[-1]:.0f} s"
+                      f"{result_note(job.run_dir, result)}; ETA {eta / 60:.1f} min", flush=True)
         print(f"  done in {(time.time() - started) / 60:.1f} min", flush=True)
 
     def _launch(self, job: RunJob) -> None:

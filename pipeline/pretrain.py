@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from pipeline import rundir
-from pipeline.config import ConfigError, PretrainConfig, Resume, to_dict
+from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
 from pipeline.evaluate import sharded_eval_loss
@@ -142,7 +142,7 @@ class Trainer:
 
     def steps_at(self, tokens: list[int]) -> set[int]:
         """The first step that has seen at least each token count (the last step for counts beyond it)."""
-        return {min(-(-t // self.tokens_per_step), self.total_steps) for t in tokens}
+        return {min(steps_for(t, self.tokens_per_step), self.total_steps) for t in tokens}
 
     # ----------------------------------------------------------------------------------------- one step
 

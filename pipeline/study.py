@@ -35,7 +35,7 @@ import yaml
 from pipeline import rundir
 from pipeline.config import (ConfigError, PreprocessConfig, PretrainConfig, StudyConfig, StudyMethod, from_dict,
                              to_dict)
-from pipeline.executors import Executor, ExecutorError, LocalExecutor, RunJob, run_status
+from pipeline.executors import Executor, ExecutorError, LocalExecutor, RunJob, read_result, run_status
 from pipeline.metrics import eval_records
 from pipeline.study_plan import Run, human, plan, plan_table, reference_batch, run_config, run_path
 from pipeline.study_slurm import SlurmExecutor
@@ -89,7 +89,8 @@ def data_dir_of(cfg: StudyConfig, study_dir: Path) -> Path:
 
 
 def preprocess_config(cfg: StudyConfig, study_dir: Path, data_dir: Path, write: bool) -> Optional[Path]:
-    """STUDY_DIR/preprocess.yaml when the data must be made; None when it exists (or is a given directory)."""
+    """STUDY_DIR/preprocess.yaml for a study that makes its data (`run_phases` runs it only if the data is not
+    there yet; a dry run shows it); None when study.data names a preprocessed directory."""
     if isinstance(cfg.data, str):
         if not (data_dir / "manifest.json").is_file():
             raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no manifest.json)")
@@ -212,9 +213,9 @@ def reconcile_finished(runs: list[Run], study_dir: Path) -> None:
     for run in runs:
         path = run_path(study_dir, run.name)
         targets = run.config["targets"]
-        if run_status(path) not in rundir.FINISHED or not targets:
+        result = read_result(path)
+        if run_status(path, result) not in rundir.FINISHED or not targets:
             continue
-        result = json.loads((path / rundir.RESULT).read_text())
         if crossings_match(result, targets):
             continue
         saved = yaml.safe_load((path / rundir.CONFIG).read_text())
@@ -244,13 +245,13 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
         executor.preprocess(pre)
     if not dry_run:
         write_run_inputs(runs, study_dir)
+    refs, rest = [r for r in runs if r.reference], [r for r in runs if not r.reference]
     if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then every branch of them
-        executor.train(jobs_of([r for r in runs if r.reference], study_dir), f"base runs (B = {min(cfg.batch_sizes)})")
-        executor.train(jobs_of([r for r in runs if not r.reference], study_dir), "branches")
+        executor.train(jobs_of(refs, study_dir), "base", f"base runs (B = {min(cfg.batch_sizes)})")
+        executor.train(jobs_of(rest, study_dir), "branches", "branches")
         return executor.fit(study_dir, study_dir / "fit", [])
-    refs = [r for r in runs if r.reference] if b0 is not None else []
-    if refs:
-        executor.train(jobs_of(refs, study_dir), f"reference runs (B0 = {b0})")
+    if refs:  # only a study with a reference batch B0 has them
+        executor.train(jobs_of(refs, study_dir), "reference", f"reference runs (B0 = {b0})")
         if dry_run:
             print("  # ...then, once the reference runs are done, the targets are set and the rest submitted:")
         else:
@@ -259,7 +260,7 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
             print("targets: " + ", ".join(f"{k} {v:.4f}" for k, v in targets.items()), flush=True)
     if not dry_run:
         reconcile_finished(runs, study_dir)
-    executor.train(jobs_of([r for r in runs if r not in refs], study_dir), "runs")
+    executor.train(jobs_of(rest, study_dir), "runs", "runs")
     todo = [run_path(study_dir, r.name) for r in runs]
     if not dry_run:
         todo = [p for p in todo if run_status(p) == "completed" and not (p / rundir.EVAL).exists()]
@@ -311,11 +312,11 @@ def status_table(study_dir: Path) -> str:
     rows, counts = [], {}
     for path in paths:
         cfg = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").exists() else {}
-        status = run_status(path)
+        result = read_result(path)
+        status = run_status(path, result)
         counts[status] = counts.get(status, 0) + 1
         steps = tokens = targets = ""
-        if (path / rundir.RESULT).exists():
-            result = json.loads((path / rundir.RESULT).read_text())
+        if result is not None:
             steps, tokens = str(result.get("steps", "")), human(result.get("tokens") or 0)
             reached, total = targets_reached(result)
             targets = f"{reached}/{total}" if total else "-"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
-                             ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, to_dict)
+                             ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, steps_for, to_dict)
 from pipeline.utils import log
 
 RUNS = "runs"
@@ -216,8 +216,7 @@ def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
 
 def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: float, seed: int, reference: bool,
          top: int) -> Run:
-    label = group[0].model_label
-    name = f"m{label}_d{human(top)}_b{batch}_lr{lr:g}"
+    name = _stem(group[0].model_label, top, batch, lr)
     if cfg.hparams.beta2 and len(cfg.hparams.beta2) > 1:
         name += f"_beta2{beta2:g}"
     if len(cfg.seeds) > 1:
@@ -225,6 +224,11 @@ def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: f
     taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)]
     tokens = top if reference else int(cfg.max_tokens_factor * top)
     return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens)
+
+
+def _stem(model_label: str, tokens: int, batch: int, lr: float) -> str:
+    """The start of a run's name: m<model>_d<tokens>_b<batch>_lr<lr>."""
+    return f"m{model_label}_d{human(tokens)}_b{batch}_lr{lr:g}"
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -275,14 +279,15 @@ def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, da
     taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
     runs = []
     for s in settings:
-        base = Run(f"m{s.model_label}_d{human(s.tokens)}_b{b0}_lr{lr:g}_base", [s], b0, lr, beta2, list(taus), seed,
-                   True, s.tokens)
+        stem = _stem(s.model_label, s.tokens, b0, lr)
+        base = Run(f"{stem}_base", [s], b0, lr, beta2, list(taus), seed, True, s.tokens)
         points = sorted({max(1, int(f * s.tokens)) for f in cfg.branched.at_fractions})
         base.config = run_config(cfg, base, study_dir, data_dir)
         base.config["checkpoint"] = {**base.config.get("checkpoint", {}), "at_tokens": points}
         runs.append(base)
         for tokens in points:
-            runs += [_branch(cfg, base, tokens, batch, study_dir, data_dir) for batch in sorted(cfg.batch_sizes)]
+            runs += [_branch(cfg, base, f"{stem}_t{human(tokens)}_b{batch}", tokens, batch, study_dir, data_dir)
+                     for batch in sorted(cfg.batch_sizes)]
     for r in runs:
         from_dict(PretrainConfig, json.loads(json.dumps(r.config)), f"study run {r.name}")
     check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
@@ -295,21 +300,22 @@ def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, da
     return runs
 
 
-def _branch(cfg: StudyConfig, base: Run, tokens: int, batch: int, study_dir: Path, data_dir: Path) -> Run:
-    """A branch of `base` from its checkpoint after `tokens` tokens, at `batch` sequences."""
+def _branch(cfg: StudyConfig, base: Run, name: str, tokens: int, batch: int, study_dir: Path,
+            data_dir: Path) -> Run:
+    """A branch of `base` (named `name`) from its checkpoint after `tokens` tokens, at `batch` sequences."""
     k = batch / base.batch
     seq_len = base.settings[0].model.seq_len
-    step = -(-tokens // (base.batch * seq_len))  # the checkpoint pretrain saves for checkpoint.at_tokens
+    step = steps_for(tokens, base.batch * seq_len)  # the checkpoint pretrain saves for checkpoint.at_tokens
     delta = cfg.branched.branch_tokens or max(1, base.train_tokens // 10)
     # EWA restarts at the branch; tau^k averages over the same tokens at every batch (k times fewer steps)
     taus = [round(tau ** k, 6) for tau in base.taus]
-    run = Run(f"{base.name[:-len('_base')]}_t{human(tokens)}_b{batch}", base.settings, batch,
+    run = Run(name, base.settings, batch,
               base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta)
     run.branch = {"setting": base.settings[0].name, "base_run": base.name, "base_batch": base.batch,
                   "base_tokens": step * base.batch * seq_len, "base_step": step, "multiplier": k,
                   "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance}
     run.config = run_config(cfg, run, study_dir, data_dir)
-    steps = -(-delta // (batch * seq_len))
+    steps = steps_for(delta, batch * seq_len)
     run.config.update(init_from={"run_dir": base.config["run_dir"], "step": step},
                       schedule={**run.config.get("schedule", {}), "kind": "constant", "warmup_tokens": 0},
                       eval={**run.config.get("eval", {}), "every_steps": steps, "growth": 0, "at_tokens": []})

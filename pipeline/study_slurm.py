@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import slurm
-from pipeline.executors import ExecutorError, RunJob, unfinished
+from pipeline.executors import JOBS, ExecutorError, RunJob, unfinished
 from pipeline.utils import atomic_write_text
-
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
 SCRIPTS = ("preprocess.sbatch", "pretrain.sbatch", "evaluate.sbatch", "fit.sbatch", "run_stage.sh")
 
 
@@ -89,19 +87,18 @@ class SlurmExecutor:
         if state != "COMPLETED":
             raise ExecutorError(f"the preprocess job {job} ended {state}: see {self.logs}")
 
-    def train(self, jobs: list[RunJob], label: str) -> None:
+    def train(self, jobs: list[RunJob], name: str, label: str) -> None:
         todo = jobs if self.dry_run else unfinished(jobs)
         if not todo:
             return
-        label = label.split(" ")[0]  # "reference runs (B0 = 4)" -> "reference"
-        runs_file = self.study_dir / f"{label}.runs"
+        runs_file = self.study_dir / f"{name}.runs"
         lines = "".join(f"{j.config}\n" for j in todo)
         if self.dry_run:
             print(f"  # {runs_file}:\n" + "".join(f"  #   {line}\n" for line in lines.splitlines()))
         else:
             atomic_write_text(runs_file, lines)
-        job = self._submit("pretrain.sbatch", [str(runs_file)], label, gpu=True, array=f"0-{len(todo) - 1}")
-        self._wait(job, label)
+        job = self._submit("pretrain.sbatch", [str(runs_file)], name, gpu=True, array=f"0-{len(todo) - 1}")
+        self._wait(job, name)
 
     def evaluate(self, run_dirs: list[Path]) -> None:
         if run_dirs:
