@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from analysis.branched import BranchedStudy, LocalCbs, cbs_curve
 from analysis.compare import MATCH, Comparison, SweepCbs, compare
-from analysis.noise_scale import NoisePoint, NoiseReader, value_near
+from analysis.noise_scale import value_near
+from analysis.run_metrics import MetricsReader, NoisePoint
 
 
 @dataclass
@@ -33,7 +34,7 @@ class BranchedFit:
 
 def fit_branched(study: BranchedStudy, tolerance: float | None = None, sweep: list[SweepCbs] | None = None,
                  sweep_source: str | None = None) -> BranchedFit:
-    reader = NoiseReader()
+    reader = MetricsReader()
     logged = {name: reader.points(path) for name, path in study.base_runs.items()}
     noise = {name: sorted((p for p in pts if p.usable), key=lambda p: p.tokens) for name, pts in logged.items()}
     points = cbs_curve(study, tolerance)

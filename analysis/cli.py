@@ -26,6 +26,7 @@ from analysis.forecast import (
 from analysis.laws import SYMBOLS
 from analysis.outputs import check_out_dir, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
+from analysis.run_metrics import MetricsReader
 from analysis.steps import StepsTable, TargetKind, load_steps
 from analysis.study_fit import StudyFit, fit_study, study_warnings
 
@@ -110,10 +111,10 @@ def _check_fit_args(args: argparse.Namespace) -> None:
     args.overheads = _overheads(args.overheads)
 
 
-def _throughput(args: argparse.Namespace, table: StepsTable) -> ThroughputModel:
+def _throughput(args: argparse.Namespace, table: StepsTable, reader: MetricsReader) -> ThroughputModel:
     if args.throughput:
         return ThroughputModel(tuple(read_throughput_csv(args.throughput)), str(args.throughput))
-    return ThroughputModel(tuple(study_throughput(table.runs)), "perf/tokens_per_s in the runs' metrics.jsonl")
+    return ThroughputModel(tuple(study_throughput(table.runs, reader)), "perf/tokens_per_s in the runs' metrics.jsonl")
 
 
 def _summary(fit: StudyFit, out: Path, n_files: int, seconds: float) -> list[str]:
@@ -187,9 +188,10 @@ def _fit(argv: list[str]) -> int:
         if value is not None:
             raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")
     table = load_steps(args.input, args.target_kind)
-    throughput = _throughput(args, table)
+    reader = MetricsReader()  # one pass over each run's metrics.jsonl for the throughput and the noise scale
+    throughput = _throughput(args, table, reader)
     fit = fit_study(table, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL, args.overheads,
-                    throughput, args.gpus, args.seq_len)
+                    throughput, args.gpus, args.seq_len, reader)
     files = render_outputs(fit)
     _write(out, files)
     print("\n".join(_summary(fit, out, len(files), time.perf_counter() - start)))

@@ -18,7 +18,6 @@ size N' (a forecast) t is scaled by N / N' (the same model FLOP/s per GPU: 6 N F
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from analysis import InputError, read_csv_lines
-from analysis.steps import RunInfo, as_float
+from analysis.run_metrics import MetricsReader, read_metrics
+from analysis.steps import RunInfo
 
 THROUGHPUT_COLUMNS = ("batch_size", "gpus", "tokens_per_s")
-THROUGHPUT_KEY = "perf/tokens_per_s"
 
 
 @dataclass(frozen=True)
@@ -59,31 +58,19 @@ class ThroughputPoint:
 def run_tokens_per_s(metrics_path: Path) -> float | None:
     """Median of the finite, positive `perf/tokens_per_s` values of one metrics.jsonl; None when there are none.
 
-    A line that does not parse (a crash mid-write) is skipped; values may be the strings "nan", "inf", "-inf".
+    A line that does not parse (a crash mid-write) is skipped; values may be the strings "nan", "inf", "-inf"
+    (analysis/run_metrics.py reads the file).
     """
-    values = []
-    try:
-        with open(metrics_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if THROUGHPUT_KEY not in line:  # most lines are eval events: skip them unparsed
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                v = as_float(record.get(THROUGHPUT_KEY)) if isinstance(record, dict) else None
-                if v is not None and math.isfinite(v) and v > 0:
-                    values.append(v)
-    except OSError:
-        return None
-    return statistics.median(values) if values else None
+    return read_metrics(metrics_path).tokens_per_s
 
 
-def study_throughput(runs: list[RunInfo]) -> list[ThroughputPoint]:
-    """One point per run with a usable metrics.jsonl (a run of unknown world size counts as 1 GPU)."""
+def study_throughput(runs: list[RunInfo], reader: MetricsReader | None = None) -> list[ThroughputPoint]:
+    """One point per run with a usable metrics.jsonl (a run of unknown world size counts as 1 GPU); `reader`
+    shares each run's one pass over metrics.jsonl with the noise scale (analysis/study_fit.py)."""
+    reader = reader or MetricsReader()
     points = []
     for run in runs:
-        value = run_tokens_per_s(run.path / "metrics.jsonl")
+        value = reader.tokens_per_s(run.path)
         if value is None:
             continue
         for n in run.model_params or (None,):

@@ -21,39 +21,16 @@ under-estimates the critical batch when the Hessian is ill-conditioned.
 
 from __future__ import annotations
 
-import json
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.steps import RunInfo, StepsTable, as_float
+from analysis.run_metrics import MetricsReader, NoisePoint, read_metrics
+from analysis.steps import RunInfo, StepsTable
 
-NOISE_KEY = "train/noise_scale"
-GRAD_SQ_SMALL_KEY = "train/grad_sq_small"
-GRAD_SQ_BIG_KEY = "train/grad_sq_big"
-BATCHES_KEY = "train/noise_scale_batches"
 NEAR = 0.25
 """A run's value counts for a budget D only if it was logged within this relative distance of D tokens: B_simple
 grows along training, so a value from much earlier (a run stopped at its target) would describe another point."""
-
-
-@dataclass(frozen=True)
-class NoisePoint:
-    """One logged B_simple."""
-
-    step: int
-    tokens: int
-    b_simple: float
-    """Sequences; NaN/inf as logged."""
-    grad_sq_small: float | None = None
-    grad_sq_big: float | None = None
-    batches: tuple[float, float] | None = None
-    """(B_small, B_big) in sequences."""
-
-    @property
-    def usable(self) -> bool:
-        return math.isfinite(self.b_simple) and self.b_simple > 0
 
 
 @dataclass(frozen=True)
@@ -72,40 +49,9 @@ class BSimple:
 def read_noise_scale(metrics_path: Path) -> list[NoisePoint]:
     """Every logged B_simple of one metrics.jsonl, in file order; [] when the file is missing or has none.
 
-    A line that does not parse (a crash mid-write) is skipped, like the throughput reader does.
+    A line that does not parse (a crash mid-write) is skipped (analysis/run_metrics.py reads the file).
     """
-    points = []
-    try:
-        with open(metrics_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if NOISE_KEY not in line:  # most lines are eval or plain train events: skip them unparsed
-                    continue
-                point = _parse(line)
-                if point is not None:
-                    points.append(point)
-    except OSError:
-        return []
-    return points
-
-
-def _parse(line: str) -> NoisePoint | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    value, step, tokens = as_float(record.get(NOISE_KEY)), as_float(record.get("step")), \
-        as_float(record.get("tokens"))
-    if value is None or step is None or tokens is None or not (math.isfinite(step) and math.isfinite(tokens)):
-        return None
-    batches = record.get(BATCHES_KEY)
-    pair = None
-    if isinstance(batches, list) and len(batches) == 2:
-        b = [as_float(x) for x in batches]
-        pair = (b[0], b[1]) if None not in b else None
-    return NoisePoint(int(step), int(tokens), value, as_float(record.get(GRAD_SQ_SMALL_KEY)),
-                      as_float(record.get(GRAD_SQ_BIG_KEY)), pair)
+    return read_metrics(metrics_path).noise
 
 
 def value_near(points: list[NoisePoint], tokens: float, near: float = NEAR) -> NoisePoint | None:
@@ -114,19 +60,7 @@ def value_near(points: list[NoisePoint], tokens: float, near: float = NEAR) -> N
     return min(usable, key=lambda p: (abs(p.tokens - tokens), p.step)) if usable else None
 
 
-class NoiseReader:
-    """Reads each run's metrics.jsonl once (a run of a sweep serves several settings)."""
-
-    def __init__(self):
-        self._cache: dict[Path, list[NoisePoint]] = {}
-
-    def points(self, run_path: Path) -> list[NoisePoint]:
-        if run_path not in self._cache:
-            self._cache[run_path] = read_noise_scale(run_path / "metrics.jsonl")
-        return self._cache[run_path]
-
-
-def _median_near(runs: list[RunInfo], tokens: float, reader: NoiseReader, source: str) -> BSimple | None:
+def _median_near(runs: list[RunInfo], tokens: float, reader: MetricsReader, source: str) -> BSimple | None:
     found = [p for p in (value_near(reader.points(r.path), tokens) for r in runs) if p is not None]
     if not found:
         return None
@@ -134,9 +68,9 @@ def _median_near(runs: list[RunInfo], tokens: float, reader: NoiseReader, source
                    statistics.median(p.tokens for p in found))
 
 
-def sweep_b_simple(table: StepsTable, reader: NoiseReader | None = None) -> dict[str, BSimple]:
+def sweep_b_simple(table: StepsTable, reader: MetricsReader | None = None) -> dict[str, BSimple]:
     """Setting name -> B_simple at its budget D (module docstring); settings without one are absent."""
-    reader = reader or NoiseReader()
+    reader = reader or MetricsReader()
     out = {}
     for s in table.settings():
         refs = [r for r in table.runs if r.reference and s.name in r.settings]

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from analysis.cost import ThroughputModel, TimeToTarget, time_rows
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL, CbsEstimate, fit_settings
 from analysis.laws import SYMBOLS, LawSet, fit_laws
-from analysis.noise_scale import BSimple, NoiseReader, sweep_b_simple
+from analysis.noise_scale import BSimple, sweep_b_simple
+from analysis.run_metrics import MetricsReader
 from analysis.steps import StepsTable
 
 EXPONENT_GAP = 0.05
@@ -45,8 +46,11 @@ class StudyFit:
 def fit_study(table: StepsTable, overhead: float = 0.2, reference_batch: float | None = None,
               n_resamples: int = 1000, seed: int = 0, level: float = LEVEL, overheads=None,
               throughput: ThroughputModel | None = None, gpu_budget: int | None = None,
-              seq_len: int | None = None) -> StudyFit:
-    """Every setting's S(B) fit and CBS, the laws over the settings that could be fitted, time and cost."""
+              seq_len: int | None = None, metrics: MetricsReader | None = None) -> StudyFit:
+    """Every setting's S(B) fit and CBS, the laws over the settings that could be fitted, time and cost.
+
+    `metrics`: the reader that gave the throughput, so that each run's metrics.jsonl is read once.
+    """
     overheads = tuple(sorted(set(DEGRADATION_OVERHEADS if overheads is None else overheads) | {overhead}))
     estimates = fit_settings(table.points_of, table.settings(), overhead, reference_batch, n_resamples, seed,
                              level, overheads)
@@ -56,7 +60,7 @@ def fit_study(table: StepsTable, overhead: float = 0.2, reference_batch: float |
                    seq_len=seq_len or table.seq_len)
     _add_times(fit, gpu_budget)
     if table.input_kind == "study":
-        reader = NoiseReader()
+        reader = metrics or MetricsReader()
         fit.b_simple = sweep_b_simple(table, reader)
         fit.noise_logged = bool(fit.b_simple) or any(reader.points(r.path) for r in table.runs)
     return fit

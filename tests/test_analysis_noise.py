@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis import run_metrics
 from analysis.cli import fit_main
 from analysis.noise_scale import read_noise_scale, value_near
 from pipeline.metrics import Tracker
@@ -110,6 +111,15 @@ def test_reading_skips_nan_inf_and_a_line_cut_short(tmp_path):
     inf_run = read_noise_scale(tmp_path / "runs" / "m85M_b256" / "metrics.jsonl")
     assert inf_run and all(math.isinf(p.b_simple) for p in inf_run) and value_near(inf_run, 1000 * tps) is None
     assert read_noise_scale(tmp_path / "missing.jsonl") == []
+
+
+def test_fit_reads_each_metrics_file_once(tmp_path, monkeypatch):
+    """`cbs fit` takes a run's throughput and noise scale from one pass over its metrics.jsonl."""
+    study = make_sweep(tmp_path / "study")
+    calls, read = [], run_metrics.read_metrics
+    monkeypatch.setattr(run_metrics, "read_metrics", lambda path: calls.append(path) or read(path))
+    assert fit_main([str(study), "--out", str(tmp_path / "fit"), "--bootstrap", "0"]) == 0
+    assert sorted(calls) == sorted(run / "metrics.jsonl" for run in (study / "runs").iterdir())
 
 
 @pytest.fixture(scope="module")
