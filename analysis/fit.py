@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
@@ -194,6 +194,9 @@ class HyperbolaFit:
     """Lower bounds S(B) > cap in the likelihood."""
     sigma: float = math.nan
     """The residual scale of log S the censored likelihood used (NaN without censored points)."""
+    censoring: Censoring | None = field(default=None, compare=False, repr=False)
+    """The lower bounds and scale of the censored likelihood (None without censored points); the bootstrap
+    refits with the same."""
 
     @property
     def a(self) -> float:
@@ -229,7 +232,8 @@ def fit_hyperbola(batch, steps, censored_batch=(), caps=()) -> HyperbolaFit:
     f = plain if censoring is None else fit_log_hyperbola(batch, y[None, :], censoring)
     return HyperbolaFit(s_min=float(np.exp(f.log_s_min[0])), b_noise=float(np.exp(f.log_b_noise[0])),
                         rss=float(((y - f.fitted[0]) ** 2).sum()), n_points=len(batch), bound=int(f.bound[0]),
-                        n_censored=len(caps), sigma=censoring.sigma if censoring else math.nan)
+                        n_censored=len(caps), sigma=censoring.sigma if censoring else math.nan,
+                        censoring=censoring)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,9 +443,8 @@ def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float
     cbs = float(critical_batch_size(fit.b_noise, b0, overhead))
     base.update(s_min=fit.s_min, b_noise=fit.b_noise, cbs=cbs, note=_fit_note(fit, cbs, float(batch.max())))
     if n_resamples > 0:
-        censoring = None if not bounds else Censoring(np.array([p.batch_size for p in bounds], float), np.log(
-            [p.censored_at_steps for p in bounds]), fit.sigma)
-        ci = bootstrap_hyperbola(batch, steps, fit, n_resamples, setting_rng(seed, setting.name), level, censoring)
+        ci = bootstrap_hyperbola(batch, steps, fit, n_resamples, setting_rng(seed, setting.name), level,
+                                 fit.censoring)
         cbs_ci = tuple(float(critical_batch_size(v, b0, overhead)) for v in ci.b_noise)  # affine in B_noise
         base.update(s_min_ci=ci.s_min, b_noise_ci=ci.b_noise, cbs_ci=cbs_ci)
     return CbsEstimate(**base, degradation=degradation_range(fit.b_noise, base.get("b_noise_ci", NAN2), b0,
