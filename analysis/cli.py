@@ -23,7 +23,6 @@ from analysis.forecast import (
     DEFAULT_SEQ_LEN, also_lines, batch_plan, choose_law, describe, describe_plan, describe_time_plan, forecast_cbs,
     load_scaling, time_plan,
 )
-from analysis.laws import SYMBOLS
 from analysis.outputs import check_out_dir, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
 from analysis.run_metrics import MetricsReader
@@ -132,9 +131,7 @@ def _summary(fit: StudyFit, out: Path, n_files: int, seconds: float) -> list[str
         for law in family.values():
             if not law.identifiable:
                 continue
-            exps = " * ".join(f"{SYMBOLS[v]}^{a:.3f}" for v, a in zip(law.variables, law.params[1:]))
-            lines.append(f"  law: {name} = {law.coefficient:.4g} * {exps} (R^2 {law.r2:.3f}, {law.n_points} "
-                         "settings)")
+            lines.append(f"  law: {name} = {law.fitted_formula()} (R^2 {law.r2:.3f}, {law.n_points} settings)")
     warnings = study_warnings(fit)
     if warnings:
         lines.append(f"  {len(warnings)} warning(s): see report.md")

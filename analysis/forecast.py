@@ -182,12 +182,8 @@ def describe(f: Forecast, law: PowerLaw) -> str:
     if f.extrapolated:
         ranges = ", ".join(f"{SYMBOLS[v]} [{lo:.3g}, {hi:.3g}]" for v, (lo, hi) in zip(law.variables, law.x_ranges))
         where = f"; extrapolated beyond the fitted {ranges}"
-    if len(law.variables) == 1:
-        shape = f"{law.coefficient:.4g} * {law.symbol}^{law.exponent:.3f}"
-    else:
-        shape = f"{law.coefficient:.4g} * " + " * ".join(
-            f"{SYMBOLS[v]}^{a:.3f}" for v, a in zip(law.variables, law.params[1:]))
-    return f"CBS({_at(law, f.x)}) = {_fmt(f.cbs)} sequences, {interval}; law CBS = {shape} (n={law.n_points}){where}"
+    return (f"CBS({_at(law, f.x)}) = {_fmt(f.cbs)} sequences, {interval}; law CBS = {law.fitted_formula()} "
+            f"(n={law.n_points}){where}")
 
 
 def also_lines(sf: ScalingFile, choice: Choice, tokens: float, model_params: float | None) -> list[str]:

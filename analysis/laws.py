@@ -127,6 +127,11 @@ class PowerLaw:
                          for j, v in enumerate(self.variables))
         return f"{y} = c {terms}"
 
+    def fitted_formula(self) -> str:
+        """The right-hand side with its numbers: '0.0192 * D^0.452', '0.0189 * D^0.451 * N^0.002' (joint)."""
+        exps = " * ".join(f"{SYMBOLS[v]}^{a:.3f}" for v, a in zip(self.variables, self.params[1:]))
+        return f"{self.coefficient:.4g} * {exps}"
+
     def predict(self, x, prediction: bool = True, level: float | None = None):
         """(point, low, high) of Y at x (a value or array; a tuple of them for the joint law, in `variables`
         order); `prediction=False` gives the confidence band of the mean line."""
