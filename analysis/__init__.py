@@ -27,6 +27,7 @@ scipy, statsmodels, matplotlib and pyyaml.
 """
 
 import csv
+import math
 
 
 class InputError(ValueError):
@@ -46,6 +47,11 @@ def read_csv_lines(path, what: str, not_found: str = "no such file") -> list[lis
         raise InputError(f"{what}: {not_found}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{what}: cannot read as CSV: {e}") from None
+
+
+def csv_float(text: str | None) -> float:
+    """A CSV cell as a float; NaN when it is empty or missing."""
+    return float(text) if text else math.nan
 
 
 def csv_dicts(lines: list[list[str]]) -> list[dict]:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import InputError, csv_dicts, read_csv_lines
+from analysis import InputError, csv_dicts, csv_float, read_csv_lines
 from analysis.branched import LocalCbs
 
 MATCH = 0.1
@@ -65,14 +65,10 @@ def read_sweep_cbs(path: str | Path) -> tuple[list[SweepCbs], str]:
             continue  # a setting the sweep could not fit: nothing to compare
         try:
             out.append(SweepCbs(row["setting"], int(float(row["model_params"])), int(float(row["tokens"])),
-                                float(row["cbs"]), _float(row["cbs_low"]), _float(row["cbs_high"])))
+                                float(row["cbs"]), csv_float(row["cbs_low"]), csv_float(row["cbs_high"])))
         except ValueError as e:
             raise InputError(f"--compare {csv_path}, line {i}: {e}; rewrite it with `cbs fit`") from None
     return out, str(csv_path)
-
-
-def _float(text: str) -> float:
-    return float(text) if text else math.nan
 
 
 def compare(points: list[LocalCbs], sweep: list[SweepCbs], match: float = MATCH) -> list[Comparison]:

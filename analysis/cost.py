@@ -211,6 +211,11 @@ def hours_to_target(steps: float, batch: int, seq_len: int, tokens_per_s: float)
     return steps * batch * seq_len / tokens_per_s / 3600.0
 
 
+def hours_text(h: float) -> str:
+    """A duration in hours for a report line: '12.5 min' below an hour, else '3.2 h'."""
+    return f"{h * 60:.3g} min" if h < 1 else f"{h:.3g} h"
+
+
 def gpu_counts(budget: int, batch: int | None = None, extra=()) -> list[int]:
     """GPU counts to tabulate: powers of two up to the budget, the budget and `extra` (<= budget); at a given
     batch, those that give every GPU a whole number (>= 1) of sequences."""

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis import InputError
-from analysis.cost import ThroughputModel, ThroughputPoint, TimeToTarget, fastest, plan_rows, time_rows
+from analysis.cost import (
+    ThroughputModel, ThroughputPoint, TimeToTarget, fastest, hours_text, plan_rows, time_rows,
+)
 from analysis.laws import SYMBOLS, PowerLaw, law_from_json
 
 DEFAULT_SEQ_LEN = 512  # the paper's context length (Zhang et al. 2025, sec. 2)
@@ -293,17 +295,13 @@ def describe_time_plan(tp: TimePlan | str, micro_batch: int) -> list[str]:
     f = tp.fastest
     lines = [f"fastest to the target with <= {tp.budget} GPU(s): "
              f"global batch {f.batch_size} on {f.gpus} GPU(s) (micro-batch {micro_batch} x accumulation "
-             f"{f.batch_size // (f.gpus * micro_batch)}): {f.steps:,.0f} steps, {_hours(f.hours)} wall-clock, "
+             f"{f.batch_size // (f.gpus * micro_batch)}): {f.steps:,.0f} steps, {hours_text(f.hours)} wall-clock, "
              f"{f.gpu_hours:,.3g} GPU-hours (S(B) = {tp.s_min:.4g} (1 + {tp.b_noise:.4g}/B); throughput "
              f"{'measured' if f.measured else 'modelled'}: {f.tokens_per_s:,.0f} tokens/s)"]
     if tp.at_cbs_plan is not None:
         c = tp.at_cbs_plan
-        lines.append(f"the batch plan (global batch {c.batch_size}): {c.steps:,.0f} steps, {_hours(c.hours)} "
+        lines.append(f"the batch plan (global batch {c.batch_size}): {c.steps:,.0f} steps, {hours_text(c.hours)} "
                      f"wall-clock, {c.gpu_hours:,.3g} GPU-hours")
     return lines
-
-
-def _hours(h: float) -> str:
-    return f"{h * 60:.3g} min" if h < 1 else f"{h:.3g} h"
 
 

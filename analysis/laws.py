@@ -312,13 +312,13 @@ def fit_laws(estimates: list[CbsEstimate], level: float = LEVEL) -> LawSet:
 # scaling.json entries
 
 
-def _num(v) -> float | None:
+def json_num(v) -> float | None:
     """JSON has no NaN/inf: write null."""
     return float(v) if v is not None and math.isfinite(v) else None
 
 
 def _nums(values) -> list:
-    return [_num(v) for v in values]
+    return [json_num(v) for v in values]
 
 
 def law_to_json(law: PowerLaw) -> dict:
@@ -330,18 +330,18 @@ def law_to_json(law: PowerLaw) -> dict:
     common = {
         "response": law.response, "formula": law.formula(), "weighted": law.weighted,
         "identifiable": law.identifiable, "reason": law.reason or None,
-        "coefficient": _num(law.coefficient), "coefficient_ci": _nums(law.coefficient_ci),
-        "log_coefficient": _num(law.log_coefficient), "level": law.level, "r2": _num(law.r2),
-        "n_points": law.n_points, "df_resid": law.df_resid, "residual_variance": _num(law.residual_variance),
+        "coefficient": json_num(law.coefficient), "coefficient_ci": _nums(law.coefficient_ci),
+        "log_coefficient": json_num(law.log_coefficient), "level": law.level, "r2": json_num(law.r2),
+        "n_points": law.n_points, "df_resid": law.df_resid, "residual_variance": json_num(law.residual_variance),
         "settings": list(law.settings),
     }
     if len(law.variables) == 1:
-        return {"variable": law.variable, "symbol": law.symbol, **common, "exponent": _num(law.exponent),
+        return {"variable": law.variable, "symbol": law.symbol, **common, "exponent": json_num(law.exponent),
                 "exponent_ci": _nums(law.exponent_ci), "cov_log_coefficient_exponent": [_nums(r) for r in law.cov],
                 "x_range": _nums(law.x_range), "pooled_over_other_variable": law.pooled}
     keys = [JOINT_KEYS.get(v, v) for v in law.variables]
     return {"variables": keys, "symbols": {k: SYMBOLS[v] for k, v in zip(keys, law.variables)}, **common,
-            "exponents": {k: _num(a) for k, a in zip(keys, law.params[1:])},
+            "exponents": {k: json_num(a) for k, a in zip(keys, law.params[1:])},
             "exponents_ci": {k: _nums(law.param_ci(j + 1)) for j, k in enumerate(keys)},
             "cov": [_nums(r) for r in law.cov], "x_ranges": {k: _nums(r) for k, r in zip(keys, law.x_ranges)}}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from analysis import InputError
 from analysis.cost import fastest
 from analysis.figures import render_figures
-from analysis.laws import law_to_json
+from analysis.laws import json_num, law_to_json
 from analysis.report import report_md
 
 from analysis.study_fit import StudyFit, study_warnings
@@ -122,8 +122,8 @@ def scaling_json(fit: StudyFit) -> bytes:
         "laws_b_noise": {k: law_to_json(v) for k, v in laws.b_noise.items()},
         "laws_s_min": {k: law_to_json(v) for k, v in laws.s_min.items()},
         "collinearity": None if coll is None else {
-            "r2_log_tokens_on_log_params": _num(coll.r2), "slope": _num(coll.slope),
-            "tokens_per_param": _num(coll.ratio), "collinear": coll.collinear},
+            "r2_log_tokens_on_log_params": json_num(coll.r2), "slope": json_num(coll.slope),
+            "tokens_per_param": json_num(coll.ratio), "collinear": coll.collinear},
         "excluded_settings": [{"setting": s, "why": w} for s, w in laws.excluded],
         "unweighted_settings": [{"setting": s, "why": w} for s, w in laws.unweighted],
         "warnings": study_warnings(fit),
@@ -132,10 +132,6 @@ def scaling_json(fit: StudyFit) -> bytes:
              "tokens_per_s": p.tokens_per_s} for p in fit.throughput.points]},
     }
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-
-
-def _num(v) -> float | None:
-    return float(v) if v is not None and math.isfinite(v) else None
 
 
 def render_outputs(fit: StudyFit) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import InputError, csv_dicts, read_csv_lines
+from analysis import InputError, csv_dicts, csv_float, read_csv_lines
 
 CURVE_COLUMNS = ("setting", "tokens", "cbs", "cbs_low", "cbs_high")
 _EPS = 1e-9  # log2 of a CBS exactly on the ladder (16 / 4 = 2^2) must not floor to the rung below
@@ -100,7 +100,7 @@ def read_curve(path: str | Path, setting: str | None) -> tuple[CbsCurve, str, in
         if row["setting"] != setting:
             continue
         try:
-            t, c = float(row["tokens"]), float(row["cbs"]) if row["cbs"] else math.nan
+            t, c = float(row["tokens"]), csv_float(row["cbs"])
         except ValueError as e:
             raise InputError(f"--curve {path}, line {i}: {e}; rewrite it with `cbs fit`") from None
         if not (math.isfinite(t) and t > 0):

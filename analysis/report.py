@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from analysis.cost import cheapest, fastest
+from analysis.cost import cheapest, fastest, hours_text
 from analysis.figures import figure_names, has_b_simple_figure, law_figure_variables
 from analysis.laws import JOINT, SYMBOLS, PowerLaw
 from analysis.noise_scale import NEAR
@@ -232,9 +232,9 @@ def _time_lines(fit: StudyFit) -> list[str]:
         if best is None:
             rows.append([s.name, "no throughput for this model", "", ""])
             continue
-        rows.append([s.name, f"B={best.batch_size} on {best.gpus} GPU(s): {_hours(best.hours)}, "
+        rows.append([s.name, f"B={best.batch_size} on {best.gpus} GPU(s): {hours_text(best.hours)}, "
                              f"{fmt(best.gpu_hours)} GPU-h", f"B={low.batch_size} on {low.gpus} GPU(s): "
-                             f"{_hours(low.hours)}, {fmt(low.gpu_hours)} GPU-h",
+                             f"{hours_text(low.hours)}, {fmt(low.gpu_hours)} GPU-h",
                      next((fmt(e.cbs) for e in fit.estimates if e.setting.name == s.name and e.fitted), "")])
     return lines + [*md_table(["setting", f"fastest with <= {fit.gpu_budget} GPU(s)", "fewest GPU-hours",
                                 "CBS"], rows), ""]
@@ -268,10 +268,6 @@ def _noise_lines(fit: StudyFit) -> list[str]:
         "to the setting's budget D (else the median over every run of the model), beside the fitted B_noise and "
         "CBS (cbs.csv `b_simple`, `b_simple_source`).", "", NOISE_CAVEAT, "",
         *md_table(["setting", "D", "B_simple", "read from", "B_noise", "CBS", "B_simple / B_noise"], rows), ""]
-
-
-def _hours(h: float) -> str:
-    return f"{h * 60:.3g} min" if h < 1 else f"{h:.3g} h"
 
 
 def _meaning(fit: StudyFit) -> list[str]:
