@@ -28,7 +28,7 @@ from pathlib import Path
 
 from analysis import InputError
 from analysis.steps import (
-    FINISHED_STATUSES, UNFINISHED_STATUSES, Setting, TargetKind, as_float, positive_int, read_json,
+    UNFINISHED_STATUSES, Setting, TargetKind, as_float, check_status, positive_int, read_json,
     read_yaml, seq_len_of, study_method,
 )
 
@@ -230,13 +230,10 @@ def _branch(run: Path, path: Path, config: dict, setting: Setting) -> Branch:
     result_path = run / "result.json"
     if result_path.is_file():
         result = read_json(result_path)
-        status = result.get("status")
-        if status in UNFINISHED_STATUSES:
+        if result.get("status") in UNFINISHED_STATUSES:
             status = UNFINISHED
-        elif status not in FINISHED_STATUSES:
-            raise InputError(f"{result_path}: status must be one of "
-                             f"{', '.join(FINISHED_STATUSES + UNFINISHED_STATUSES)}: got {status!r}")
         else:
+            status = check_status(result, result_path)
             raw, ewa = _final_losses(result, result_path)
     return Branch(run.name, setting.name, str(b.get("base_run") or ""),
                   positive_int(b.get("base_batch"), f"{key}.base_batch"),

@@ -442,14 +442,21 @@ def _world_size(config: dict) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _run_observations(run: Path, batch: int, result: dict, run_settings: list[Setting],
-                      kind: TargetKind) -> list[_Observation]:
-    """One observation per setting the run serves (see the module docstring for what each status means)."""
-    where = run / "result.json"
+def check_status(result: dict, where: Path) -> str:
+    """result.json's status, one of FINISHED_STATUSES; InputError naming every known status otherwise (callers
+    set the unfinished ones apart first)."""
     status = result.get("status")
     if status not in FINISHED_STATUSES:
         raise InputError(f"{where}: status must be one of {', '.join(FINISHED_STATUSES + UNFINISHED_STATUSES)}: "
                          f"got {status!r}")
+    return status
+
+
+def _run_observations(run: Path, batch: int, result: dict, run_settings: list[Setting],
+                      kind: TargetKind) -> list[_Observation]:
+    """One observation per setting the run serves (see the module docstring for what each status means)."""
+    where = run / "result.json"
+    status = check_status(result, where)
     targets = result.get("targets") or []
     if not isinstance(targets, list):
         raise InputError(f"{where}: targets must be a list")
