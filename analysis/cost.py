@@ -230,12 +230,20 @@ def time_rows(name: str, n: int | None, steps_at: dict[int, float], model: Throu
     measured = model.gpu_counts_measured()
     for batch, steps in sorted(steps_at.items()):
         for g in gpu_counts(budget, batch, measured):
-            tps, exact = model.tokens_per_s(n, batch, g)
-            if not (math.isfinite(tps) and tps > 0):
-                continue
-            hours = hours_to_target(steps, batch, seq_len, tps)
-            rows.append(TimeToTarget(name, batch, g, steps, steps * batch * seq_len, tps, hours, g * hours, exact))
+            row = time_row(name, n, batch, steps, g, model, seq_len)
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def time_row(name: str, n: int | None, batch: int, steps: float, gpus: int, model: ThroughputModel,
+             seq_len: int) -> TimeToTarget | None:
+    """The row of one (batch, GPU count); None without a finite, positive throughput there."""
+    tps, exact = model.tokens_per_s(n, batch, gpus)
+    if not (math.isfinite(tps) and tps > 0):
+        return None
+    hours = hours_to_target(steps, batch, seq_len, tps)
+    return TimeToTarget(name, batch, gpus, steps, steps * batch * seq_len, tps, hours, gpus * hours, exact)
 
 
 def fastest(rows: list[TimeToTarget]) -> TimeToTarget | None:

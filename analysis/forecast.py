@@ -19,7 +19,7 @@ from pathlib import Path
 
 from analysis import InputError
 from analysis.cost import (
-    ThroughputModel, ThroughputPoint, TimeToTarget, fastest, hours_text, plan_rows, time_rows,
+    ThroughputModel, ThroughputPoint, TimeToTarget, fastest, hours_text, plan_rows, time_row,
 )
 from analysis.laws import SYMBOLS, PowerLaw, law_from_json
 
@@ -283,10 +283,9 @@ def time_plan(sf: ScalingFile, choice: Choice, model_params: float | None, throu
     rows = plan_rows("forecast", s_min, b_noise, n, throughput, plan.seq_len, plan.gpus, plan.micro_batch_seqs, top)
     if not rows:
         return "no time plan: no batch fits the GPU budget"
-    b = plan.global_batch_seqs
-    at_plan = [r for r in time_rows("forecast", n, {b: s_min * (1 + b_noise / b)}, throughput, plan.seq_len,
-                                    plan.gpus) if r.gpus == plan.gpus]
-    return TimePlan(fastest(rows), at_plan[0] if at_plan else None, s_min, b_noise, plan.gpus)
+    b = plan.global_batch_seqs  # a multiple of plan.gpus (batch_plan): every GPU has whole sequences
+    at_plan = time_row("forecast", n, b, s_min * (1 + b_noise / b), plan.gpus, throughput, plan.seq_len)
+    return TimePlan(fastest(rows), at_plan, s_min, b_noise, plan.gpus)
 
 
 def describe_time_plan(tp: TimePlan | str, micro_batch: int) -> list[str]:
