@@ -209,11 +209,16 @@ def render_figures(table: StepsTable, estimates: list[CbsEstimate], cbs_laws: di
     files["figures/steps_normalized.png"] = figure_normalized(table)
     for v in law_figure_variables(cbs_laws):
         files[f"figures/cbs_vs_{v}.png"] = figure_law(cbs_laws[v], noise_laws.get(v), estimates)
-    if any(e.fitted and e.degradation for e in estimates):
+    if has_degradation_figure(estimates):
         files["figures/degradation.png"] = figure_degradation(estimates)
     if has_b_simple_figure(estimates, b_simple):
         files["figures/b_simple.png"] = figure_b_simple(estimates, b_simple)
     return files
+
+
+def has_degradation_figure(estimates: list[CbsEstimate]) -> bool:
+    """Whether figures/degradation.png is drawn: some fitted setting has a degradation range."""
+    return any(e.fitted and e.degradation for e in estimates)
 
 
 def has_b_simple_figure(estimates: list[CbsEstimate], b_simple: dict[str, BSimple] | None) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from analysis.cost import cheapest, fastest, hours_text
-from analysis.figures import figure_names, has_b_simple_figure, law_figure_variables
+from analysis.figures import figure_names, has_b_simple_figure, has_degradation_figure, law_figure_variables
 from analysis.laws import JOINT, SYMBOLS, PowerLaw
 from analysis.noise_scale import NEAR
 from analysis.steps import StepsTable
@@ -297,7 +297,7 @@ def _figure_lines(fit: StudyFit) -> list[str]:
     paths = figure_names(fit.table)
     lines = ["## Figures", "", "![normalised steps](figures/steps_normalized.png)", ""]
     lines += [f"![CBS vs {SYMBOLS[v]}](figures/cbs_vs_{v}.png)" for v in law_figure_variables(fit.laws.cbs)]
-    if any(e.fitted and e.degradation for e in fit.estimates):
+    if has_degradation_figure(fit.estimates):
         lines.append("![degradation range](figures/degradation.png)")
     if has_b_simple_figure(fit.estimates, fit.b_simple):
         lines.append("![B_simple vs the fit](figures/b_simple.png)")
