@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--parallel", type=int, default=None,
                    help="local: runs trained at once (default: 1 on a CPU machine, visible GPUs / --gpus-per-run on a "
-                        "GPU machine)")
+                        "GPU machine; with --gpus-per-run 1, more runs than GPUs share them round-robin: faster for "
+                        "small models, whose step leaves a GPU mostly idle)")
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="local: GPUs of each run (CUDA_VISIBLE_DEVICES is split among parallel runs; > 1: torchrun)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (and sbatch scripts) without running")

@@ -126,7 +126,8 @@ def visible_gpus(env: Optional[dict] = None) -> list[str]:
 
 def device_slots(parallel: Optional[int], gpus_per_run: int, gpus: list[str]) -> list[Slot]:
     """Partition the GPUs among parallel runs: slot i gets gpus[i K : (i + 1) K]. Without GPUs: `parallel`
-    CPU slots (default 1). With GPUs, `parallel` defaults to, and may not exceed, len(gpus) // K."""
+    CPU slots (default 1). With GPUs, `parallel` defaults to len(gpus) // K; it may exceed that only for K = 1,
+    where runs then share GPUs round-robin (slot i on gpus[i mod len(gpus)])."""
     if gpus_per_run < 1:
         raise ExecutorError(f"--gpus-per-run must be >= 1: got {gpus_per_run}")
     if parallel is not None and parallel < 1:
@@ -140,6 +141,11 @@ def device_slots(parallel: Optional[int], gpus_per_run: int, gpus: list[str]) ->
     if fits < 1:
         raise ExecutorError(f"--gpus-per-run {gpus_per_run} but only {len(gpus)} GPU(s) are visible "
                             f"({','.join(gpus)}): use --gpus-per-run {len(gpus)} or less")
+    if gpus_per_run == 1 and parallel is not None and parallel > fits:
+        # more one-GPU runs than GPUs: they share, round-robin. A small model leaves most of a GPU idle (its step
+        # is host-bound), so several runs on one GPU finish a study sooner; a big one would run out of memory,
+        # which is why this happens only when asked for
+        return [Slot(i, (gpus[i % len(gpus)],)) for i in range(parallel)]
     if parallel is not None and parallel > fits:
         raise ExecutorError(f"--parallel {parallel} x --gpus-per-run {gpus_per_run} needs {parallel * gpus_per_run} "
                             f"GPUs, {len(gpus)} are visible ({','.join(gpus)}): use --parallel {fits} or less")

@@ -26,6 +26,12 @@ def test_gpus_are_partitioned_among_parallel_runs():
     assert sorted(every) == EIGHT and len(set(every)) == 8  # no GPU shared, none idle
 
 
+def test_more_one_gpu_runs_than_gpus_share_them_round_robin():
+    assert [s.gpus for s in device_slots(4, 1, ["0"])] == [("0",)] * 4  # a small study on one GPU
+    assert [s.gpus for s in device_slots(5, 1, ["2", "3"])] == [("2",), ("3",), ("2",), ("3",), ("2",)]
+    assert len({s.index for s in device_slots(5, 1, ["2", "3"])}) == 5  # each run its own slot
+
+
 def test_cpu_machines_get_cpu_slots():
     assert device_slots(None, 1, []) == [Slot(0)]
     assert device_slots(2, 1, []) == [Slot(0), Slot(1)]
