@@ -49,7 +49,9 @@ def init_distributed(seed: int) -> Dist:
                               MASTER_PORT=str(free_port()))
         os.environ.update(own_rendezvous)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        # DS_ACCELERATOR=cpu on a GPU machine means the CPU (as on the CPU-only machines): a CUDA device with
+        # DeepSpeed's CPU accelerator would mix devices and fail at the first collective
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
