@@ -38,6 +38,13 @@ class Dist:
         return self.device.type == "cuda"
 
 
+def uses_cuda() -> bool:
+    """Whether this process trains on a GPU: CUDA is there and DeepSpeed's CPU accelerator is not forced
+    (DS_ACCELERATOR=cpu means the CPU on a GPU machine too: a CUDA device with the CPU accelerator would mix
+    devices and fail at the first collective)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+
+
 def init_distributed(seed: int) -> Dist:
     """Initialise (once) the process group, megatron-core's model-parallel state (TP = PP = 1) and its RNG."""
     import deepspeed
@@ -49,9 +56,7 @@ def init_distributed(seed: int) -> Dist:
                               MASTER_PORT=str(free_port()))
         os.environ.update(own_rendezvous)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
-        # DS_ACCELERATOR=cpu on a GPU machine means the CPU (as on the CPU-only machines): a CUDA device with
-        # DeepSpeed's CPU accelerator would mix devices and fail at the first collective
+    if uses_cuda():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -32,7 +32,7 @@ import yaml
 from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
-from pipeline.distributed import Dist, deepspeed_config, init_distributed
+from pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
 from pipeline.evaluate import sharded_eval_loss
 from pipeline.metrics import Tracker, eval_records
 from pipeline.model import build_model, flops_per_token, forward_loss, param_counts
@@ -565,7 +565,7 @@ def main(cfg: PretrainConfig) -> dict:
     """Train one run; returns result.json's content. A diverged run returns status `diverged` and a signalled
     one `preempted` (no exception)."""
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
-    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
+    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), uses_cuda())
     manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
     done = _finished(cfg)
     if done is not None:  # the cheap way out, before any process group or lock
