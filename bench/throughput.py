@@ -1,20 +1,27 @@
 """Training throughput of our pretrain step against a plain-PyTorch GPT of the same shape, in one process run.
 
-    .venv/bin/python bench/throughput.py                          # CPU: tiny and cpu-small
+    .venv/bin/python bench/throughput.py                          # CPU: tiny and cpu-small, ours vs plain
     .venv/bin/python bench/throughput.py --shapes host --accum 4  # CPU, one thread: per-step host overhead
-    .venv/bin/python bench/throughput.py --shapes host --compile-ours  # ours as `pretrain.compile: true` runs it
-    python bench/throughput.py --shapes gpt2-small 151M --compile # GPU: the GPT-2-small and 151M shapes (bf16)
+    .venv/bin/python bench/throughput.py --shapes host --contenders ours-compile plain   # `compile: true` on CPU
+    python bench/throughput.py --shapes gpt2-small 151M           # GPU: ours eager and compiled beside compiled
+                                                                  # plain PyTorch (the default contenders there)
 
-"ours" is the step `cbs pretrain` runs: megatron-core GPTModel (SDPA core attention) inside a DeepSpeed engine
-(ZeRO-1 from ds_configs/zero1.json, bf16 on GPU, fp32 on CPU), micro-batch x accumulation, forward_loss.
-"plain" is a compact PyTorch GPT with the same layers, widths, RoPE/QK-norm/bias/tying and vocabulary:
-SDPA attention, AdamW (fused on GPU, foreach on CPU), optional torch.compile (`--compile`; `--compile-ours`
-compiles our model inside the engine, as `pretrain.compile: true` does). Both train on the same random tokens.
-Prints tokens/s, wall and CPU ms per step, MFU (GPU; peak FLOP/s by device name), peak memory and ours/plain.
+"ours" is the step `cbs pretrain` runs, timed as it runs there: a real `pipeline.pretrain.Trainer` (megatron-core
+GPTModel with SDPA core attention inside a DeepSpeed engine, ZeRO-1 from ds_configs/zero1.json, bf16 on GPU,
+fp32 on CPU, EWA) built on a real run directory, and its own `train_step()`: the batch read from the data
+directory's shards, micro-batch x accumulation, the EWA update. The shards hold random token ids (bench_data.py:
+a real data directory, without a tokenizer to train), so the vocabulary can be the GPT-2-sized one of the shape.
+`ours-compile` is the same with `pretrain.compile: true`. Not timed: the hooks of the loop (log, eval,
+checkpoint, and the noise-scale's gradient hooks on logged steps), which run every `log.every_steps` steps.
+"plain" is a compact PyTorch GPT with the same layers, widths, RoPE/QK-norm/bias/tying and vocabulary: SDPA
+attention, AdamW (fused on GPU, foreach on CPU), on random tokens already on the device; `plain-compile` is it
+under torch.compile. Prints tokens/s, wall and host CPU ms per step, on a GPU the device's busy ms per step
+(kernel time from the profiler: busy / wall near 1 means the GPU never waits for the host), MFU (peak FLOP/s by
+device name), peak memory, and each contender against the last one given (on GPU: compiled plain PyTorch).
 Asserts nothing.
 
-The two steps are timed interleaved (ours, plain, ours, plain, ...; `--repeats` rounds of `--steps` steps each)
-and the medians compared, so that load from other processes on a shared machine falls on both alike.
+The steps are timed interleaved (ours, plain, ours, plain, ...; `--repeats` rounds of `--steps` steps each) and
+the medians compared, so that load from other processes on a shared machine falls on all alike.
 
 `host` is a shape with almost no arithmetic (12 layers, d 64, seq 32, micro-batch 1, vocab 512) run on one CPU
 thread: its step time is what the framework costs per step on the host (Python, dispatch, DeepSpeed's per-step
@@ -26,8 +33,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -35,6 +45,8 @@ import torch.nn.functional as F
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data beside this file
+from bench_data import random_token_data  # noqa: E402
 from pipeline.config import ModelConfig, PretrainConfig, from_dict  # noqa: E402
 from pipeline.model import flops_per_token, padded_vocab  # noqa: E402
 
@@ -122,38 +134,46 @@ def timed(step, steps: int, device: torch.device) -> tuple[float, float]:
     return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
 
-def ours(m: ModelConfig, vocab: int, micro: int, accum: int, batch: torch.Tensor, dist, args):
-    import deepspeed
+def device_busy_s(step, steps: int = 3) -> float | None:
+    """GPU kernel time per step (s): the sum of the kernels' own device times over `steps` profiled steps. Against
+    the wall time per step it says how host-bound a step is (busy / wall near 1: the GPU never waits for the
+    host). None where the profiler cannot read the device (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    from pipeline.distributed import deepspeed_config
-    from pipeline.model import build_model, forward_loss
-    from pipeline.optim import make_optimizer
-
-    cfg = from_dict(PretrainConfig, {"data_dir": "-", "run_dir": "-", "model": {k: v for k, v in vars(m).items()},
-                                     "global_batch_seqs": micro * accum, "micro_batch_seqs": micro,
-                                     "train_tokens": 1, "deepspeed_config": args.deepspeed_config},
-                    "pretrain")
-    model = build_model(cfg.model, vocab, device=dist.device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg.optimizer),
-                                      config=deepspeed_config(cfg, 1, dist.cuda))
-    if args.compile_ours:
-        engine.compile()  # what Trainer does with pretrain.compile: true
-
-    def step():
-        for chunk in batch.split(micro):
-            loss, _ = forward_loss(engine, chunk)
-            engine.backward(loss)
-            engine.step()
-
-    return step
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    except Exception as e:  # a bench that measured the rest should still print it
+        print(f"  (device time not measured: {type(e).__name__}: {e})")
+        return None
+    return total_us / 1e6 / steps if total_us else None
 
 
-def plain(m: ModelConfig, vocab: int, micro: int, batch: torch.Tensor, dist, args):
+def ours(m: ModelConfig, vocab: int, micro: int, accum: int, data_dir: Path, dist, args, compile_: bool):
+    """The Trainer's own train_step on a run directory under `data_dir` (nothing is written there until a
+    checkpoint, which the bench never reaches)."""
+    from pipeline.pretrain import Trainer
+
+    steps_needed = (args.warmup + args.repeats * args.steps + 1) * 2
+    cfg = from_dict(PretrainConfig, {
+        "data_dir": str(data_dir), "run_dir": str(data_dir.parent / f"run-{'compiled' if compile_ else 'eager'}"),
+        "model": dict(vars(m)), "global_batch_seqs": micro * accum, "micro_batch_seqs": micro,
+        "train_tokens": steps_needed * micro * accum * m.seq_len, "deepspeed_config": args.deepspeed_config,
+        "compile": compile_, "eval": {"eval_tokens": m.seq_len}}, "pretrain")
+    trainer = Trainer(cfg, dist)
+    return trainer.train_step
+
+
+def plain(m: ModelConfig, vocab: int, micro: int, batch: torch.Tensor, dist, compile_: bool):
     model = PlainGPT(m, padded_vocab(vocab)).to(dist.device)
     if dist.cuda:
         model = model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dist.cuda, foreach=not dist.cuda)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model) if compile_ else model
 
     def step():
         for chunk in batch.split(micro):
@@ -175,18 +195,70 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB rss"
 
 
+CONTENDERS = {"ours": "ours (Trainer.train_step)", "ours-compile": "ours + compile (Trainer, compile: true)",
+              "plain": "plain PyTorch", "plain-compile": "plain PyTorch + torch.compile"}
+
+
+def contender_steps(names: list[str], m: ModelConfig, vocab: int, micro: int, data_dir: Path, dist, args) -> dict:
+    batch = torch.randint(0, vocab, (micro * args.accum, m.seq_len + 1), device=dist.device)
+    steps = {}
+    for name in names:
+        if name.startswith("ours"):
+            steps[name] = ours(m, vocab, micro, args.accum, data_dir, dist, args, name == "ours-compile")
+        else:
+            steps[name] = plain(m, vocab, micro, batch, dist, name == "plain-compile")
+    return steps
+
+
+def time_interleaved(steps_by_name: dict, args, device: torch.device) -> tuple[dict, dict, dict]:
+    """Median wall and host CPU seconds per step of each contender over `repeats` interleaved rounds, and (GPU)
+    the device's busy seconds per step."""
+    for step in steps_by_name.values():  # warm-up: compile, allocator, DeepSpeed buckets
+        for _ in range(args.warmup):
+            step()
+    wall, cpu = {n: [] for n in steps_by_name}, {n: [] for n in steps_by_name}
+    for _ in range(args.repeats):
+        for name, step in steps_by_name.items():
+            w, c = timed(step, args.steps, device)
+            wall[name].append(w)
+            cpu[name].append(c)
+    busy = {n: device_busy_s(step) for n, step in steps_by_name.items()} if device.type == "cuda" else {}
+    return ({n: statistics.median(v) for n, v in wall.items()}, {n: statistics.median(v) for n, v in cpu.items()},
+            busy)
+
+
+def report_shape(shape: str, m: ModelConfig, micro: int, vocab: int, wall_s: dict, cpu_s: dict, busy_s: dict,
+                 peak, dist, args) -> None:
+    tokens = micro * args.accum * m.seq_len
+    fpt = flops_per_token(m, vocab)
+    for name in wall_s:
+        tps = tokens / wall_s[name]
+        mfu = f"{tps * fpt / peak:6.1%}" if peak else "   n/a"
+        busy = f"  device busy {busy_s[name] * 1e3:8.2f} ms" if busy_s.get(name) else ""
+        print(f"  {shape:10s} {CONTENDERS[name]:40s} {tps:12,.0f} tok/s  {wall_s[name] * 1e3:8.2f} ms/step  "
+              f"(host CPU {cpu_s[name] * 1e3:8.2f} ms{busy})  MFU {mfu}", flush=True)
+    print(f"  {shape:10s} peak memory {peak_memory(dist.device)} (all contenders)")
+    anchor = list(wall_s)[-1]
+    for name in list(wall_s)[:-1]:
+        # tokens/s ratio (> 1: this one faster), then step-time ratios (> 1: slower), wall and host CPU
+        print(f"  {shape:10s} {name} / {anchor} = {wall_s[anchor] / wall_s[name]:.2f}x tok/s, step time "
+              f"{wall_s[name] / wall_s[anchor]:.2f}x (host CPU time {cpu_s[name] / cpu_s[anchor]:.2f}x)")
+    print(f"  {shape:10s} (L{m.layers} d{m.hidden} seq {m.seq_len}, micro {micro} x accum {args.accum}, vocab "
+          f"{vocab}, {torch.get_num_threads()} threads, median of {args.repeats} x {args.steps} steps)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES))
+    ap.add_argument("--contenders", nargs="+", default=None, choices=list(CONTENDERS),
+                    help="steps to time, the last one the anchor of the ratios (default: ours plain on CPU; "
+                         "ours ours-compile plain-compile on GPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20 on CPU, 30 on GPU)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of timed steps (medians reported)")
     ap.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
     ap.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (global = micro x accum)")
     ap.add_argument("--micro", type=int, default=None, help="override the shape's micro-batch")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the plain model (GPU anchor row)")
-    ap.add_argument("--compile-ours", action="store_true",
-                    help="torch.compile our model inside the engine (pretrain.compile: true)")
     ap.add_argument("--deepspeed-config", default="zero1.json")
     args = ap.parse_args()
     from pipeline.distributed import init_distributed
@@ -194,54 +266,31 @@ def main() -> None:
 
     dist = init_distributed(1234)
     shapes = args.shapes or (["gpt2-small", "151M"] if dist.cuda else ["tiny", "cpu-small"])
-    steps = args.steps or (30 if dist.cuda else 20)
+    names = args.contenders or (["ours", "ours-compile", "plain-compile"] if dist.cuda else ["ours", "plain"])
+    args.steps = args.steps or (30 if dist.cuda else 20)
     peak = peak_flops(dist)
     device_name = torch.cuda.get_device_name(dist.device) if dist.cuda else "CPU"
     print(f"device: {device_name}; torch {torch.__version__}; {'bf16' if dist.cuda else 'fp32'}; "
-          f"{args.repeats} x {steps} timed steps after {args.warmup} warm-up")
+          f"{args.repeats} x {args.steps} timed steps after {args.warmup} warm-up", flush=True)
     default_threads = torch.get_num_threads()
-    for name in shapes:
-        model_fields, micro, vocab, threads = SHAPES[name]
-        torch.set_num_threads(threads if threads and not dist.cuda else default_threads)
-        micro = args.micro or micro
-        fields = ModelConfig.expand(model_fields, "model")
-        if args.layers:
-            fields = {**fields, "layers": args.layers}
-        m = from_dict(ModelConfig, fields, "model")
-        batch = torch.randint(0, vocab, (micro * args.accum, m.seq_len + 1), device=dist.device)
-        tokens = micro * args.accum * m.seq_len
-        fpt = flops_per_token(m, vocab)
-        labels = (f"ours (megatron-core + DeepSpeed){' + compile' if args.compile_ours else ''}",
-                  f"plain PyTorch{' + compile' if args.compile else ''}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            steps_by_label = {labels[0]: ours(m, vocab, micro, args.accum, batch, dist, args),
-                              labels[1]: plain(m, vocab, micro, batch, dist, args)}
-            for step in steps_by_label.values():  # warm-up: compile, allocator, DeepSpeed buckets
-                for _ in range(args.warmup):
-                    step()
-            wall, cpu = {label: [] for label in labels}, {label: [] for label in labels}
-            for _ in range(args.repeats):
-                for label, step in steps_by_label.items():
-                    w, c = timed(step, steps, dist.device)
-                    wall[label].append(w)
-                    cpu[label].append(c)
-        wall_s = {label: statistics.median(v) for label, v in wall.items()}
-        cpu_s = {label: statistics.median(v) for label, v in cpu.items()}
-        for label in labels:
-            tps = tokens / wall_s[label]
-            mfu = f"{tps * fpt / peak:6.1%}" if peak else "   n/a"
-            print(f"  {name:10s} {label:44s} {tps:12,.0f} tok/s  {wall_s[label] * 1e3:8.2f} ms/step  "
-                  f"(CPU {cpu_s[label] * 1e3:8.2f} ms)  MFU {mfu}")
-        print(f"  {name:10s} peak memory {peak_memory(dist.device)} (both)")
-        (ours_w, plain_w), (ours_c, plain_c) = wall_s.values(), cpu_s.values()
-        # tokens/s ratio (> 1: ours faster), then step-time ratios (> 1: ours slower; the host target is stated in
-        # the step time), wall and CPU
-        print(f"  {name:10s} ours / plain = {plain_w / ours_w:.2f}x tok/s, step time ours / plain = "
-              f"{ours_w / plain_w:.2f}x (CPU time {ours_c / plain_c:.2f}x)   (L{m.layers} d{m.hidden} seq {m.seq_len}, "
-              f"micro {micro} x accum {args.accum}, vocab {vocab}, {torch.get_num_threads()} threads, median of "
-              f"{args.repeats} x {steps} steps)")
-        del steps_by_label
+    with tempfile.TemporaryDirectory(prefix="cbs-bench-") as tmp:
+        for shape in shapes:
+            model_fields, micro, vocab, threads = SHAPES[shape]
+            torch.set_num_threads(threads if threads and not dist.cuda else default_threads)
+            micro = args.micro or micro
+            fields = ModelConfig.expand(model_fields, "model")
+            if args.layers:
+                fields = {**fields, "layers": args.layers}
+            m = from_dict(ModelConfig, fields, "model")
+            data_dir = random_token_data(Path(tmp) / shape / "data", vocab, m.seq_len, micro * args.accum)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                steps_by_name = contender_steps(names, m, vocab, micro, data_dir, dist, args)
+                wall_s, cpu_s, busy_s = time_interleaved(steps_by_name, args, dist.device)
+            report_shape(shape, m, micro, vocab, wall_s, cpu_s, busy_s, peak, dist, args)
+            del steps_by_name
+            if dist.cuda:
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
