@@ -8,7 +8,7 @@ ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
 endif
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml scripts/setup_env.sh
@@ -29,6 +29,12 @@ bench: $(STAMP)
 	$(PY) bench/preprocess_throughput.py --repeat 2
 	$(PY) bench/throughput.py
 	$(PY) bench/fit_bench.py
+
+# All the GPU work in one command (scripts/gpu_check.sh; README "Running on GPUs"): installs what the machine lacks
+# from .whl/ (scripts/gpu_wheels.sh), the GPU tests, a small study, the throughput bench; figures in $OUT.
+# No venv is made: the GPU machine's own Python (PYTHON=...) with its torch, or .venv where one exists.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out *.egg-info
