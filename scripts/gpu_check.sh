@@ -80,9 +80,10 @@ setup() {
     echo "no $WHEEL_DIR and no deepspeed here: run scripts/gpu_wheels.sh on a machine that reaches PyPI" >&2
     return 2
   fi
-  if [ -d "$WHEEL_DIR" ]; then
+  if [ -d "$WHEEL_DIR" ]; then  # reported, not fatal: what decides is whether the imports below work
     "$PYTHON" scripts/wheel_check.py "$WHEEL_DIR" --optional datasets \
-      --python-version "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+      --python-version "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+      || echo "WARNING: requirements unmet (above); going on while deepspeed and megatron-core import"
   fi
   "$PYTHON" - <<'PY'
 import importlib.metadata as m, platform, torch
