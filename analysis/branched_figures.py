@@ -29,9 +29,9 @@ def figure_cbs_curve(fit: BranchedFit) -> bytes:
         if bounds:
             ax.plot([p.tokens for p in bounds], [p.cbs_low for p in bounds], "^", mfc="none", color=color,
                     label=f"{name}: incomplete (lower bound)")
-        noise = fit.noise.get(name, [])
+        noise = fit.b_simple_along(name)
         if noise:
-            ax.plot([p.tokens for p in noise], [p.b_simple for p in noise], "--", color=color, alpha=0.7,
+            ax.plot([t for t, _ in noise], [v for _, v in noise], "--", color=color, alpha=0.7,
                     label=f"{name}: B_simple of the base run")
     pairs = {(c.sweep.setting, c.sweep.tokens, c.sweep.cbs, c.sweep.cbs_low, c.sweep.cbs_high)
              for c in fit.comparison}

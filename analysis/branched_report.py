@@ -26,7 +26,7 @@ def cbs_curve_csv(fit: BranchedFit) -> bytes:
     for p in fit.points:
         noise = fit.b_simple_at(p)
         rows.append([p.setting.name, p.tokens, p.cbs, p.cbs_low, p.cbs_high, p.setting.model_params, p.base_batch,
-                     p.tolerance, p.complete, len(p.verdicts), noise and noise.b_simple, fit.study.seq_len, p.note])
+                     p.tolerance, p.complete, len(p.verdicts), noise and noise.value, fit.study.seq_len, p.note])
     return csv_bytes(CURVE_COLUMNS, rows)
 
 
@@ -93,7 +93,7 @@ def _curve_lines(fit: BranchedFit) -> list[str]:
     for p in fit.points:
         noise = fit.b_simple_at(p)
         rows.append([p.setting.name, f"{p.tokens:,}", _cbs_cell(p), _interval(p),
-                     fmt(noise.b_simple) if noise else "", p.note])
+                     fmt(noise.value) if noise else "", p.note])
     lines = ["## CBS(t)", "", *md_table(["setting", "t (tokens)", "CBS(t)", "interval", "B_simple (base run)",
                                           "note"], rows), ""]
     for name in fit.study.settings:
@@ -125,9 +125,9 @@ def _noise_lines(fit: BranchedFit) -> list[str]:
     lines = ["## Gradient noise scale along training", ""]
     if not fit.noise_logged:
         return lines + [NO_NOISE.replace("every run here", "every base run here"), ""]
-    return lines + ["B_simple of each base run (its logged `train/noise_scale`, EMA-smoothed) is drawn along t on "
-                    f"figures/cbs_curve.png; the CBS(t) table gives the value logged closest to each t (within "
-                    f"{NEAR:.0%}).", "", NOISE_CAVEAT, ""]
+    return lines + ["B_simple of each base run is drawn along t on figures/cbs_curve.png, and the CBS(t) table gives "
+                    "it at each t: the ratio of the summed per-step estimates of tr(Sigma) and |G|^2 over the readings "
+                    f"within {NEAR:.0%} of t (docs/method.md, \"Gradient noise scale\").", "", NOISE_CAVEAT, ""]
 
 
 def _compare_lines(fit: BranchedFit) -> list[str]:

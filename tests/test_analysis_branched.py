@@ -84,11 +84,24 @@ OUTCOMES = {
 LOG_EVERY = 5
 
 
+def b_simple_true(step: int) -> float:
+    """The base run's B_simple at a log step: rising."""
+    return 2.0 + step * 4 * SEQ_LEN / 4000
+
+
 def b_simple_logged(step: int) -> float | str:
-    """What the base run logs as train/noise_scale: NaN until the EMAs settle, one inf, then a rising value."""
+    """What the base run logs as train/noise_scale: NaN until the EMAs settle, one inf, then the true value."""
     if step <= 10:
         return "nan"
-    return "inf" if step == 125 else 2.0 + step * 4 * SEQ_LEN / 4000
+    return "inf" if step == 125 else b_simple_true(step)
+
+
+def b_simple_window(tokens: int) -> float:
+    """What cbs fit reads at t: the readings within 25% of t have |G|^2 = 1 each (below), so their ratio of sums
+    is the mean of their true values, the NaN- and inf-logged ones included."""
+    tps = 4 * SEQ_LEN
+    steps = [s for s in range(LOG_EVERY, TOKENS // tps + 1, LOG_EVERY) if abs(s * tps - tokens) <= 0.25 * tokens]
+    return sum(map(b_simple_true, steps)) / len(steps)
 
 
 def study_config(**branched) -> StudyConfig:
@@ -129,8 +142,10 @@ def make_branched_study(root: Path, outcomes=OUTCOMES, ewa: dict | None = None, 
     tracker = Tracker(path, tensorboard=False)
     tps = base.batch * SEQ_LEN
     for step in range(LOG_EVERY, TOKENS // tps + 1, LOG_EVERY):
+        v = b_simple_true(step)  # |G|^2 = 1, tr(Sigma) = v at batches 2 and 4
         tracker.log({"train/loss": 3.0, "train/noise_scale": float(b_simple_logged(step)),
-                     "train/grad_sq_small": 0.5, "train/grad_sq_big": 0.25, "train/noise_scale_batches": [2, 4]},
+                     "train/grad_sq_small": 1 + v / 2, "train/grad_sq_big": 1 + v / 4,
+                     "train/noise_scale_batches": [2, 4]},
                     step, step * tps)
     tracker.close()
     (path / "result.json").write_text(json.dumps(_result("completed", TOKENS // tps, TOKENS, {"eval/loss": 3.0})))
@@ -176,12 +191,9 @@ def test_fit_recognises_a_branched_study_and_writes_cbs_t(branched_fit, capsys):
 def test_b_simple_of_the_base_run_is_read_at_each_branch_point(branched_fit):
     _, out = branched_fit
     rows = {int(r["tokens"]): r for r in read_csv(out / "cbs_curve.csv")}
-    tps = 4 * SEQ_LEN
-    # closest logged step to t = 8064 tokens (63 steps of 128) is 65; at t = 16000 (step 125) it is inf, so 120 or
-    # 130 (equally close: the earlier step wins)
-    assert float(rows[8064]["b_simple"]) == pytest.approx(2.0 + 65 * tps / 4000)
-    assert float(rows[16000]["b_simple"]) == pytest.approx(2.0 + 120 * tps / 4000)
-    assert float(rows[64000]["b_simple"]) == pytest.approx(2.0 + 500 * tps / 4000)
+    # the readings within 25% of t (at t = 16000 tokens, step 125, one logged inf: kept)
+    for t in (8064, 16000, 64000):
+        assert float(rows[t]["b_simple"]) == pytest.approx(b_simple_window(t))
 
 
 def test_branched_report_and_figures(branched_fit):
