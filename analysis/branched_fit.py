@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from analysis.branched import BranchedStudy, LocalCbs, cbs_curve
+from analysis.branch_rules import eval_noise
+from analysis.branched import BranchedStudy, LocalCbs, RuleChoice, cbs_curve
 from analysis.compare import MATCH, Comparison, SweepCbs, compare
 from analysis.noise_scale import BSimple, b_simple_along, b_simple_near
 from analysis.run_metrics import MetricsReader, NoisePoint
@@ -36,11 +37,27 @@ class BranchedFit:
         return b_simple_along(self.noise.get(name, []))
 
 
-def fit_branched(study: BranchedStudy, tolerance: float | None = None, sweep: list[SweepCbs] | None = None,
+def base_eval_noise(study: BranchedStudy, reader: MetricsReader) -> dict[str, float]:
+    """Setting name -> sigma from its base run's eval curve of the loss kind compared (branch_rules.eval_noise):
+    raw `eval/loss`, the min over the EWA decays, or the lower of the two ('best')."""
+    out = {}
+    for name, path in study.base_runs.items():
+        steps, losses = [], []
+        for step, raw, ewa in reader.evals(path):
+            candidates = {"raw": [raw], "ewa": [ewa], "best": [raw, ewa]}[study.loss_kind]
+            finite = [v for v in candidates if v is not None]
+            if finite:
+                steps.append(step)
+                losses.append(min(finite))
+        out[name] = eval_noise(steps, losses)
+    return out
+
+
+def fit_branched(study: BranchedStudy, choice: RuleChoice = RuleChoice(), sweep: list[SweepCbs] | None = None,
                  sweep_source: str | None = None) -> BranchedFit:
     reader = MetricsReader()
     logged = {name: reader.points(path) for name, path in study.base_runs.items()}
-    points = cbs_curve(study, tolerance)
+    points = cbs_curve(study, choice, base_eval_noise(study, reader))
     return BranchedFit(study, points, logged, any(logged.values()), sweep or [], sweep_source,
                        compare(points, sweep or []))
 
