@@ -63,12 +63,6 @@ class Rule:
         noise = self.noise if math.isfinite(self.noise) else 0.0
         return (best_smaller + self.threshold + Z * math.sqrt(2) * noise * best_smaller) * (1 + TIE)
 
-    def describe(self) -> str:
-        if self.kind == "relative":
-            return f"relative, tolerance {self.threshold:g}"
-        extra = f" + {Z:g} sqrt(2) x {self.noise:.2%} eval noise" if self.noise > 0 else ""
-        return f"absolute, epsilon {self.threshold:g} nats{extra}"
-
 
 Outcome = tuple[int, "float | None", str]
 """(batch, final loss or None, status) of one branch."""

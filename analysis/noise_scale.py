@@ -21,13 +21,13 @@ and cbs fit estimates B_simple over a window of readings as the ratio of sums
 (McCandlish et al., A.1: average numerator and denominator separately, then divide). It does not read the logged
 ratio: an EMA of g_k over ~10 readings is often <= 0 when B_simple is much larger than B_big (low-rank noise),
 pretrain then logs NaN, and a median of the remaining ratios keeps the small ones and drops the large ones
-(biased low: 0.5-0.9x the truth in tests/test_analysis_noise.py's simulation). The share of the window's logged
-values that are not finite and positive is reported beside the estimate (`unusable`), as a measure of how noisy
-the readings are. A window whose sum_k g_k <= 0 has no resolved B_simple (it is larger than these batches can
-measure).
+(0.56-0.75x the truth in tests/test_analysis_noise.py's simulation, where the ratio of sums gives 0.95-1.02x).
+The share of the window's logged values that are not finite and positive is reported beside the estimate
+(`unusable`), as a measure of how noisy the readings are. A window whose sum_k g_k <= 0 has no resolved
+B_simple (it is larger than these batches can measure).
 
 For a sweep study, a setting's B_simple pools the readings of its reference runs (study.reference) within NEAR of
-its budget D tokens; when they have none there, those of every run of the setting's model (which may have stopped
+its budget D tokens; when they have none there (or their sums resolve none), those of every run of the setting's model (which may have stopped
 at the target, hence the window). B_simple is a cheap predictor, reported beside the measured B_noise and CBS,
 never instead: McCandlish et al. show it under-estimates the critical batch when the Hessian is ill-conditioned.
 """
