@@ -10,10 +10,11 @@ scipy, statsmodels, matplotlib and pyyaml.
                   degradation range, per-setting diagnostics
     laws.py       laws over settings: CBS, B_noise, S_min in D, N, C = 6ND and (D, N) jointly; weighted CBS laws
     cost.py       throughput (metrics.jsonl or a CSV) -> wall-clock and GPU-hours to target
-    run_metrics.py  one pass over a run's metrics.jsonl: throughput and gradient noise scale
-    noise_scale.py  the gradient noise scale B_simple logged in metrics.jsonl, per setting or along a run
+    run_metrics.py  one pass over a run's metrics.jsonl: throughput, gradient noise scale and eval curve
+    noise_scale.py  the gradient noise scale B_simple from metrics.jsonl's readings, per setting or along a run
     study_fit.py  all of the above for one study, and its warnings
     branched.py   a branched study (study.method: branched) -> local CBS(t) per branch point
+    branch_rules.py  the local-CBS rules (absolute: Merrill et al.; relative) and the CBS interval under eval noise
     compare.py    a sweep fit's cbs.csv beside CBS(t) at matching D
     branched_fit.py  CBS(t), B_simple along t and the comparison for one branched study, and its warnings
     figures.py    PNG figures

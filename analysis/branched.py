@@ -1,10 +1,9 @@
 """Branched local CBS (Merrill et al. 2025, arXiv 2505.23971; docs/method.md, "Branched local CBS"): from
 checkpoints of one base run at batch B taken after t tokens, short branches at batches b_1 < b_2 < ... train the
 same number of tokens; the local CBS at t is the largest batch that loses nothing measurable against the smaller
-ones.
-
-    b_1 passes;  b_j passes  iff  b_{j-1} passed  and  L(b_j) <= (1 + tolerance) min_{i<j} L(b_i);
-    CBS(t) = the largest passing batch,  interval [CBS(t), first failing batch)  (upper end inf when all pass).
+ones, by the rule the study chose (analysis/branch_rules.py): `absolute` (Merrill et al.'s, the default: the
+largest batch within epsilon nats, plus an allowance for eval noise, of every smaller batch) or `relative` (a
+chain: each batch within (1 + tolerance) of the best smaller one, up to the first that is not).
 
 L(b) is a branch's final eval loss (result.json `final`): the raw weights' `eval/loss`, or the min over its EWA
 decays when every branch recorded them (`--target-kind`). What each branch says:
@@ -17,7 +16,7 @@ decays when every branch recorded them (`--target-kind`). What each branch says:
 Reads a study directory (`runs/<run>/config.yaml`, or `run.yaml` for a branch that has not started, and
 `result.json`), whose runs carry `study.method: branched`: base runs `study.reference: true` with `study.base`,
 branch runs `study.branch: {setting, base_run, base_batch, base_tokens, base_step, multiplier, lr_scale,
-tolerance}`.
+tolerance, rule, epsilon_nats}` (a branch without `rule` was planned under the relative rule).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis import InputError
+from analysis.branch_rules import RULES, UNFINISHED, Rule, judge, noise_interval
 from analysis.steps import (
     UNFINISHED_STATUSES, Setting, TargetKind, as_float, check_status, positive_int, read_json,
     read_yaml, seq_len_of, study_method,
@@ -34,7 +34,7 @@ from analysis.steps import (
 
 RAW_LOSS_KEY = "eval/loss"
 EWA_LOSS_PREFIX = "eval/loss_ewa/"
-UNFINISHED = "unfinished"
+DEFAULT_EPSILON_NATS = 0.01
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Branch:
     raw_loss: float | None = None
     ewa_loss: float | None = None
     """Min over the EWA decays of the final eval loss; None when the branch recorded none."""
+    rule: str = "relative"
+    epsilon_nats: float = DEFAULT_EPSILON_NATS
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class BranchVerdict:
     status: str
     verdict: str
     """'pass', 'fail' (loss above the tolerance), 'diverged' / 'failed' (the run did: fails its batch),
-    'unfinished' (the chain stops here: the point is incomplete) or 'not needed' (after the chain ended)."""
+    'unfinished' (the point is incomplete), 'pending' (waits on an unfinished smaller branch) or 'not needed'
+    (after the search ended)."""
     run: str = ""
 
 
@@ -80,6 +83,7 @@ class LocalCbs:
     """t, tokens the base run had seen."""
     base_batch: int
     tolerance: float
+    """The rule's threshold: epsilon in nats (absolute) or the relative tolerance."""
     verdicts: tuple[BranchVerdict, ...]
     cbs: float
     """The largest passing batch; NaN when incomplete or when no batch passes."""
@@ -89,6 +93,12 @@ class LocalCbs:
     """The first failing batch; inf when every batch passes; NaN when incomplete."""
     complete: bool
     note: str = ""
+    rule: str = "relative"
+    eval_noise: float = math.nan
+    """sigma, the relative s.d. of a branch's eval loss used (estimated or given; NaN: unknown)."""
+    noise_low: float = math.nan
+    noise_high: float = math.nan
+    """The 95% interval of the CBS under eval noise (branch_rules.noise_interval); NaN without sigma."""
 
     @property
     def missing(self) -> list[str]:
@@ -97,31 +107,11 @@ class LocalCbs:
 
 def local_cbs(outcomes: list[tuple[int, float | None, str]], tolerance: float) -> tuple[list[str], float, float,
                                                                                         float, bool]:
-    """Judge (batch, loss, status) outcomes of one branch point (module docstring, exact definition).
+    """The relative rule on (batch, loss, status) outcomes of one branch point (branch_rules.judge).
 
-    Returns (verdict per outcome in batch order, cbs, cbs_low, cbs_high, complete). `loss` None or non-finite
-    with status completed counts as a failure, like a diverged run.
+    Returns (verdict per outcome in batch order, cbs, cbs_low, cbs_high, complete).
     """
-    outcomes = sorted(outcomes, key=lambda o: o[0])
-    verdicts, best, passed, high, state = [], math.inf, math.nan, math.nan, "open"
-    for j, (batch, loss, status) in enumerate(outcomes):
-        if state != "open":
-            verdicts.append("not needed")
-        elif status == UNFINISHED or status in UNFINISHED_STATUSES:
-            verdicts.append("unfinished")
-            state = "incomplete"
-        elif loss is None or not math.isfinite(loss) or status != "completed":
-            verdicts.append(status if status in ("diverged", "failed") else "diverged")
-            high, state = float(batch), "closed"
-        elif j == 0 or loss <= (1.0 + tolerance) * best:
-            verdicts.append("pass")
-            passed, best = float(batch), min(best, loss)
-        else:
-            verdicts.append("fail")
-            high, state = float(batch), "closed"
-    if state == "incomplete":
-        return verdicts, math.nan, passed, math.nan, False
-    return verdicts, passed, passed, (math.inf if state == "open" else high), True
+    return judge(outcomes, Rule("relative", tolerance))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +216,12 @@ def _branch(run: Path, path: Path, config: dict, setting: Setting) -> Branch:
     tolerance = as_float(b.get("tolerance"))
     if tolerance is None or not (0 <= tolerance < 1):
         raise InputError(f"{key}.tolerance must be a number in [0, 1): got {b.get('tolerance')!r}")
+    rule = b.get("rule", "relative")  # branches planned before the absolute rule existed
+    if rule not in RULES:
+        raise InputError(f"{key}.rule must be one of {', '.join(RULES)}: got {rule!r}")
+    epsilon = as_float(b.get("epsilon_nats", DEFAULT_EPSILON_NATS))
+    if epsilon is None or not (math.isfinite(epsilon) and epsilon >= 0):
+        raise InputError(f"{key}.epsilon_nats must be a number >= 0: got {b.get('epsilon_nats')!r}")
     status, raw, ewa = UNFINISHED, None, None
     result_path = run / "result.json"
     if result_path.is_file():
@@ -239,7 +235,7 @@ def _branch(run: Path, path: Path, config: dict, setting: Setting) -> Branch:
                   positive_int(b.get("base_batch"), f"{key}.base_batch"),
                   positive_int(b.get("base_tokens"), f"{key}.base_tokens"),
                   positive_int(config.get("global_batch_seqs"), f"{path}: global_batch_seqs"), tolerance, status,
-                  raw, ewa)
+                  raw, ewa, rule, epsilon)
 
 
 def _final_losses(result: dict, where: Path) -> tuple[float | None, float | None]:
@@ -289,28 +285,60 @@ def branch_loss(b: Branch, kind: str) -> float | None:
 # the curve CBS(t)
 
 
-def cbs_curve(study: BranchedStudy, tolerance: float | None = None) -> list[LocalCbs]:
-    """The local CBS of every (setting, t), sorted by setting (N, D, name) and t."""
+@dataclass(frozen=True)
+class RuleChoice:
+    """What `cbs fit` was told (None: what the branches recorded; eval_noise None: estimated per setting)."""
+
+    rule: str | None = None
+    tolerance: float | None = None
+    epsilon_nats: float | None = None
+    eval_noise: float | None = None
+
+
+def cbs_curve(study: BranchedStudy, choice: RuleChoice = RuleChoice(),
+              eval_noise: dict[str, float] | None = None) -> list[LocalCbs]:
+    """The local CBS of every (setting, t), sorted by setting (N, D, name) and t. `eval_noise`: setting name ->
+    sigma estimated from its base run (branch_rules.eval_noise), used where choice.eval_noise is None."""
     groups: dict[tuple[str, int], list[Branch]] = {}
     for b in study.branches:
         groups.setdefault((b.setting, b.base_tokens), []).append(b)
     order = sorted(groups, key=lambda k: (study.settings[k[0]].model_params, study.settings[k[0]].tokens, k))
-    return [_point(study, groups[key], tolerance) for key in order]
+    noise = eval_noise or {}
+    return [_point(study, groups[key], choice,
+                   choice.eval_noise if choice.eval_noise is not None else noise.get(key[0], math.nan))
+            for key in order]
 
 
-def _point(study: BranchedStudy, branches: list[Branch], override: float | None) -> LocalCbs:
-    branches = sorted(branches, key=lambda b: b.batch)
-    tolerances = {b.tolerance for b in branches}
-    if override is None and len(tolerances) > 1:
+def _agreed(branches: list[Branch], attr: str, given, flag: str):
+    """The value every branch of a point recorded for `attr`, unless `flag` gave one."""
+    if given is not None:
+        return given
+    values = {getattr(b, attr) for b in branches}
+    if len(values) > 1:
         raise InputError(f"the branches of {branches[0].setting} at t = {branches[0].base_tokens} tokens have "
-                         f"tolerances {sorted(tolerances)}: give --tolerance to choose one")
-    tolerance = override if override is not None else tolerances.pop()
+                         f"{attr} {sorted(values)}: give {flag} to choose one")
+    return values.pop()
+
+
+def point_rule(branches: list[Branch], choice: RuleChoice, sigma: float) -> Rule:
+    """The rule of one branch point: --rule or the recorded one, with its threshold and the eval noise."""
+    kind = _agreed(branches, "rule", choice.rule, "--rule")
+    if kind == "relative":
+        return Rule(kind, _agreed(branches, "tolerance", choice.tolerance, "--tolerance"), sigma)
+    return Rule(kind, _agreed(branches, "epsilon_nats", choice.epsilon_nats, "--epsilon"), sigma)
+
+
+def _point(study: BranchedStudy, branches: list[Branch], choice: RuleChoice, sigma: float) -> LocalCbs:
+    branches = sorted(branches, key=lambda b: b.batch)
+    rule = point_rule(branches, choice, sigma)
     losses = [branch_loss(b, study.loss_kind) for b in branches]
-    verdicts, cbs, low, high, complete = local_cbs(
-        [(b.batch, loss, b.status) for b, loss in zip(branches, losses)], tolerance)
+    outcomes = [(b.batch, loss, b.status) for b, loss in zip(branches, losses)]
+    verdicts, cbs, low, high, complete = judge(outcomes, rule)
+    noise_low, noise_high = noise_interval(outcomes, rule, sigma)
     judged = tuple(BranchVerdict(b.batch, loss, b.status, v, b.run) for b, loss, v in zip(branches, losses, verdicts))
-    return LocalCbs(study.settings[branches[0].setting], branches[0].base_tokens, branches[0].base_batch, tolerance,
-                    judged, cbs, low, high, complete, _note(judged, cbs, high, complete))
+    return LocalCbs(study.settings[branches[0].setting], branches[0].base_tokens, branches[0].base_batch,
+                    rule.threshold, judged, cbs, low, high, complete, _note(judged, cbs, high, complete), rule.kind,
+                    sigma, noise_low, noise_high)
 
 
 def _note(verdicts: tuple[BranchVerdict, ...], cbs: float, high: float, complete: bool) -> str:
@@ -328,4 +356,15 @@ def check_tolerance(value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and 0 <= value < 1):
         raise InputError(f"--tolerance must be a number in [0, 1): got {value}")
     return value
+
+
+def check_rule_choice(choice: RuleChoice) -> RuleChoice:
+    """Exit-2 errors for --rule, --tolerance, --epsilon and --eval-noise out of range."""
+    check_tolerance(choice.tolerance)
+    if choice.rule is not None and choice.rule not in RULES:
+        raise InputError(f"--rule must be one of {', '.join(RULES)}: got {choice.rule!r}")
+    for flag, value in (("--epsilon", choice.epsilon_nats), ("--eval-noise", choice.eval_noise)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{flag} must be a number >= 0: got {value}")
+    return choice
 

@@ -1,5 +1,6 @@
 """The figures of `cbs fit` on a branched study, as PNG bytes: CBS(t) with its intervals, the base run's B_simple
-along t and the sweep's CBS at matching D; and per setting, each branch point's losses against the tolerance."""
+along t and the sweep's CBS at matching D; and per setting, each branch point's losses against the rule's
+threshold."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def figure_cbs_curve(fit: BranchedFit) -> bytes:
         if bounds:
             ax.plot([p.tokens for p in bounds], [p.cbs_low for p in bounds], "^", mfc="none", color=color,
                     label=f"{name}: incomplete (lower bound)")
-        noise = fit.noise.get(name, [])
+        noise = fit.b_simple_along(name)
         if noise:
-            ax.plot([p.tokens for p in noise], [p.b_simple for p in noise], "--", color=color, alpha=0.7,
+            ax.plot([t for t, _ in noise], [v for _, v in noise], "--", color=color, alpha=0.7,
                     label=f"{name}: B_simple of the base run")
     pairs = {(c.sweep.setting, c.sweep.tokens, c.sweep.cbs, c.sweep.cbs_low, c.sweep.cbs_high)
              for c in fit.comparison}
@@ -46,33 +47,47 @@ def figure_cbs_curve(fit: BranchedFit) -> bytes:
     return png_bytes(fig)
 
 
+def _excess(p: LocalCbs) -> tuple[list[tuple[int, float, bool]], list[int]]:
+    """(batch, excess over the best smaller batch, failed) for the judged batches after the first, and the batches
+    that could not train: the excess in % (relative rule) or in nats (absolute rule)."""
+    best, points, broken = math.inf, [], []
+    for v in p.verdicts:
+        if v.verdict in ("diverged", "failed"):
+            broken.append(v.batch)
+        if v.verdict not in ("pass", "fail"):
+            break
+        if math.isfinite(best):
+            excess = 100 * (v.loss / best - 1) if p.rule == "relative" else v.loss - best
+            points.append((v.batch, excess, v.verdict == "fail"))
+        best = min(best, v.loss)
+    return points, broken
+
+
 def figure_branch_losses(fit: BranchedFit, name: str) -> bytes:
-    """Each branch point's test L(b_j) / min_{i<j} L(b_i) - 1 against the batch, with the tolerance: a batch
-    passes below the line while the smaller ones passed."""
+    """Each branch point's excess loss over the best smaller batch against the batch, with the threshold: relative
+    rule L(b_j) / min_{i<j} L(b_i) - 1 in %, absolute rule L(b_j) - min_{i<j} L(b_i) in nats (the eval-noise
+    allowance comes on top of epsilon)."""
     fig, ax = new_axes((6.4, 4.4))
-    for i, p in enumerate(fit.points_of(name)):
-        best, xs, ys, fails = math.inf, [], [], []
-        for v in p.verdicts:
-            if v.loss is not None and math.isfinite(v.loss) and math.isfinite(best):
-                xs.append(v.batch)
-                ys.append(100 * (v.loss / best - 1))
-                if v.verdict != "pass":
-                    fails.append((v.batch, ys[-1]))
-            if v.verdict != "pass":
-                if v.verdict in ("diverged", "failed"):
-                    ax.axvline(v.batch, ls=":", color=f"C{i % 10}")
-                break
-            best = min(best, v.loss)
-        ax.plot(xs, ys, "o-", ms=4, color=f"C{i % 10}", label=f"t = {p.tokens:,}: CBS {_fmt_batch(p)}")
+    points = fit.points_of(name)
+    relative = all(p.rule == "relative" for p in points)
+    for i, p in enumerate(points):
+        excess, broken = _excess(p)
+        for batch in broken:
+            ax.axvline(batch, ls=":", color=f"C{i % 10}")
+        ax.plot([b for b, _, _ in excess], [y for _, y, _ in excess], "o-", ms=4, color=f"C{i % 10}",
+                label=f"t = {p.tokens:,}: CBS {_fmt_batch(p)}")
+        fails = [(b, y) for b, y, failed in excess if failed]
         if fails:
             ax.plot(*zip(*fails), "x", ms=9, color=f"C{i % 10}")
-    tolerances = sorted({p.tolerance for p in fit.points_of(name)})
-    for tol in tolerances:
-        ax.axhline(100 * tol, ls="--", color="0.4", label=f"tolerance {100 * tol:g}%" if tol == tolerances[0] else None)
-    ax.set(xscale="log", xlabel="branch batch b (sequences)", ylabel="L(b) / best smaller-batch L - 1 (%)",
+    thresholds = sorted({p.tolerance for p in points})
+    for t in thresholds:
+        label = f"tolerance {100 * t:g}%" if relative else f"epsilon {t:g} nats"
+        ax.axhline(100 * t if relative else t, ls="--", color="0.4", label=label if t == thresholds[0] else None)
+    ylabel = "L(b) / best smaller-batch L - 1 (%)" if relative else "L(b) - best smaller-batch L (nats)"
+    ax.set(xscale="log", xlabel="branch batch b (sequences)", ylabel=ylabel,
            title=f"{name}: branch losses against the smaller batches")
     plain_log_axes(ax)
-    ax.set_xticks(sorted({v.batch for p in fit.points_of(name) for v in p.verdicts}))
+    ax.set_xticks(sorted({v.batch for p in points for v in p.verdicts}))
     ax.legend(fontsize=7)
     return png_bytes(fig)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from analysis.branched import BranchedStudy, LocalCbs, cbs_curve
+from analysis.branch_rules import eval_noise
+from analysis.branched import BranchedStudy, LocalCbs, RuleChoice, cbs_curve
 from analysis.compare import MATCH, Comparison, SweepCbs, compare
-from analysis.noise_scale import value_near
+from analysis.noise_scale import BSimple, b_simple_along, b_simple_near
 from analysis.run_metrics import MetricsReader, NoisePoint
 
 
@@ -17,7 +18,7 @@ class BranchedFit:
     study: BranchedStudy
     points: list[LocalCbs]
     noise: dict[str, list[NoisePoint]] = field(default_factory=dict)
-    """Setting name -> the usable B_simple values its base run logged, in token order."""
+    """Setting name -> the noise-scale readings its base run logged, in file order."""
     noise_logged: bool = False
     """Whether any base run logged train/noise_scale at all (finite or not)."""
     sweep: list[SweepCbs] = field(default_factory=list)
@@ -27,18 +28,37 @@ class BranchedFit:
     def points_of(self, name: str) -> list[LocalCbs]:
         return [p for p in self.points if p.setting.name == name]
 
-    def b_simple_at(self, point: LocalCbs) -> NoisePoint | None:
-        """The base run's B_simple logged closest to the branch point (within noise_scale.NEAR)."""
-        return value_near(self.noise.get(point.setting.name, []), point.tokens)
+    def b_simple_at(self, point: LocalCbs) -> BSimple | None:
+        """The base run's B_simple over its readings within noise_scale.NEAR of the branch point t."""
+        return b_simple_near([self.noise.get(point.setting.name, [])], point.tokens, "base run")
+
+    def b_simple_along(self, name: str) -> list[tuple[int, float]]:
+        """(tokens, B_simple) along the setting's base run (analysis/noise_scale.py, b_simple_along)."""
+        return b_simple_along(self.noise.get(name, []))
 
 
-def fit_branched(study: BranchedStudy, tolerance: float | None = None, sweep: list[SweepCbs] | None = None,
+def base_eval_noise(study: BranchedStudy, reader: MetricsReader) -> dict[str, float]:
+    """Setting name -> sigma from its base run's eval curve of the loss kind compared (branch_rules.eval_noise):
+    raw `eval/loss`, the min over the EWA decays, or the lower of the two ('best')."""
+    out = {}
+    for name, path in study.base_runs.items():
+        steps, losses = [], []
+        for step, raw, ewa in reader.evals(path):
+            candidates = {"raw": [raw], "ewa": [ewa], "best": [raw, ewa]}[study.loss_kind]
+            finite = [v for v in candidates if v is not None]
+            if finite:
+                steps.append(step)
+                losses.append(min(finite))
+        out[name] = eval_noise(steps, losses)
+    return out
+
+
+def fit_branched(study: BranchedStudy, choice: RuleChoice = RuleChoice(), sweep: list[SweepCbs] | None = None,
                  sweep_source: str | None = None) -> BranchedFit:
     reader = MetricsReader()
     logged = {name: reader.points(path) for name, path in study.base_runs.items()}
-    noise = {name: sorted((p for p in pts if p.usable), key=lambda p: p.tokens) for name, pts in logged.items()}
-    points = cbs_curve(study, tolerance)
-    return BranchedFit(study, points, noise, any(logged.values()), sweep or [], sweep_source,
+    points = cbs_curve(study, choice, base_eval_noise(study, reader))
+    return BranchedFit(study, points, logged, any(logged.values()), sweep or [], sweep_source,
                        compare(points, sweep or []))
 
 

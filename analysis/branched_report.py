@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from analysis.branch_rules import Z
 from analysis.branched_fit import BranchedFit, branched_warnings
 from analysis.compare import MATCH
 from analysis.branched_figures import render_branched_figures
@@ -15,10 +16,11 @@ from analysis.ramp import batch_ramp, curve_from_points
 from analysis.report import NO_NOISE, NOISE_CAVEAT, fmt, md_table
 
 CURVE_COLUMNS = ["setting", "tokens", "cbs", "cbs_low", "cbs_high", "model_params", "base_batch", "tolerance",
-                 "complete", "n_branches", "b_simple", "seq_len", "note"]
+                 "complete", "n_branches", "b_simple", "seq_len", "note", "rule", "eval_noise",
+                 "cbs_noise_low", "cbs_noise_high"]
 BRANCH_COLUMNS = ["setting", "tokens", "batch", "run", "status", "loss", "verdict"]
 VERDICT_MARKS = {"pass": "pass", "fail": "**fail**", "diverged": "**diverged**", "failed": "**failed**",
-                 "unfinished": "unfinished", "not needed": "(not needed)"}
+                 "unfinished": "unfinished", "pending": "pending", "not needed": "(not needed)"}
 
 
 def cbs_curve_csv(fit: BranchedFit) -> bytes:
@@ -26,7 +28,8 @@ def cbs_curve_csv(fit: BranchedFit) -> bytes:
     for p in fit.points:
         noise = fit.b_simple_at(p)
         rows.append([p.setting.name, p.tokens, p.cbs, p.cbs_low, p.cbs_high, p.setting.model_params, p.base_batch,
-                     p.tolerance, p.complete, len(p.verdicts), noise and noise.b_simple, fit.study.seq_len, p.note])
+                     p.tolerance, p.complete, len(p.verdicts), noise and noise.value, fit.study.seq_len, p.note, p.rule,
+                     p.eval_noise, p.noise_low, p.noise_high])
     return csv_bytes(CURVE_COLUMNS, rows)
 
 
@@ -64,20 +67,44 @@ def _head(fit: BranchedFit) -> list[str]:
             "checkpoint.", ""]
 
 
+RULE_LINES = {
+    "absolute": "- **Rule absolute (Merrill et al.): b_1 passes; b_j passes iff L(b_j) <= min_{i<j} L(b_i) + epsilon "
+                f"+ {Z:g} sqrt(2) sigma min_{{i<j}} L(b_i)**, every batch judged (a failure by noise does not hide a "
+                "larger batch that passes); sigma is the relative s.d. of a branch's eval loss, so a batch fails "
+                "only when it is worse than a smaller one by more than epsilon and the excess is significant at the "
+                "one-sided 5% level.",
+    "relative": "- **Rule relative: b_1 passes; b_j passes iff b_{j-1} passed and L(b_j) <= (1 + tolerance) "
+                "min_{i<j} L(b_i)**; the first failure ends the chain.",
+}
+
+
+NO_SIGMA = ("unknown (no base-run eval curve to estimate it from, and no --eval-noise): no allowance and no "
+            "interval under eval noise")
+
+
+def _rule_settings(fit: BranchedFit) -> str:
+    rules = sorted({(p.rule, p.tolerance) for p in fit.points})
+    noise = sorted({f"{p.eval_noise:.2%}" for p in fit.points if math.isfinite(p.eval_noise)})
+    said = "; ".join(f"{r}, {'epsilon' if r == 'absolute' else 'tolerance'} {t:g}{' nats' if r == 'absolute' else ''}"
+                     for r, t in rules)
+    sigma = ", ".join(noise) if noise else NO_SIGMA
+    return f"Used: {said}; eval noise sigma {sigma}."
+
+
 def _method_lines(fit: BranchedFit) -> list[str]:
-    tolerances = sorted({p.tolerance for p in fit.points})
     return [
         "## Method", "",
         "- Branched local CBS (Merrill et al. 2025, arXiv 2505.23971): one base run at batch B is checkpointed at "
         "several token counts t; from each checkpoint, short branches at batches b = k B (k = 1, 2, 4, ...; the LR "
         "scaled as the study's `branched.lr_scaling` says) train the same number of tokens. L(b) is a branch's "
         f"final eval loss ({fit.study.loss_kind} weights) on the fixed held-out set.",
-        "- **b_1 passes; b_j passes iff b_{j-1} passed and L(b_j) <= (1 + tolerance) min_{i<j} L(b_i).** The local "
-        "CBS(t) is the largest passing batch; its interval runs to the first failing batch (inf when every batch "
-        f"passes: a lower bound). Tolerance {', '.join(f'{t:g}' for t in tolerances)}.",
-        "- A diverged or failed branch fails its batch; a point whose chain reaches an unfinished branch is "
-        "incomplete (no CBS; the lower bound passed so far is shown). Branches after the first failure are not "
-        "needed.",
+        *(RULE_LINES[r] for r in sorted({p.rule for p in fit.points})),
+        "- The local CBS(t) is the largest passing batch; its interval runs to the next batch tried above it (inf "
+        "when the largest batch passes: a lower bound). The interval under eval noise redraws every loss as "
+        "L exp(sigma z) (2000 draws) and gives the 2.5-97.5% range of the CBS. sigma is estimated from the jitter of "
+        "each base run's eval curve (`--eval-noise` sets it). " + _rule_settings(fit),
+        "- A diverged or failed branch fails its batch and ends the search; a point with an unfinished branch "
+        "before that is incomplete (no CBS; the lower bound passed so far is shown).",
         "- The local CBS says how large a batch can be from t on without losing loss; the sweep's CBS (Zhang et al. "
         "2025) is the batch to train a whole run of D tokens with. Formulas: docs/method.md, \"Branched local CBS\".",
         ""]
@@ -92,10 +119,11 @@ def _curve_lines(fit: BranchedFit) -> list[str]:
     rows = []
     for p in fit.points:
         noise = fit.b_simple_at(p)
-        rows.append([p.setting.name, f"{p.tokens:,}", _cbs_cell(p), _interval(p),
-                     fmt(noise.b_simple) if noise else "", p.note])
-    lines = ["## CBS(t)", "", *md_table(["setting", "t (tokens)", "CBS(t)", "interval", "B_simple (base run)",
-                                          "note"], rows), ""]
+        under_noise = f"[{fmt(p.noise_low)}, {fmt(p.noise_high)}]" if math.isfinite(p.noise_low) else ""
+        rows.append([p.setting.name, f"{p.tokens:,}", _cbs_cell(p), _interval(p), under_noise,
+                     fmt(noise.value) if noise else "", p.note])
+    lines = ["## CBS(t)", "", *md_table(["setting", "t (tokens)", "CBS(t)", "interval", "95% under eval noise",
+                                          "B_simple (base run)", "note"], rows), ""]
     for name in fit.study.settings:
         mine = [p for p in fit.points_of(name) if math.isfinite(p.cbs)]
         if len(mine) >= 2:
@@ -125,9 +153,9 @@ def _noise_lines(fit: BranchedFit) -> list[str]:
     lines = ["## Gradient noise scale along training", ""]
     if not fit.noise_logged:
         return lines + [NO_NOISE.replace("every run here", "every base run here"), ""]
-    return lines + ["B_simple of each base run (its logged `train/noise_scale`, EMA-smoothed) is drawn along t on "
-                    f"figures/cbs_curve.png; the CBS(t) table gives the value logged closest to each t (within "
-                    f"{NEAR:.0%}).", "", NOISE_CAVEAT, ""]
+    return lines + ["B_simple of each base run is drawn along t on figures/cbs_curve.png, and the CBS(t) table gives "
+                    "it at each t: the ratio of the summed per-step estimates of tr(Sigma) and |G|^2 over the readings "
+                    f"within {NEAR:.0%} of t (docs/method.md, \"Gradient noise scale\").", "", NOISE_CAVEAT, ""]
 
 
 def _compare_lines(fit: BranchedFit) -> list[str]:

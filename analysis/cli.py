@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from analysis import InputError
-from analysis.branched import check_tolerance, is_branched, read_branched
+from analysis.branched import RuleChoice, check_rule_choice, is_branched, read_branched
 from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
 from analysis.branched_report import render_branched_outputs
 from analysis.compare import read_sweep_cbs
@@ -90,9 +90,20 @@ def fit_parser() -> argparse.ArgumentParser:
                    help="GPU budget of the time/cost table (default: the largest GPU count measured)")
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, for time and cost (default: the runs' model.seq_len)")
+    p.add_argument("--rule", choices=["absolute", "relative"], default=None,
+                   help="branched study: absolute (Merrill et al.: the largest batch within --epsilon nats, plus "
+                        "an allowance for eval noise, of every smaller batch) or relative (a chain within "
+                        "--tolerance of the best smaller batch) (default: the branches' study.branch.rule)")
+    p.add_argument("--epsilon", type=float, default=None, metavar="NATS",
+                   help="branched study, absolute rule: loss tolerance in nats (default: the branches' "
+                        "study.branch.epsilon_nats)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="branched study: relative loss tolerance of the local CBS (default: the branches' "
+                   help="branched study, relative rule: relative loss tolerance (default: the branches' "
                         "study.branch.tolerance)")
+    p.add_argument("--eval-noise", type=float, default=None, metavar="SIGMA",
+                   help="branched study: relative s.d. of a branch's eval loss, for the absolute rule's allowance "
+                        "and the CBS interval under eval noise (default: estimated from each base run's eval "
+                        "curve; 0: none)")
     p.add_argument("--compare", default=None, metavar="SWEEP_FIT_DIR",
                    help="branched study: a sweep's `cbs fit` output (its cbs.csv) to put beside CBS(t)")
     return p
@@ -165,7 +176,8 @@ def _branched_summary(fit: BranchedFit, out: Path, n_files: int, seconds: float)
 def _fit_branched(args: argparse.Namespace, out: Path, start: float) -> int:
     study = read_branched(Path(args.input), args.target_kind)
     sweep, source = read_sweep_cbs(args.compare) if args.compare else ([], None)
-    fit = fit_branched(study, args.tolerance, sweep, source)
+    choice = RuleChoice(args.rule, args.tolerance, args.epsilon, args.eval_noise)
+    fit = fit_branched(study, choice, sweep, source)
     files = render_branched_outputs(fit)
     _write(out, files)
     print("\n".join(_branched_summary(fit, out, len(files), time.perf_counter() - start)))
@@ -176,12 +188,13 @@ def _fit(argv: list[str]) -> int:
     start = time.perf_counter()
     args = fit_parser().parse_args(argv)
     _check_fit_args(args)
-    check_tolerance(args.tolerance)
+    check_rule_choice(RuleChoice(args.rule, args.tolerance, args.epsilon, args.eval_noise))
     out = Path(args.out).expanduser().resolve()  # resolved: `--out .` must have a parent to stage beside
     check_out_dir(out)  # refuse early, before minutes of fitting; write_outputs checks again
     if Path(args.input).is_dir() and is_branched(Path(args.input)):
         return _fit_branched(args, out, start)
-    for flag, value in (("--tolerance", args.tolerance), ("--compare", args.compare)):
+    for flag, value in (("--tolerance", args.tolerance), ("--rule", args.rule), ("--epsilon", args.epsilon),
+                        ("--eval-noise", args.eval_noise), ("--compare", args.compare)):
         if value is not None:
             raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")
     table = load_steps(args.input, args.target_kind)

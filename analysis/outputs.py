@@ -31,7 +31,7 @@ laws_s_min, collinearity, excluded settings, warnings and throughput; version 1 
 CBS_COLUMNS = ["setting", "model_params", "tokens", "s_min", "b_noise", "cbs", "cbs_low", "cbs_high",
                "s_min_low", "s_min_high", "b_noise_low", "b_noise_high", "reference_batch", "n_batches", "note",
                "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "warnings", "b_simple",
-               "b_simple_source"]
+               "b_simple_source", "b_simple_unusable"]
 STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "censored", "runs", "best_run",
                  "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual"]
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
@@ -87,7 +87,7 @@ def cbs_csv(fit: StudyFit) -> bytes:
                      *e.cbs_ci, *e.s_min_ci, *e.b_noise_ci, e.reference_batch, e.n_batches, e.note, e.n_censored,
                      d.residual_sd if d else None, d.max_abs_residual if d else None, d.r2 if d else None,
                      e.b0_share, e.setting.name in in_laws, " | ".join(e.warnings), noise and noise.value,
-                     noise and noise.source])
+                     noise and noise.source, noise and noise.unusable])
     return csv_bytes(CBS_COLUMNS, rows)
 
 

@@ -258,16 +258,21 @@ def _noise_lines(fit: StudyFit) -> list[str]:
     rows = []
     for e in fit.estimates:
         b = fit.b_simple.get(e.setting.name)
-        where = (f"{'reference runs' if b.source == 'reference' else 'median over the model'} ({b.runs}), at "
-                 f"{fmt(b.tokens)} tokens") if b else f"none logged within {NEAR:.0%} of D"
+        where = (f"{'reference runs' if b.source == 'reference' else 'all runs of the model'} ({b.runs}), "
+                 f"{b.readings} readings at {fmt(b.tokens)} tokens") if b else f"none resolved within {NEAR:.0%} of D"
         ratio = fmt(b.value / e.b_noise) if b and e.fitted else ""
         rows.append([e.setting.name, fmt(e.setting.tokens), fmt(b.value) if b else "", where,
-                     _with_ci(e.b_noise, e.b_noise_ci), _with_ci(e.cbs, e.cbs_ci), ratio])
+                     f"{b.unusable:.0%}" if b else "", _with_ci(e.b_noise, e.b_noise_ci), _with_ci(e.cbs, e.cbs_ci),
+                     ratio])
     return lines + [
-        "B_simple per setting (sequences): the EMA-smoothed gradient noise scale the reference runs logged closest "
-        "to the setting's budget D (else the median over every run of the model), beside the fitted B_noise and "
-        "CBS (cbs.csv `b_simple`, `b_simple_source`).", "", NOISE_CAVEAT, "",
-        *md_table(["setting", "D", "B_simple", "read from", "B_noise", "CBS", "B_simple / B_noise"], rows), ""]
+        "B_simple per setting (sequences): the ratio of the summed per-step estimates of tr(Sigma) and |G|^2 over "
+        f"the readings the reference runs logged within {NEAR:.0%} of the setting's budget D (else those of every "
+        "run of the model), beside the fitted B_noise and CBS (cbs.csv `b_simple`, `b_simple_source`). "
+        "\"unusable\" is the share of those readings whose logged EMA ratio `train/noise_scale` is NaN or <= 0 "
+        "(cbs.csv `b_simple_unusable`): they are kept in the sums, and a high share says the readings are noisy "
+        "(B_simple well above the global batch).", "", NOISE_CAVEAT, "",
+        *md_table(["setting", "D", "B_simple", "read from", "unusable", "B_noise", "CBS", "B_simple / B_noise"],
+                  rows), ""]
 
 
 def _meaning(fit: StudyFit) -> list[str]:

@@ -1,6 +1,7 @@
 """One pass over a run's metrics.jsonl for everything the analysis reads from it: the throughput
-`perf/tokens_per_s` (analysis/cost.py) and the gradient noise scale `train/noise_scale` with its parts
-(analysis/noise_scale.py describes them).
+`perf/tokens_per_s` (analysis/cost.py), the gradient noise scale `train/noise_scale` with its parts
+(analysis/noise_scale.py describes them) and the eval curve `eval/loss`, `eval/loss_ewa/<tau>` (a branched study's
+eval noise, analysis/branch_rules.py).
 
 Most lines are eval or plain train events: a line is parsed only when it names one of those keys, and each key is
 read only from the lines that name it. A line that does not parse (a crash mid-write) is skipped. Values may be the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.steps import as_float
@@ -22,6 +23,8 @@ NOISE_KEY = "train/noise_scale"
 GRAD_SQ_SMALL_KEY = "train/grad_sq_small"
 GRAD_SQ_BIG_KEY = "train/grad_sq_big"
 BATCHES_KEY = "train/noise_scale_batches"
+EVAL_KEY = "eval/loss"
+EWA_PREFIX = "eval/loss_ewa/"
 
 
 @dataclass(frozen=True)
@@ -50,29 +53,36 @@ class RunMetrics:
     """Median of the finite, positive `perf/tokens_per_s` values; None when there are none."""
     noise: list[NoisePoint]
     """Every logged B_simple, in file order."""
+    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    """(step, raw eval loss, min over the EWA decays' eval losses) of every eval, in file order; None: not
+    logged or not finite."""
 
 
 def read_metrics(metrics_path: Path) -> RunMetrics:
     """The throughput and the noise scale of one metrics.jsonl in one pass; (None, []) when it cannot be read."""
     speeds: list[float] = []
     noise: list[NoisePoint] = []
+    evals: list[tuple[int, float | None, float | None]] = []
     try:
         with open(metrics_path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                _scan_line(line, speeds, noise)
+                _scan_line(line, speeds, noise, evals)
     except OSError:
         return RunMetrics(None, [])
-    return RunMetrics(statistics.median(speeds) if speeds else None, noise)
+    return RunMetrics(statistics.median(speeds) if speeds else None, noise, evals)
 
 
-def _scan_line(line: str, speeds: list[float], noise: list[NoisePoint]) -> None:
-    """Append the line's finite, positive tokens/s to `speeds` and its B_simple to `noise` (module docstring)."""
-    has_speed, has_noise = THROUGHPUT_KEY in line, NOISE_KEY in line
-    if not (has_speed or has_noise):
+def _scan_line(line: str, speeds: list[float], noise: list[NoisePoint], evals: list) -> None:
+    """Append the line's finite, positive tokens/s to `speeds`, its B_simple to `noise` and its eval losses to
+    `evals` (module docstring)."""
+    has_speed, has_noise, has_eval = THROUGHPUT_KEY in line, NOISE_KEY in line, EVAL_KEY in line
+    if not (has_speed or has_noise or has_eval):
         return
     record = _record(line)
     if record is None:
         return
+    if has_eval:
+        _append_eval(record, evals)
     if has_speed:
         v = as_float(record.get(THROUGHPUT_KEY))
         if v is not None and math.isfinite(v) and v > 0:
@@ -80,6 +90,17 @@ def _scan_line(line: str, speeds: list[float], noise: list[NoisePoint]) -> None:
     point = _noise_point(record) if has_noise else None
     if point is not None:
         noise.append(point)
+
+
+def _append_eval(record: dict, evals: list) -> None:
+    step = as_float(record.get("step"))
+    if step is None or not math.isfinite(step):
+        return
+    raw = as_float(record.get(EVAL_KEY))
+    ewa = [as_float(v) for k, v in record.items() if k.startswith(EWA_PREFIX)]
+    ewa = [v for v in ewa if v is not None and math.isfinite(v)]
+    if raw is not None or ewa:
+        evals.append((int(step), raw if raw is not None and math.isfinite(raw) else None, min(ewa) if ewa else None))
 
 
 def _record(line: str) -> dict | None:
@@ -122,6 +143,10 @@ class MetricsReader:
     def points(self, run_path: Path) -> list[NoisePoint]:
         """Every B_simple the run logged (RunMetrics.noise)."""
         return self.of(run_path).noise
+
+    def evals(self, run_path: Path) -> list[tuple[int, float | None, float | None]]:
+        """The run's eval curve (RunMetrics.evals)."""
+        return self.of(run_path).evals
 
     def tokens_per_s(self, run_path: Path) -> float | None:
         """The run's median tokens/s (RunMetrics.tokens_per_s)."""

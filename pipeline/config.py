@@ -756,6 +756,14 @@ class StudyMethod(str, enum.Enum):
     (docs/method.md, "Branched local CBS")."""
 
 
+class BranchRule(str, enum.Enum):
+    absolute = "absolute"
+    """Merrill et al. 2025: the largest batch whose loss is within epsilon_nats (plus an allowance for eval noise)
+    of every smaller batch's (docs/method.md, "Branched local CBS")."""
+    relative = "relative"
+    """A chain: each batch within (1 + tolerance) of the best smaller one, up to the first that is not."""
+
+
 class LrScaling(str, enum.Enum):
     sqrt = "sqrt"
     """LR x sqrt(k) at k times the batch: the rule for Adam."""
@@ -776,9 +784,14 @@ class BranchedConfig:
     """Tokens each branch trains (Delta); default: 10% of the setting's budget."""
     lr_scaling: LrScaling = LrScaling.sqrt
     """How a branch at k x B scales the base LR: sqrt (Adam), linear, none."""
+    rule: BranchRule = BranchRule.absolute
+    """How `cbs fit` turns a branch point's losses into the local CBS: absolute (Merrill et al.) or relative."""
+    epsilon_nats: float = 0.01
+    """absolute rule: a batch passes when its loss is within this many nats (plus the eval-noise allowance) of
+    every smaller batch's."""
     tolerance: float = 0.01
-    """The local CBS at t is the largest batch whose branch loss is within this relative tolerance of the best
-    loss of the branches at smaller batches."""
+    """relative rule: a batch passes when the smaller ones did and its loss is within this relative tolerance of
+    the best loss of the branches at smaller batches."""
 
     def validate(self, p: str) -> None:
         _check(bool(self.at_fractions) and all(0 < f <= 1 for f in self.at_fractions),
@@ -787,6 +800,7 @@ class BranchedConfig:
         _check(self.branch_tokens is None or self.branch_tokens >= 1,
                f"{p}.branch_tokens must be >= 1: got {self.branch_tokens}")
         _check(0 < self.tolerance < 1, f"{p}.tolerance must be in (0, 1): got {self.tolerance}")
+        _check(0 <= self.epsilon_nats < 1, f"{p}.epsilon_nats must be in [0, 1) nats: got {self.epsilon_nats}")
 
 
 @dataclass

@@ -313,7 +313,8 @@ def _branch(cfg: StudyConfig, base: Run, name: str, tokens: int, batch: int, stu
               base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta)
     run.branch = {"setting": base.settings[0].name, "base_run": base.name, "base_batch": base.batch,
                   "base_tokens": step * base.batch * seq_len, "base_step": step, "multiplier": k,
-                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance}
+                  "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance,
+                  "rule": cfg.branched.rule.value, "epsilon_nats": cfg.branched.epsilon_nats}
     run.config = run_config(cfg, run, study_dir, data_dir)
     steps = steps_for(delta, batch * seq_len)
     run.config.update(init_from={"run_dir": base.config["run_dir"], "step": step},

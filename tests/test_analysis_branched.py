@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -84,11 +85,24 @@ OUTCOMES = {
 LOG_EVERY = 5
 
 
+def b_simple_true(step: int) -> float:
+    """The base run's B_simple at a log step: rising."""
+    return 2.0 + step * 4 * SEQ_LEN / 4000
+
+
 def b_simple_logged(step: int) -> float | str:
-    """What the base run logs as train/noise_scale: NaN until the EMAs settle, one inf, then a rising value."""
+    """What the base run logs as train/noise_scale: NaN until the EMAs settle, one inf, then the true value."""
     if step <= 10:
         return "nan"
-    return "inf" if step == 125 else 2.0 + step * 4 * SEQ_LEN / 4000
+    return "inf" if step == 125 else b_simple_true(step)
+
+
+def b_simple_window(tokens: int) -> float:
+    """What cbs fit reads at t: the readings within 25% of t have |G|^2 = 1 each (below), so their ratio of sums
+    is the mean of their true values, the NaN- and inf-logged ones included."""
+    tps = 4 * SEQ_LEN
+    steps = [s for s in range(LOG_EVERY, TOKENS // tps + 1, LOG_EVERY) if abs(s * tps - tokens) <= 0.25 * tokens]
+    return sum(map(b_simple_true, steps)) / len(steps)
 
 
 def study_config(**branched) -> StudyConfig:
@@ -98,7 +112,8 @@ def study_config(**branched) -> StudyConfig:
                  "log": {"every_steps": LOG_EVERY}, "checkpoint": {"every_steps": 0},
                  "schedule": {"warmup_tokens": 2048}},
         "settings": {"generator": "fixed_model", "model": {"preset": "tiny", "seq_len": SEQ_LEN}, "tokens": [TOKENS]},
-        "branched": {"at_fractions": [0.125, 0.25, 0.5, 1.0], "branch_tokens": 4096, "tolerance": 0.01, **branched},
+        "branched": {"at_fractions": [0.125, 0.25, 0.5, 1.0], "branch_tokens": 4096, "tolerance": 0.01,
+                     "rule": "relative", **branched},
     }, "study")
 
 
@@ -118,10 +133,12 @@ def _write_started(run, root: Path) -> Path:
     return path
 
 
-def make_branched_study(root: Path, outcomes=OUTCOMES, ewa: dict | None = None, **branched) -> Path:
+def make_branched_study(root: Path, outcomes=OUTCOMES, ewa: dict | None = None, eval_sigma: float | None = None,
+                        **branched) -> Path:
     """Plan with the real planner (run.yaml for every run), then finish runs as pretrain would: config.yaml,
     metrics.jsonl through the real Tracker (non-finite values as strings), result.json. `ewa`: (t, batch) ->
-    final EWA loss, written as pretrain names it, for the branches that have one."""
+    final EWA loss, written as pretrain names it, for the branches that have one. `eval_sigma`: the base run also
+    logs an eval curve (a power law) with this relative noise."""
     runs = study_mod.plan(study_config(**branched), root, root / "data")
     study_mod.write_run_inputs(runs, root)
     base = runs[0]
@@ -129,9 +146,16 @@ def make_branched_study(root: Path, outcomes=OUTCOMES, ewa: dict | None = None, 
     tracker = Tracker(path, tensorboard=False)
     tps = base.batch * SEQ_LEN
     for step in range(LOG_EVERY, TOKENS // tps + 1, LOG_EVERY):
+        v = b_simple_true(step)  # |G|^2 = 1, tr(Sigma) = v at batches 2 and 4
         tracker.log({"train/loss": 3.0, "train/noise_scale": float(b_simple_logged(step)),
-                     "train/grad_sq_small": 0.5, "train/grad_sq_big": 0.25, "train/noise_scale_batches": [2, 4]},
+                     "train/grad_sq_small": 1 + v / 2, "train/grad_sq_big": 1 + v / 4,
+                     "train/noise_scale_batches": [2, 4]},
                     step, step * tps)
+    if eval_sigma is not None:
+        rng = np.random.default_rng(0)
+        for step in sorted({round(1.2 ** k) for k in range(35)} | set(range(10, TOKENS // tps + 1, 10))):
+            loss = (2 + 5 * step ** -0.3) * math.exp(eval_sigma * rng.standard_normal())
+            tracker.log({"eval/loss": loss}, step, step * tps)
     tracker.close()
     (path / "result.json").write_text(json.dumps(_result("completed", TOKENS // tps, TOKENS, {"eval/loss": 3.0})))
     for run in runs[1:]:
@@ -176,12 +200,9 @@ def test_fit_recognises_a_branched_study_and_writes_cbs_t(branched_fit, capsys):
 def test_b_simple_of_the_base_run_is_read_at_each_branch_point(branched_fit):
     _, out = branched_fit
     rows = {int(r["tokens"]): r for r in read_csv(out / "cbs_curve.csv")}
-    tps = 4 * SEQ_LEN
-    # closest logged step to t = 8064 tokens (63 steps of 128) is 65; at t = 16000 (step 125) it is inf, so 120 or
-    # 130 (equally close: the earlier step wins)
-    assert float(rows[8064]["b_simple"]) == pytest.approx(2.0 + 65 * tps / 4000)
-    assert float(rows[16000]["b_simple"]) == pytest.approx(2.0 + 120 * tps / 4000)
-    assert float(rows[64000]["b_simple"]) == pytest.approx(2.0 + 500 * tps / 4000)
+    # the readings within 25% of t (at t = 16000 tokens, step 125, one logged inf: kept)
+    for t in (8064, 16000, 64000):
+        assert float(rows[t]["b_simple"]) == pytest.approx(b_simple_window(t))
 
 
 def test_branched_report_and_figures(branched_fit):
@@ -276,3 +297,35 @@ def test_mixed_or_unfinished_branched_studies_exit_2_and_write_nothing(tmp_path,
     assert fit_main([str(tmp_path / "mixed"), "--out", str(tmp_path / "fit")]) == 2
     assert "study.method is 'branched' in a directory read as a sweep study" in capsys.readouterr().err
     assert not (tmp_path / "fit").exists()
+
+
+def test_merrill_rule_is_the_study_default_with_an_interval_under_eval_noise(tmp_path):
+    """A study planned with the defaults records rule absolute and epsilon 0.01 nats; the fit estimates the eval
+    noise from the base run's eval curve and gives the interval under it. At t = 64000, 3.11 is 0.03 nats above
+    3.08: within 1% (the relative rule passes 16), not within 0.01 nats plus the allowance (2.4% x 0.2%)."""
+    study = make_branched_study(tmp_path / "study", eval_sigma=0.002, rule="absolute")
+    config = yaml.safe_load(next((study / "runs").glob("*_b16/run.yaml")).read_text())
+    assert (config["study"]["branch"]["rule"], config["study"]["branch"]["epsilon_nats"]) == ("absolute", 0.01)
+    assert fit_main([str(study), "--out", str(tmp_path / "fit")]) == 0
+    rows = {int(r["tokens"]): r for r in read_csv(tmp_path / "fit" / "cbs_curve.csv")}
+    got = {t: (r["cbs"], r["cbs_low"], r["cbs_high"], r["rule"]) for t, r in rows.items()}
+    assert got == {8064: ("4", "4", "8", "absolute"), 16000: ("8", "8", "16", "absolute"),
+                   32000: ("", "8", "", "absolute"), 64000: ("8", "8", "16", "absolute")}
+    assert float(rows[64000]["eval_noise"]) == pytest.approx(0.002, rel=0.35)
+    low, high = float(rows[16000]["cbs_noise_low"]), float(rows[16000]["cbs_noise_high"])
+    assert low <= 8 <= high and rows[32000]["cbs_noise_low"] == ""  # an incomplete point has none
+    branches = read_csv(tmp_path / "fit" / "branches.csv")
+    assert [b["verdict"] for b in branches if b["tokens"] == "32000"] == ["pass", "pass", "unfinished", "pending"]
+    report = (tmp_path / "fit" / "report.md").read_text()
+    assert "Rule absolute (Merrill et al.)" in report and "95% under eval noise" in report
+    # the relative rule stays selectable; --eval-noise 0 turns the allowance and the interval off
+    assert fit_main([str(study), "--out", str(tmp_path / "rel"), "--rule", "relative", "--eval-noise", "0"]) == 0
+    rows = {int(r["tokens"]): r for r in read_csv(tmp_path / "rel" / "cbs_curve.csv")}
+    assert (rows[64000]["cbs"], rows[64000]["rule"], rows[64000]["cbs_noise_low"]) == ("16", "relative", "")
+
+
+@pytest.mark.parametrize("flag, value", [("--epsilon", "-0.1"), ("--eval-noise", "nan")])
+def test_bad_rule_options_exit_2_naming_the_flag(tmp_path, flag, value, capsys):
+    study = make_branched_study(tmp_path / "study")
+    assert fit_main([str(study), "--out", str(tmp_path / "fit"), flag, value]) == 2
+    assert flag in capsys.readouterr().err

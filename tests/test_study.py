@@ -322,3 +322,15 @@ def test_branched_plan_branches_every_batch_from_each_checkpoint_of_one_base_run
         study_cfg(method="branched", hparams={"lr": [1e-3, 3e-3]})
     with pytest.raises(ConfigError, match="method branched has no target losses"):  # its base runs would be skipped
         study_cfg(method="branched", targets={"losses": {"mL2d128_d20K": 4.0, "mL2d128_d60K": 3.5}})
+
+
+def test_branched_rule_defaults_to_merrill_and_is_recorded_in_each_branch(tmp_path):
+    runs = study.plan(study_cfg(method="branched", branched={"at_fractions": [1.0]}), tmp_path, tmp_path / "data")
+    assert {(r.branch["rule"], r.branch["epsilon_nats"]) for r in runs if r.branch} == {("absolute", 0.01)}
+    runs = study.plan(study_cfg(method="branched", branched={"at_fractions": [1.0], "rule": "relative"}),
+                      tmp_path / "rel", tmp_path / "data")
+    assert {r.branch["rule"] for r in runs if r.branch} == {"relative"}
+    with pytest.raises(ConfigError, match=r"study.branched.epsilon_nats must be in \[0, 1\) nats: got -0.1"):
+        study_cfg(method="branched", branched={"epsilon_nats": -0.1})
+    with pytest.raises(ConfigError, match="study.branched.rule"):
+        study_cfg(method="branched", branched={"rule": "median"})
