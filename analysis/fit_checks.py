@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 from scipy import stats
@@ -138,7 +137,3 @@ def reference_batch_warning(reference_batch: float, observed_batches) -> str:
     return (f"reference batch B0={reference_batch:g} is outside the measured batches {lo:g}..{hi:g}: S(B0) is "
             "extrapolated from the fit and the CBS inherits that extrapolation; choose --reference-batch within "
             "the sweep")
-
-
-def z_of(level: float) -> float:
-    return NormalDist().inv_cdf((1 + level) / 2)
