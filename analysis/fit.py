@@ -457,12 +457,13 @@ def fit_warnings(fit: HyperbolaFit, batch: np.ndarray, cbs: float, reference_bat
 def _bracket_warnings(b_noise: float, batch: np.ndarray, bound_batches: list[int]) -> list[str]:
     """Whether the sweep brackets B_noise, counting the censored batches (lower bounds S > cap) as measured."""
     everything = [*batch, *bound_batches]
+    counted = f" ({len(bound_batches)} censored one(s) counted)" if bound_batches else ""
     if b_noise > max(everything):
-        return [f"the sweep does not bracket B_noise={b_noise:.3g}: every batch is below it ({len(bound_batches)} "
-                "censored one(s) counted), so S_min is extrapolated; add larger batches"]
+        return [f"the sweep does not bracket B_noise={b_noise:.3g}: every batch is below it{counted}, so S_min is "
+                "extrapolated; add larger batches"]
     if b_noise < min(everything):
-        return [f"the sweep does not bracket B_noise={b_noise:.3g}: every batch is above it ({len(bound_batches)} "
-                "censored one(s) counted), so the 1/B regime is not measured; add smaller batches"]
+        return [f"the sweep does not bracket B_noise={b_noise:.3g}: every batch is above it{counted}, so the 1/B "
+                "regime is not measured; add smaller batches"]
     above = [b for b in bound_batches if b > b_noise]
     if b_noise > batch.max():
         return [f"B_noise={b_noise:.3g} is above every batch that reached the target; only the censored batch(es) "
