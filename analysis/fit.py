@@ -257,8 +257,8 @@ def bootstrap_hyperbola(batch, steps, fit: HyperbolaFit, n_resamples: int, rng: 
 
     Every resample puts Gaussian errors of s.d. sigma on the fitted log S at the reached points and is refitted
     (Davison & Hinkley 1997, sec. 2.2); a censored batch is redrawn too and stays a lower bound only above its
-    cap (`_censored_resamples`). sigma is the study's pooled residual scale (`noise`, analysis/fit_checks.py) floored at SIGMA_FLOOR, or without one the
-    setting's own sqrt(RSS / (n - 2)). Each percentile interval of (log S_min, log B_noise) is expanded about the
+    cap (`_censored_resamples`). sigma is the study's pooled residual scale (`noise`, analysis/fit_checks.py)
+    floored at SIGMA_FLOOR, or without one the setting's own sqrt(RSS / (n - 2)). Each percentile interval of (log S_min, log B_noise) is expanded about the
     estimate by t_{dof, q} / z_q, q = (1 + level)/2, dof that of sigma (Hesterberg 2015, Am. Stat. 69, sec. 5,
     "expanded percentile"): the bootstrap knows neither the t-tails of an estimated scale nor the lost dof.
     Why not the setting's own residuals: with 3 batches they have 1 dof, so a lucky draw with small residuals

@@ -30,8 +30,8 @@ SCALING_VERSION = 2
 laws_s_min, collinearity, excluded settings, warnings and throughput; version 1 keys are unchanged."""
 CBS_COLUMNS = ["setting", "model_params", "tokens", "s_min", "b_noise", "cbs", "cbs_low", "cbs_high",
                "s_min_low", "s_min_high", "b_noise_low", "b_noise_high", "reference_batch", "n_batches", "note",
-               "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "in_b_noise_laws", "law_note",
-               "lack_of_fit", "noise_sd", "noise_dof", "warnings", "b_simple", "b_simple_source"]
+               "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "in_b_noise_laws",
+               "law_note", "lack_of_fit", "noise_sd", "noise_dof", "warnings", "b_simple", "b_simple_source"]
 """`in_laws`: a point in the CBS laws; `in_b_noise_laws`: in the B_noise and S_min laws; `law_note`: why not (a
 one-sided bound, lack of fit, no fit); `lack_of_fit`: the hyperbola does not describe the setting (why in
 `warnings`); `noise_sd`, `noise_dof`: the residual scale of log S its intervals used (pooled over the study)."""
