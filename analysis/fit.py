@@ -28,15 +28,15 @@ from statistics import NormalDist
 import numpy as np
 from scipy import special, stats
 
+from analysis.fit_checks import (
+    SIGMA_FLOOR, NoiseLevel, b_noise_bound, cbs_bound, lack_of_fit, pooled_noise, reference_batch_warning,
+)
 from analysis.steps import Setting, StepsPoint
 
 LEVEL = 0.95
 MIN_BATCHES = 3
 """Fewer usable batch sizes than this and a setting is reported as insufficient (2 parameters + 1 dof)."""
 DEGRADATION_OVERHEADS = (0.1, 0.2, 0.5, 1.0)
-SIGMA_FLOOR = 0.01
-"""Smallest residual s.d. of log S used by the censored likelihood: with 3 points the estimate has 1 dof and can
-be ~0, which would turn a lower bound into a hard wall; 1% is below any run-to-run spread we have seen."""
 BOUND_CONFLICT_Z = 2.0
 """Warn when a censored batch's bound stays this many residual s.d. (of log S) above the fitted curve."""
 B0_SHARE_WARNING = 0.5
@@ -215,11 +215,12 @@ def residual_scale(rss: float, n_points: int) -> float:
     return math.sqrt(rss / (n_points - 2)) if n_points > 2 else math.nan
 
 
-def fit_hyperbola(batch, steps, censored_batch=(), caps=()) -> HyperbolaFit:
+def fit_hyperbola(batch, steps, censored_batch=(), caps=(), noise: NoiseLevel | None = None) -> HyperbolaFit:
     """Fit of log S = log(a + b/B) with a, b > 0 (McCandlish et al. 2018, eq. 2.11).
 
     With lower bounds S(B_j) > cap_j: the censored (Tobit) likelihood of `fit_log_hyperbola`, its scale s the
-    plain fit's residual scale sqrt(RSS / (n - 2)) floored at SIGMA_FLOOR.
+    study's pooled noise level when given (`noise`), else the plain fit's residual scale sqrt(RSS / (n - 2));
+    floored at SIGMA_FLOOR either way.
     """
     batch, steps = np.asarray(batch, float), np.asarray(steps, float)
     y = np.log(steps)
@@ -227,7 +228,8 @@ def fit_hyperbola(batch, steps, censored_batch=(), caps=()) -> HyperbolaFit:
     censoring = None
     if len(caps):
         rss0 = float(((y - plain.fitted[0]) ** 2).sum())
-        sigma = max(residual_scale(rss0, len(batch)), SIGMA_FLOOR) if len(batch) > 2 else SIGMA_FLOOR
+        own = residual_scale(rss0, len(batch)) if len(batch) > 2 else SIGMA_FLOOR
+        sigma = noise.scale if noise is not None else max(own, SIGMA_FLOOR)
         censoring = Censoring(np.asarray(censored_batch, float), np.log(np.asarray(caps, float)), sigma)
     f = plain if censoring is None else fit_log_hyperbola(batch, y[None, :], censoring)
     return HyperbolaFit(s_min=float(np.exp(f.log_s_min[0])), b_noise=float(np.exp(f.log_b_noise[0])),
@@ -249,18 +251,20 @@ class BootstrapIntervals:
 
 
 def bootstrap_hyperbola(batch, steps, fit: HyperbolaFit, n_resamples: int, rng: np.random.Generator,
-                        level: float = LEVEL, censoring: Censoring | None = None) -> BootstrapIntervals:
-    """Intervals for S_min and B_noise: residual bootstrap over the batch points, t-expanded percentile.
+                        level: float = LEVEL, censoring: Censoring | None = None,
+                        noise: NoiseLevel | None = None) -> BootstrapIntervals:
+    """Intervals for S_min and B_noise: parametric bootstrap at a pooled noise level, t-expanded percentile.
 
-    The n residuals of log S at the reached points, rescaled by sqrt(n/(n-2)) (2 fitted parameters) and centred,
-    are resampled with replacement onto the fitted curve, and every resample is refitted (Davison & Hinkley
-    1997, alg. 6.1), with the same lower bounds when there are censored points. With 3-9 batch points the plain
-    percentile interval of (log S_min, log B_noise) under-covers (~80% for a nominal 95% at n = 4-6, in our
-    simulations; resampling the (B, S) pairs was worse, ~65-85%), because the bootstrap distribution knows
-    neither the t-tails of an estimated scale nor the lost degrees of freedom. So each percentile interval is
-    expanded about the estimate by t_{n-2, q}/z_q, q = (1 + level)/2 (the small-sample correction of
-    Hesterberg's "expanded percentile" interval, Hesterberg 2015, Am. Stat. 69, sec. 5): simulated coverage
-    92-97% for n = 3..9 and noise 3-20% (tests/test_fit.py checks >= 90%).
+    Every resample puts Gaussian errors of s.d. sigma on the fitted log S at the reached points and is refitted
+    (Davison & Hinkley 1997, sec. 2.2); a censored batch is redrawn too and stays a lower bound only above its
+    cap (`_censored_resamples`). sigma is the study's pooled residual scale (`noise`, analysis/fit_checks.py)
+    floored at SIGMA_FLOOR, or without one the setting's own sqrt(RSS / (n - 2)). Each percentile interval of (log S_min, log B_noise) is expanded about the
+    estimate by t_{dof, q} / z_q, q = (1 + level)/2, dof that of sigma (Hesterberg 2015, Am. Stat. 69, sec. 5,
+    "expanded percentile"): the bootstrap knows neither the t-tails of an estimated scale nor the lost dof.
+    Why not the setting's own residuals: with 3 batches they have 1 dof, so a lucky draw with small residuals
+    gave a collapsed interval (three points on the curve: a zero-width one; at 5% noise 1 in 8 3-batch intervals
+    was under 1/5 of the median width and covered 55%), and t_1/z = 6.5 made the others very wide. Pooled over a
+    3 x 3 study the scale has 9-36 dof (coverage in bench/fit_coverage.py).
     Resamples at the upper search bound of B_noise (S ~ 1/B, no saturation) make the upper limit +inf.
     """
     batch, y = np.asarray(batch, float), np.log(np.asarray(steps, float))
@@ -268,10 +272,12 @@ def bootstrap_hyperbola(batch, steps, fit: HyperbolaFit, n_resamples: int, rng: 
     if n < MIN_BATCHES:
         raise ValueError(f"a bootstrap of a 2-parameter fit needs >= {MIN_BATCHES} batch sizes: got {n}")
     fitted = np.log(fit.steps(batch))
-    e = (y - fitted) * math.sqrt(n / (n - 2))
-    e -= e.mean()
-    star = fit_log_hyperbola(batch, fitted + e[rng.integers(0, n, size=(n_resamples, n))], censoring)
-    widen = stats.t.ppf((1 + level) / 2, n - 2) / NormalDist().inv_cdf((1 + level) / 2)
+    if noise is None:
+        noise = NoiseLevel(residual_scale(float(((y - fitted) ** 2).sum()), n), n - 2)
+    y_star = fitted + noise.scale * rng.standard_normal((n_resamples, n))
+    star = (fit_log_hyperbola(batch, y_star, censoring) if censoring is None
+            else _censored_resamples(batch, y_star, fit, censoring, noise.scale, rng))
+    widen = stats.t.ppf((1 + level) / 2, noise.dof) / NormalDist().inv_cdf((1 + level) / 2)
     lo_s, hi_s = _expanded_percentile(math.log(fit.s_min), star.log_s_min, level, widen)
     lo_b, hi_b = _expanded_percentile(math.log(fit.b_noise), star.log_b_noise, level, widen)
     tail = (1 - level) / 2
@@ -280,6 +286,27 @@ def bootstrap_hyperbola(batch, steps, fit: HyperbolaFit, n_resamples: int, rng: 
     if np.mean(star.bound == -1) > tail:
         lo_b = 0.0
     return BootstrapIntervals(s_min=(lo_s, hi_s), b_noise=(lo_b, hi_b), n_resamples=n_resamples, level=level)
+
+
+def _censored_resamples(batch, y_star, fit: HyperbolaFit, cens: Censoring, sigma: float,
+                        rng: np.random.Generator) -> LogHyperbolaFits:
+    """Refits of resamples that redraw the censored batches too: each one's log S is drawn on the fitted curve and
+    stays a lower bound only when it lands above its cap, else it is a reached point. Keeping the bounds fixed
+    instead ignores that censoring is itself random, and 6-batch settings with a censored largest batch covered
+    ~50% (bench/fit_coverage.py). Resamples are refitted in groups of one censoring pattern (2^k for k bounds).
+    Returns the fits in resample order (`fitted` is not filled)."""
+    y_c = np.log(fit.steps(cens.batch)) + sigma * rng.standard_normal((len(y_star), len(cens.batch)))
+    over = y_c > cens.log_caps
+    out = {k: np.empty(len(y_star)) for k in ("log_s_min", "log_b_noise", "bound")}
+    for pattern in np.unique(over, axis=0):
+        rows = (over == pattern).all(axis=1)
+        reached = np.concatenate([batch, cens.batch[~pattern]])
+        ys = np.concatenate([y_star[rows], y_c[rows][:, ~pattern]], axis=1)
+        bounds = Censoring(cens.batch[pattern], cens.log_caps[pattern], sigma) if pattern.any() else None
+        f = fit_log_hyperbola(reached, ys, bounds)
+        for k in out:
+            out[k][rows] = getattr(f, k)
+    return LogHyperbolaFits(out["log_s_min"], out["log_b_noise"], out["bound"], np.empty((len(y_star), 0)))
 
 
 def _expanded_percentile(estimate: float, replicates: np.ndarray, level: float, widen: float):
@@ -341,10 +368,32 @@ class CbsEstimate:
     warnings: tuple[str, ...] = ()
     n_censored: int = 0
     """Censored batches that entered the fit as lower bounds."""
+    lack_of_fit: tuple[str, ...] = ()
+    """Why the hyperbola does not describe this setting (analysis/fit_checks.py); then it is in no law."""
+    cbs_bound: str = ""
+    """Why the CBS is only a one-sided bound (not bracketed by the sweep); then it is in no CBS law."""
+    b_noise_bound: str = ""
+    """Why B_noise is only a one-sided bound; then it is in no B_noise or S_min law."""
+    noise: NoiseLevel | None = None
+    """The residual scale of log S its intervals (and censored likelihood) used: pooled over the study."""
 
     @property
     def fitted(self) -> bool:
         return math.isfinite(self.cbs)
+
+    @property
+    def cbs_exclusion(self) -> str:
+        """Why the CBS laws leave this setting out ('' when it is a point in them)."""
+        if not self.fitted:
+            return self.note or "not fitted"
+        if self.lack_of_fit:
+            return "; ".join(self.lack_of_fit)
+        return self.cbs_bound
+
+    @property
+    def b_noise_exclusion(self) -> str:
+        """Why the B_noise and S_min laws leave this setting out ('' when it is a point in them)."""
+        return self.cbs_exclusion if not self.fitted or self.lack_of_fit else self.b_noise_bound
 
     @property
     def b0_share(self) -> float:
@@ -393,12 +442,8 @@ def fit_warnings(fit: HyperbolaFit, batch: np.ndarray, cbs: float, reference_bat
     elif fit.bound == -1:
         out.append(f"B_noise at the lower search bound: S is flat from B={batch.min():g} on; B_noise is not "
                    "measured, add smaller batches")
-    elif fit.b_noise > batch.max():
-        out.append(f"the sweep does not bracket B_noise={fit.b_noise:.3g}: every batch is below it, so S_min is "
-                   "extrapolated; add larger batches")
-    elif fit.b_noise < batch.min():
-        out.append(f"the sweep does not bracket B_noise={fit.b_noise:.3g}: every batch is above it, so the 1/B "
-                   "regime is not measured; add smaller batches")
+    else:
+        out += _bracket_warnings(fit.b_noise, batch, [p.batch_size for p in bounds])
     share = (1 + overhead) * reference_batch / cbs if math.isfinite(cbs) else math.nan
     if share >= B0_SHARE_WARNING:
         out.append(f"CBS ~ (1+o)B0: the reference-batch term {(1 + overhead) * reference_batch:.3g} is "
@@ -407,6 +452,29 @@ def fit_warnings(fit: HyperbolaFit, batch: np.ndarray, cbs: float, reference_bat
     if math.isinf(cbs_ci[1]):
         out.append("CBS interval unbounded above: in more than 2.5% of bootstrap resamples S ~ 1/B throughout")
     return tuple(out)
+
+
+def _bracket_warnings(b_noise: float, batch: np.ndarray, bound_batches: list[int]) -> list[str]:
+    """Whether the sweep brackets B_noise, counting the censored batches (lower bounds S > cap) as measured."""
+    everything = [*batch, *bound_batches]
+    counted = f" ({len(bound_batches)} censored one(s) counted)" if bound_batches else ""
+    if b_noise > max(everything):
+        return [f"the sweep does not bracket B_noise={b_noise:.3g}: every batch is below it{counted}, so S_min is "
+                "extrapolated; add larger batches"]
+    if b_noise < min(everything):
+        return [f"the sweep does not bracket B_noise={b_noise:.3g}: every batch is above it{counted}, so the 1/B "
+                "regime is not measured; add smaller batches"]
+    above = [b for b in bound_batches if b > b_noise]
+    if b_noise > batch.max():
+        return [f"B_noise={b_noise:.3g} is above every batch that reached the target; only the censored batch(es) "
+                f"B={', '.join(f'{b:g}' for b in above)} above it bracket it, as lower bounds S > cap: train them "
+                "longer"]
+    below = [b for b in bound_batches if b < b_noise]
+    if b_noise < batch.min():
+        return [f"B_noise={b_noise:.3g} is below every batch that reached the target; only the censored batch(es) "
+                f"B={', '.join(f'{b:g}' for b in below)} below it bracket it, as lower bounds S > cap: train them "
+                "longer"]
+    return []
 
 
 def _fit_note(fit: HyperbolaFit, cbs: float, max_batch: float) -> str:
@@ -418,12 +486,16 @@ def _fit_note(fit: HyperbolaFit, cbs: float, max_batch: float) -> str:
 
 def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float,
                      reference_batch: float | None = None, n_resamples: int = 1000, seed: int = 0,
-                     level: float = LEVEL, overheads=DEGRADATION_OVERHEADS) -> CbsEstimate:
+                     level: float = LEVEL, overheads=DEGRADATION_OVERHEADS, noise: NoiseLevel | None = None,
+                     check_noise: NoiseLevel | None = None) -> CbsEstimate:
     """Fit S(B) (censored batches as lower bounds), then B* = (1 + o) B0 + o B_noise with intervals.
 
     B0 defaults to the smallest batch of the setting, censored or not: B0 only anchors the linear-scaling line
     S(B0) B0/B on the fitted curve, and a study's settings then share the B0 of their common batch grid, so that
     their CBS are comparable (a censored smallest batch would otherwise shift one setting's B0).
+    `noise`: the study's pooled residual scale of log S for the intervals and the censored likelihood (None: the
+    setting's own); `check_noise`: the other settings' pooled scale the lack-of-fit checks compare with (None:
+    the setting's own, which only the monotonicity check can use). `fit_settings` gives both.
     """
     usable = [p for p in points if not p.censored]
     bounds = [p for p in points if p.lower_bound]
@@ -434,22 +506,48 @@ def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float
         return CbsEstimate(**base, note=f"insufficient: {len(usable)} batch size(s) reached the target, "
                                          f"need >= {MIN_BATCHES}")
     steps = np.array([p.steps for p in usable], float)
-    fit = fit_hyperbola(batch, steps, [p.batch_size for p in bounds], [p.censored_at_steps for p in bounds])
-    base.update(fit=fit, diagnostics=diagnostics(fit, batch, steps), n_censored=len(bounds))
+    fit = fit_hyperbola(batch, steps, [p.batch_size for p in bounds], [p.censored_at_steps for p in bounds], noise)
+    diag = diagnostics(fit, batch, steps)
+    shape = lack_of_fit(batch, np.log(steps), np.log(fit.steps(batch)),
+                        check_noise or NoiseLevel(diag.residual_sd, len(batch) - 2))
+    if shape and check_noise is None:  # the own scale cannot judge the residual size: only monotonicity ran
+        shape = tuple(w for w in shape if w.startswith("not monotone"))
+    noise = _interval_noise(noise, diag, bool(shape))
+    base.update(fit=fit, diagnostics=diag, n_censored=len(bounds), lack_of_fit=shape, noise=noise)
     if fit.bound == 1:
-        return CbsEstimate(**base, warnings=fit_warnings(fit, batch, math.nan, b0, overhead, NAN2, bounds),
+        return CbsEstimate(**base, warnings=shape + fit_warnings(fit, batch, math.nan, b0, overhead, NAN2, bounds)
+                           + _b0_warning(reference_batch, [*batch, *(p.batch_size for p in bounds)]),
                            note=f"no saturation: S ~ 1/B up to B={batch.max():g}; CBS is beyond the measured "
                                 "batch sizes")
     cbs = float(critical_batch_size(fit.b_noise, b0, overhead))
-    base.update(s_min=fit.s_min, b_noise=fit.b_noise, cbs=cbs, note=_fit_note(fit, cbs, float(batch.max())))
+    observed = [*batch, *(p.batch_size for p in bounds)]
+    base.update(s_min=fit.s_min, b_noise=fit.b_noise, cbs=cbs, note=_fit_note(fit, cbs, float(batch.max())),
+                cbs_bound=cbs_bound(cbs, observed), b_noise_bound=b_noise_bound(fit.b_noise, observed))
     if n_resamples > 0:
         ci = bootstrap_hyperbola(batch, steps, fit, n_resamples, setting_rng(seed, setting.name), level,
-                                 fit.censoring)
+                                 fit.censoring, noise)
         cbs_ci = tuple(float(critical_batch_size(v, b0, overhead)) for v in ci.b_noise)  # affine in B_noise
         base.update(s_min_ci=ci.s_min, b_noise_ci=ci.b_noise, cbs_ci=cbs_ci)
     return CbsEstimate(**base, degradation=degradation_range(fit.b_noise, base.get("b_noise_ci", NAN2), b0,
                                                              overheads),
-                       warnings=fit_warnings(fit, batch, cbs, b0, overhead, base.get("cbs_ci", NAN2), bounds))
+                       warnings=shape + fit_warnings(fit, batch, cbs, b0, overhead, base.get("cbs_ci", NAN2),
+                                                     bounds) + _b0_warning(reference_batch, observed))
+
+
+def _b0_warning(reference_batch: float | None, observed: list[float]) -> tuple[str, ...]:
+    """A --reference-batch outside the batches measured (reached or lower bound); the default B0, the
+    setting's smallest batch, is its own choice."""
+    warning = reference_batch_warning(reference_batch, observed) if reference_batch else ""
+    return (warning,) if warning else ()
+
+
+def _interval_noise(noise: NoiseLevel | None, diag: Diagnostics, lacks_fit: bool) -> NoiseLevel:
+    """The scale of a setting's intervals: the pooled one, or the setting's own where that is larger and the
+    hyperbola does not describe the setting (its own scatter is then real); its own without a pooled one."""
+    own = NoiseLevel(diag.residual_sd, len(diag.batches) - 2, ())
+    if noise is None or (lacks_fit and own.sigma > noise.sigma):
+        return own
+    return noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,6 +557,26 @@ def estimate_setting(setting: Setting, points: list[StepsPoint], overhead: float
 def fit_settings(points_of, settings: list[Setting], overhead: float = 0.2, reference_batch: float | None = None,
                  n_resamples: int = 1000, seed: int = 0, level: float = LEVEL,
                  overheads=DEGRADATION_OVERHEADS) -> list[CbsEstimate]:
-    """Every setting's fit; `points_of(name)` gives its points sorted by batch."""
-    return [estimate_setting(s, points_of(s.name), overhead, reference_batch, n_resamples, seed, level, overheads)
+    """Every setting's fit; `points_of(name)` gives its points sorted by batch.
+
+    Two passes: plain fits give each setting's residual sum of squares of log S; each setting is checked for
+    lack of fit against the pooled scale of the *others*, and its intervals use the scale pooled over the
+    settings that passed (analysis/fit_checks.py; docs/method.md, "Pooled noise level").
+    """
+    parts = {s.name: _residual_part(points_of(s.name)) for s in settings}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    first = [estimate_setting(s, points_of(s.name), overhead, reference_batch, 0, seed, level, overheads,
+                              check_noise=pooled_noise(parts, leave_out=(s.name,))) for s in settings]
+    noise = pooled_noise(parts, leave_out=[e.setting.name for e in first if e.lack_of_fit])
+    return [estimate_setting(s, points_of(s.name), overhead, reference_batch, n_resamples, seed, level, overheads,
+                             noise=noise, check_noise=pooled_noise(parts, leave_out=(s.name,)))
             for s in settings]
+
+
+def _residual_part(points: list[StepsPoint]) -> tuple[float, int] | None:
+    """(RSS of log S, n - 2) of the plain fit at the reached points; None with fewer than MIN_BATCHES."""
+    usable = [p for p in points if not p.censored]
+    if len(usable) < MIN_BATCHES:
+        return None
+    batch = np.array([p.batch_size for p in usable], float)
+    return fit_hyperbola(batch, np.array([p.steps for p in usable], float)).rss, len(usable) - 2

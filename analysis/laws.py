@@ -14,7 +14,10 @@ Zhang et al. 2025 (arXiv 2410.21676, sec. 4) fit B* = c D^a and B* = c N^b one v
   o B_noise is not >> (1 + o) B0, while B_noise itself has none;
 - the weighted CBS law: log B*_i has measurement variance se_i^2 = ((log hi_i - log lo_i) / (2 z_q))^2 from its
   bootstrap interval; WLS with weights 1 / se_i^2 (statsmodels estimates the common scale, so intervals stay
-  honest when the bootstrap se are off by a factor). Settings with an unbounded interval get weight 0.
+  honest when the bootstrap se are off by a factor). Settings with an unbounded interval get weight 0. Only
+  where the weights can be trusted (`untrusted_weights`): intervals at one pooled noise level.
+Only settings whose CBS (for the B_noise and S_min laws: whose B_noise) the sweep brackets and whose S(B) the
+hyperbola describes are points in a law (CbsEstimate.cbs_exclusion / b_noise_exclusion).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ RESPONSES = {"cbs": "CBS", "b_noise": "B_noise", "s_min": "S_min"}
 SE_FLOOR = 0.01
 """Smallest se of log CBS a weight may assume (1%): a zero-width interval (noiseless points) must not take all
 the weight."""
+WEIGHT_MIN_DOF = 10
+"""Residual dof each setting's own noise scale needs before its interval may set a weight (relative s.d. of the
+scale estimate ~1/sqrt(2 dof) = 22%)."""
 COLLINEAR_R2 = 0.99
 """R^2 of log D on log N at or above which the joint law is not identifiable (variance inflation >= 100: the
 standard error of each exponent is >= 10x what an orthogonal design of the same spread would give)."""
@@ -239,10 +245,15 @@ class LawSet:
     b_noise: dict[str, PowerLaw] = field(default_factory=dict)
     s_min: dict[str, PowerLaw] = field(default_factory=dict)
     excluded: list[tuple[str, str]] = field(default_factory=list)
-    """(setting, why) of the settings no law uses."""
+    """(setting, why) of the settings the CBS laws leave out (a one-sided CBS, lack of fit, no fit)."""
+    excluded_b_noise: list[tuple[str, str]] = field(default_factory=list)
+    """(setting, why) of the settings in the CBS laws that the B_noise and S_min laws leave out (B_noise a
+    one-sided bound)."""
     unweighted: list[tuple[str, str]] = field(default_factory=list)
     """(setting, why) of the fitted settings the weighted laws give weight 0."""
     collinearity: Collinearity | None = None
+    weighted_note: str = ""
+    """Why there are no weighted laws although the settings have intervals (then the plain OLS laws stand)."""
 
     def families(self) -> dict[str, dict[str, PowerLaw]]:
         return {"cbs": self.cbs, "cbs_weighted": self.cbs_weighted, "b_noise": self.b_noise, "s_min": self.s_min}
@@ -288,16 +299,52 @@ def _joint(x: dict, y, response: str, names: list[str], coll: Collinearity, weig
 
 
 def fit_laws(estimates: list[CbsEstimate], level: float = LEVEL) -> LawSet:
-    """Every law over the settings with a CBS; what is left out is listed with why."""
-    ok = [e for e in estimates if e.fitted]
-    out = LawSet(excluded=[(e.setting.name, e.note or "not fitted") for e in estimates if not e.fitted])
+    """Every law over the settings whose CBS (for B_noise and S_min: whose B_noise) the sweep brackets and the
+    hyperbola describes; what is left out is listed with why (docs/method.md, "What enters a law")."""
+    ok = [e for e in estimates if not e.cbs_exclusion]
+    noise_ok = [e for e in estimates if not e.b_noise_exclusion]
+    out = LawSet(excluded=[(e.setting.name, e.cbs_exclusion) for e in estimates if e.cbs_exclusion],
+                 excluded_b_noise=[(e.setting.name, e.b_noise_exclusion) for e in estimates
+                                   if e.b_noise_exclusion and not e.cbs_exclusion])
+    if noise_ok:
+        coll = collinearity([e.setting.model_params for e in noise_ok], [e.setting.tokens for e in noise_ok])
+        out.b_noise = _family(noise_ok, [e.b_noise for e in noise_ok], "b_noise", coll, level=level)
+        out.s_min = _family(noise_ok, [e.s_min for e in noise_ok], "s_min", coll, level=level)
+        out.collinearity = coll
     if not ok:
         return out
     coll = collinearity([e.setting.model_params for e in ok], [e.setting.tokens for e in ok])
     out.collinearity = coll
     out.cbs = _family(ok, [e.cbs for e in ok], "cbs", coll, level=level)
-    out.b_noise = _family(ok, [e.b_noise for e in ok], "b_noise", coll, level=level)
-    out.s_min = _family(ok, [e.s_min for e in ok], "s_min", coll, level=level)
+    _weighted(out, ok, coll, level)
+    return out
+
+
+def untrusted_weights(ok: list[CbsEstimate]) -> str:
+    """Why weights 1/se_i^2 from the settings' intervals cannot be trusted ('' when they can).
+
+    Intervals computed at one pooled noise level differ only by each setting's design (its batches and where its
+    B_noise falls), so their ratios are known without noise. Intervals each at the setting's own residual scale
+    are as noisy as that scale: with 1-2 dof (3-4 batches) the weights are mostly noise, correlate with the
+    residuals, and the weighted laws covered 68-83% and scattered more than OLS in simulation; so those need
+    WEIGHT_MIN_DOF dof each.
+    """
+    if any(e.noise is None for e in ok):
+        return "some CBS intervals record no noise level"
+    if len({e.noise for e in ok}) == 1:
+        return ""
+    few = [e.setting.name for e in ok if e.noise.dof < WEIGHT_MIN_DOF]
+    if few:
+        return (f"the intervals of {len(few)} setting(s) rest on their own residual scale with fewer than "
+                f"{WEIGHT_MIN_DOF} dof, not on one pooled scale: their widths, hence the weights, are mostly noise")
+    return ""
+
+
+def _weighted(out: LawSet, ok: list[CbsEstimate], coll: Collinearity, level: float) -> None:
+    """The WLS CBS laws, weights 1/se_i^2 from each setting's interval, where those weights can be trusted."""
+    out.weighted_note = untrusted_weights(ok)
+    if out.weighted_note:
+        return
     se = np.array([log_interval_se(e.cbs_ci, level) for e in ok])
     out.unweighted = [(e.setting.name, "no interval (--bootstrap 0)" if math.isnan(e.cbs_ci[0]) else
                        f"CBS interval [{e.cbs_ci[0]:.4g}, {e.cbs_ci[1]:.4g}] is open") for e, s in zip(ok, se)
@@ -305,7 +352,6 @@ def fit_laws(estimates: list[CbsEstimate], level: float = LEVEL) -> LawSet:
     if np.isfinite(se).sum() >= 2:
         weights = np.where(np.isfinite(se), 1.0 / np.maximum(se, SE_FLOOR) ** 2, 0.0)
         out.cbs_weighted = _family(ok, [e.cbs for e in ok], "cbs", coll, weights, level)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,12 @@ SCALING_VERSION = 2
 laws_s_min, collinearity, excluded settings, warnings and throughput; version 1 keys are unchanged."""
 CBS_COLUMNS = ["setting", "model_params", "tokens", "s_min", "b_noise", "cbs", "cbs_low", "cbs_high",
                "s_min_low", "s_min_high", "b_noise_low", "b_noise_high", "reference_batch", "n_batches", "note",
-               "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "warnings", "b_simple",
-               "b_simple_source", "b_simple_unusable"]
+               "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "in_b_noise_laws",
+               "law_note", "lack_of_fit", "noise_sd", "noise_dof", "warnings", "b_simple", "b_simple_source",
+               "b_simple_unusable"]
+"""`in_laws`: a point in the CBS laws; `in_b_noise_laws`: in the B_noise and S_min laws; `law_note`: why not (a
+one-sided bound, lack of fit, no fit); `lack_of_fit`: the hyperbola does not describe the setting (why in
+`warnings`); `noise_sd`, `noise_dof`: the residual scale of log S its intervals used (pooled over the study)."""
 STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "censored", "runs", "best_run",
                  "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual"]
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
@@ -80,14 +84,17 @@ def steps_csv(fit: StudyFit) -> bytes:
 
 def cbs_csv(fit: StudyFit) -> bytes:
     in_laws = set(next(iter(fit.laws.cbs.values())).settings) if fit.laws.cbs else set()
+    in_noise_laws = set(next(iter(fit.laws.b_noise.values())).settings) if fit.laws.b_noise else set()
     rows = []
     for e in fit.estimates:
         d, noise = e.diagnostics, fit.b_simple.get(e.setting.name)
         rows.append([e.setting.name, e.setting.model_params, e.setting.tokens, e.s_min, e.b_noise, e.cbs,
                      *e.cbs_ci, *e.s_min_ci, *e.b_noise_ci, e.reference_batch, e.n_batches, e.note, e.n_censored,
                      d.residual_sd if d else None, d.max_abs_residual if d else None, d.r2 if d else None,
-                     e.b0_share, e.setting.name in in_laws, " | ".join(e.warnings), noise and noise.value,
-                     noise and noise.source, noise and noise.unusable])
+                     e.b0_share, e.setting.name in in_laws, e.setting.name in in_noise_laws,
+                     e.cbs_exclusion or e.b_noise_exclusion, bool(e.lack_of_fit),
+                     e.noise.sigma if e.noise else None, e.noise.dof if e.noise else None, " | ".join(e.warnings),
+                     noise and noise.value, noise and noise.source, noise and noise.unusable])
     return csv_bytes(CBS_COLUMNS, rows)
 
 
@@ -125,7 +132,9 @@ def scaling_json(fit: StudyFit) -> bytes:
             "r2_log_tokens_on_log_params": json_num(coll.r2), "slope": json_num(coll.slope),
             "tokens_per_param": json_num(coll.ratio), "collinear": coll.collinear},
         "excluded_settings": [{"setting": s, "why": w} for s, w in laws.excluded],
+        "excluded_settings_b_noise": [{"setting": s, "why": w} for s, w in laws.excluded_b_noise],
         "unweighted_settings": [{"setting": s, "why": w} for s, w in laws.unweighted],
+        "weighted_laws_note": laws.weighted_note or None,
         "warnings": study_warnings(fit),
         "throughput": {"source": fit.throughput.source, "unit": "tokens_per_s", "points": [
             {"model_params": p.model_params, "batch_size": p.batch_size, "gpus": p.gpus,

@@ -65,14 +65,18 @@ def _method_lines(fit: StudyFit) -> list[str]:
         f"{', '.join(f'{v:g}' for v in fit.overheads)}.",
     ]
     if fit.n_resamples > 0:
-        lines.append(f"- Intervals ({fit.level:.0%}): residual bootstrap over the batch points ({fit.n_resamples} "
-                     f"resamples, seed {fit.seed}), percentile interval of log S_min and log B_noise expanded by "
-                     "t(n-2)/z for the few points per setting; the CBS interval maps from B_noise's.")
+        lines.append(f"- Intervals ({fit.level:.0%}): parametric bootstrap at the study's pooled residual scale "
+                     f"of log S ({fit.n_resamples} resamples, seed {fit.seed}), percentile interval of log S_min and "
+                     "log B_noise expanded by t(dof)/z, dof those of the pooled scale; the CBS interval maps from "
+                     "B_noise's.")
     else:
         lines.append("- Intervals: none per setting (--bootstrap 0), so no weighted laws.")
     lines.append("- Scaling laws: OLS of log Y on log D, log N, log C (C = 6ND) and jointly on (log D, log N) "
-                 "over the fitted settings (statsmodels), for Y = CBS, B_noise and S_min; t intervals. The weighted "
-                 "CBS laws use WLS with weights 1/se^2, se the width of each setting's log CBS interval.")
+                 "over the settings whose CBS (for B_noise and S_min: whose B_noise) lies within the sweep and "
+                 "whose S(B) the hyperbola describes (statsmodels), for Y = CBS, B_noise and S_min; t intervals. "
+                 "The others are one-sided bounds or misfits, listed under Scaling laws. The weighted CBS laws use "
+                 "WLS with weights 1/se^2, se the width of each setting's log CBS interval, when the intervals "
+                 "share one pooled noise scale.")
     if fit.table.shared_runs:
         lines.append("- One sweep serves several data budgets: a run trained to the largest budget also gives the "
                      "crossings of the smaller budgets' targets. Only the warmup (a share of the reference run) "
@@ -135,8 +139,13 @@ def _residual_lines(fit: StudyFit) -> list[str]:
         r = dict(zip(e.diagnostics.batches, e.diagnostics.residuals))
         rows.append([e.setting.name] + [f"{100 * r[b]:+.1f}%" if b in r else "" for b in batches]
                     + [f"{100 * e.diagnostics.max_abs_residual:.1f}%"])
+    noise = next((e.noise for e in with_fit if e.noise is not None and not e.lack_of_fit), None)
+    pooled = (f" The study's pooled residual s.d. of log S is {noise.describe()}; a setting whose S(B) rises with B "
+              "or whose residuals are too large for it is flagged (lack of fit, Warnings) and left out of the laws."
+              if noise is not None else "")
     return ["## Fit diagnostics", "", "Residuals of log S (measured over fitted, in %) at each batch; a trend "
-            "across B means the hyperbola does not describe the setting. All residuals are in steps.csv.", "",
+            "across B means the hyperbola does not describe the setting. All residuals are in steps.csv." + pooled,
+            "",
             *md_table(["setting"] + [f"B={b}" for b in batches] + ["max"], rows), ""]
 
 
@@ -206,9 +215,15 @@ def _law_lines(fit: StudyFit) -> list[str]:
 def _left_out_lines(fit: StudyFit) -> list[str]:
     laws, lines = fit.laws, []
     if laws.excluded:
-        lines.append("- Settings left out of every law:")
+        lines.append("- Settings left out of the CBS laws (one-sided bounds, misfits, no fit; in cbs.csv `law_note`):")
         lines += [f"  - {name}: {why}" + (" (the largest-CBS settings: the laws are biased low without them)"
-                                          if why.startswith("no saturation") else "") for name, why in laws.excluded]
+                                          if why.startswith("no saturation") or "lower bound" in why else "")
+                  for name, why in laws.excluded]
+    if laws.excluded_b_noise:
+        lines.append("- Settings in the CBS laws but left out of the B_noise and S_min laws:")
+        lines += [f"  - {name}: {why}" for name, why in laws.excluded_b_noise]
+    if laws.weighted_note:
+        lines.append(f"- No weighted laws: {laws.weighted_note}; the plain (OLS) laws stand.")
     if laws.unweighted:
         lines.append("- Settings with weight 0 in the weighted laws (in the plain ones):")
         lines += [f"  - {name}: {why}" for name, why in laws.unweighted]

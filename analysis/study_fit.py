@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from analysis import InputError
 from analysis.cost import ThroughputModel, TimeToTarget, time_rows
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL, CbsEstimate, fit_settings
 from analysis.laws import SYMBOLS, LawSet, fit_laws
@@ -51,6 +52,8 @@ def fit_study(table: StepsTable, overhead: float = 0.2, reference_batch: float |
 
     `metrics`: the reader that gave the throughput, so that each run's metrics.jsonl is read once.
     """
+    if reference_batch is not None:
+        check_reference_batch(table, reference_batch)
     overheads = tuple(sorted(set(DEGRADATION_OVERHEADS if overheads is None else overheads) | {overhead}))
     estimates = fit_settings(table.points_of, table.settings(), overhead, reference_batch, n_resamples, seed,
                              level, overheads)
@@ -64,6 +67,17 @@ def fit_study(table: StepsTable, overhead: float = 0.2, reference_batch: float |
         fit.b_simple = sweep_b_simple(table, reader)
         fit.noise_logged = bool(fit.b_simple) or any(reader.points(r.path) for r in table.runs)
     return fit
+
+
+def check_reference_batch(table: StepsTable, reference_batch: float) -> None:
+    """Refuse a B0 outside every batch the study measured (reached, or a lower bound): every CBS would then rest
+    on an S(B0) extrapolated from the fit. Within the study's range but outside one setting's, that setting
+    carries a warning instead (analysis/fit.py)."""
+    measured = [p.batch_size for p in table.points if not p.censored or p.lower_bound]
+    if measured and not min(measured) <= reference_batch <= max(measured):
+        raise InputError(f"--reference-batch {reference_batch:g} is outside the measured batches "
+                         f"{min(measured)}..{max(measured)}: every CBS would rest on an S(B0) extrapolated from the "
+                         "fit; choose B0 within them, or omit it (B0 = each setting's smallest batch)")
 
 
 def _add_times(fit: StudyFit, gpu_budget: int | None) -> None:
@@ -88,10 +102,17 @@ def study_warnings(fit: StudyFit) -> list[str]:
     """Per-setting warnings, then those about the laws; each one line, saying what to do."""
     out = [f"{e.setting.name}: {w}" for e in fit.estimates for w in e.warnings]
     laws = fit.laws
-    unsaturated = [name for name, why in laws.excluded if why.startswith("no saturation")]
+    unsaturated = [name for name, why in laws.excluded if why.startswith("no saturation") or "lower bound" in why]
     if unsaturated and laws.cbs:
-        out.append(f"the laws leave out {len(unsaturated)} setting(s) without saturation ({', '.join(unsaturated)})"
-                   ": these are the largest-CBS ones, so the laws are biased low; add larger batches to them")
+        out.append(f"the laws leave out {len(unsaturated)} setting(s) whose CBS is only a lower bound (no saturation"
+                   f" within the sweep: {', '.join(unsaturated)}): these are the largest-CBS ones, so the laws are "
+                   "biased low; add larger batches to them")
+    misfit = [e.setting.name for e in fit.estimates if e.lack_of_fit]
+    if misfit:
+        out.append(f"the hyperbola does not describe {len(misfit)} setting(s) ({', '.join(misfit)}): no law uses "
+                   "them; see their warnings above")
+    if laws.weighted_note:
+        out.append(f"no weighted laws: {laws.weighted_note}; the plain (OLS) laws stand")
     joint = laws.cbs.get("joint")
     if joint is not None and not joint.identifiable and laws.collinearity and laws.collinearity.collinear:
         out.append(f"{joint.reason}; the joint law is not reported and forecasts use the one-variable D law")

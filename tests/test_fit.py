@@ -346,7 +346,7 @@ def test_estimate_carries_the_degradation_range():
 def test_diagnostics_and_warnings():
     noise = np.array([0.02, -0.03, 0.01, 0.0, -0.01, 0.02])
     good = estimate_setting(SETTING, _points(BATCHES, steps_model(BATCHES, 1000.0, 400.0) * np.exp(noise)), 0.2,
-                            n_resamples=0, reference_batch=8)
+                            n_resamples=0)  # B0 = 64: (1+o)B0 is 49% of the CBS, just under the warning
     d = good.diagnostics
     assert d.batches == tuple(int(b) for b in BATCHES) and len(d.residuals) == len(BATCHES)
     assert d.max_abs_residual == pytest.approx(max(abs(r) for r in d.residuals))

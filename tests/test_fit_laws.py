@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 from analysis.fit import CbsEstimate, critical_batch_size
+from analysis.fit_checks import NoiseLevel
 from analysis.laws import (
     COLLINEAR_R2, collinearity, fit_laws, fit_power_law, law_from_json, law_to_json, log_interval_se,
 )
 from analysis.steps import Setting
 
+POOLED = NoiseLevel(0.05, 36)
+"""One pooled noise level for every synthetic setting, as fit_settings gives them."""
 GRID_N = (1e8, 3e8, 1e9)
 GRID_D = (1e9, 4e9, 1.6e10)
 CHINCHILLA_N = (85_000_000, 151_000_000, 302_000_000, 604_000_000, 1_200_000_000)
@@ -23,7 +26,7 @@ def _estimate(n, d, cbs, ci=None, b_noise=None, s_min=1000.0, note=""):
     ci = ci if ci is not None else (cbs / 1.1, cbs * 1.1)
     b_noise = b_noise if b_noise is not None else cbs
     return CbsEstimate(Setting(f"n{n:.3g}_d{d:.3g}", int(n), int(d)), 6, 64.0, s_min=s_min, b_noise=b_noise,
-                       cbs=cbs, cbs_ci=ci, b_noise_ci=ci, note=note)
+                       cbs=cbs, cbs_ci=ci, b_noise_ci=ci, note=note, noise=POOLED)
 
 
 def _unfitted(n, d, note):
