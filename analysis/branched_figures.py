@@ -68,7 +68,8 @@ def figure_branch_losses(fit: BranchedFit, name: str):
                     ax.axvline(v.batch, ls=":", color=f"C{i % 10}")
                 break
             best = min(best, v.loss)
-        ax.plot(xs, ys, "o-", ms=4, color=f"C{i % 10}", label=f"branch point t = {count_text(p.tokens)} tokens: CBS {_fmt_batch(p)}")
+        ax.plot(xs, ys, "o-", ms=4, color=f"C{i % 10}",
+                label=f"branch point t = {count_text(p.tokens)} tokens: CBS {_fmt_batch(p)}")
         if fails:
             ax.plot(*zip(*fails), "x", ms=9, color=f"C{i % 10}")
     tolerances = sorted({p.tolerance for p in fit.points_of(name)})
