@@ -90,26 +90,27 @@ def ticks_at(axis, values, text=batch_text) -> None:
 
 
 def plain_log_axes(ax, batches: list[float] | None = None) -> None:
-    """Log axes labelled with plain numbers at the major ticks only; `batches`: tick the y axis at these batch
-    sizes instead."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
+    """Log axes ticked at 1, 2, 5 x 10^k and labelled with plain numbers; `batches`: tick the y axis at these
+    batch sizes instead."""
     for axis in (ax.xaxis, ax.yaxis):
         if axis.get_scale() == "log":
-            axis.set_major_formatter(FuncFormatter(lambda v, _: batch_text(v)))
-            axis.set_minor_formatter(NullFormatter())
+            plain_log_axis(axis)
     if batches:
         ticks_at(ax.yaxis, batches)
 
 
 def plain_log_axes_y(ax) -> None:
-    """The y axis (log) ticked at 1, 2, 5 x 10^k and labelled with plain numbers (matplotlib labels only the
-    powers of ten, which a short axis may not even hold)."""
+    plain_log_axis(ax.yaxis)
+
+
+def plain_log_axis(axis) -> None:
+    """A log axis ticked at 1, 2, 5 x 10^k with plain labels (matplotlib labels only the powers of ten, which a
+    short axis may not even hold), minor ticks unlabelled."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: batch_text(v)))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: batch_text(v)))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def law_text(name: str, law: PowerLaw) -> str:
