@@ -56,7 +56,11 @@ def legend(ax) -> None:
 
 
 def count_text(v: float) -> str:
-    """1234 -> '1.2K', 4e9 -> '4B', 85e6 -> '85M', 300 -> '300': counts of tokens, parameters, FLOPs."""
+    """1234 -> '1.23K', 4e9 -> '4B', 85e6 -> '85M', 300 -> '300', 5.1e17 -> '5.1e17': counts of tokens,
+    parameters, FLOPs (beyond 10^15 in powers of ten: '510000T' reads worse)."""
+    if abs(v) >= 1e15:
+        exponent = math.floor(math.log10(abs(v)))
+        return f"{v / 10 ** exponent:.3g}e{exponent}"
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(v) >= scale:
             return f"{v / scale:.3g}{suffix}"

@@ -4,6 +4,7 @@ titles, legends) and from the PNGs `cbs fit` writes: readable at a glance (issue
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,8 @@ def test_law_figure_ticks_the_budgets_and_gives_r2_with_n(sweep):
     assert law.n_points == 4 and f"CBS = {law.coefficient:.3g} D^{law.exponent:.3f} (R2={law.r2:.2f}, n=4)" \
         in legend_texts(fig)
     assert "data tokens D" in fig.axes[0].get_title()
+    compute = tick_labels(figs["figures/cbs_vs_compute.png"].axes[0].xaxis)
+    assert len(compute) == 4 and all(re.fullmatch(r"\d(\.\d+)?e1[5-9]", t) for t in compute), compute  # 5.1e17
 
 
 def test_a_law_through_two_points_says_so_instead_of_r2(tmp_path):
