@@ -13,7 +13,8 @@ TensorBoard gets, besides each scalar against the step (RUN_DIR/tb):
 - the run's hyper-parameters (HParams tab), with its study as a hyper-parameter, to compare runs side by side.
 
 W&B (log.wandb): run name = the run directory's name, group = the study's name, config = the hyper-parameters,
-and every metric plotted against `tokens`. The run id is kept in RUN_DIR/wandb_run_id so that a resumed run
+and every metric plotted against `tokens`. If wandb.init fails (no API key, no network) the run trains on without
+W&B and says so in its log: a logger must not cost the compute. The run id is kept in RUN_DIR/wandb_run_id so that a resumed run
 continues the same W&B run; W&B cannot drop logged steps, so the steps between the checkpoint and a crash keep
 their first values there (metrics.jsonl and TensorBoard are the exact record). WANDB_MODE=offline writes under
 RUN_DIR/wandb/ only.
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.rundir import METRICS, TENSORBOARD
-from pipeline.utils import atomic_write_text
+from pipeline.utils import atomic_write_text, log
 
 NON_FINITE = ("nan", "inf", "-inf")
 """How a non-finite float is written (JSON has no NaN/inf); `read_metrics` turns them back into floats."""
@@ -161,11 +162,18 @@ def _open_wandb(run_dir: Path, cfg, identity: RunIdentity, resuming: bool):
     run_id = id_file.read_text(encoding="utf-8").strip() if resuming and id_file.exists() else uuid.uuid4().hex[:12]
     atomic_write_text(id_file, run_id + "\n")
     mode = cfg.mode.value if cfg.mode is not None else None  # None: wandb reads WANDB_MODE
-    run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or identity.group, name=identity.name,
-                     config=identity.hparams, dir=str(run_dir), id=run_id, resume="allow", mode=mode,
-                     # console="off": pretrain.log stays the record of stdout/stderr; no system-stats thread
-                     # (x_disable_stats: wandb >= 0.19, setup.cfg)
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    try:
+        run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or identity.group,
+                         name=identity.name, config=identity.hparams, dir=str(run_dir), id=run_id, resume="allow",
+                         mode=mode,
+                         # console="off": pretrain.log stays the record of stdout/stderr; no system-stats thread
+                         # (x_disable_stats: wandb >= 0.19, setup.cfg)
+                         settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    except Exception as e:  # noqa: BLE001 -- W&B's errors have no common base; a logger must not end the training
+        log.warning("log.wandb: not logging to W&B in this run (%s: %s); metrics.jsonl and tb/ still are. Fix: "
+                    "`wandb login`, or log.wandb.mode: offline (or WANDB_MODE=offline) and `wandb sync` later",
+                    type(e).__name__, e)
+        return None
     run.define_metric("tokens")
     run.define_metric("*", step_metric="tokens")  # runs of different batch sizes overlay against tokens
     return run

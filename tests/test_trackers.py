@@ -10,7 +10,7 @@ import pytest
 from test_pretrain import SEQ, make_cfg
 
 from pipeline import pretrain
-from pipeline.config import ConfigError, PretrainConfig, WandbConfig, from_dict
+from pipeline.config import ConfigError, PretrainConfig, WandbConfig, WandbMode, from_dict
 from pipeline.metrics import BY_TOKENS, WANDB_ID, RunIdentity, Tracker, loss_key, read_metrics
 
 IDENTITY = RunIdentity("m_b8", "study1", {"global_batch_seqs": 8, "lr": 0.003, "model": "tiny"})
@@ -152,6 +152,21 @@ def test_wandb_resume_continues_the_same_run(tmp_path, offline):
     assert (tmp_path / WANDB_ID).read_text().strip() == first
     assert {r.run.run_id for r in wandb_records(tmp_path, 2) if r.WhichOneof("record_type") == "run"} == {first}
     assert [h["_step"] for h in wandb_history(tmp_path, 2)] == [1, 2, 3, 4]
+
+
+def test_a_wandb_that_cannot_start_leaves_the_run_training_and_says_why(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("wandb", reason="wandb is an optional extra: pip install -e '.[wandb]'")
+    for key in [k for k in __import__("os").environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no API key, so online mode cannot start
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config"))
+    (tmp_path / "run").mkdir()
+    tracker = Tracker(tmp_path / "run", tensorboard=False, identity=IDENTITY,
+                      wandb=WandbConfig(project="cbs-test", mode=WandbMode.online))
+    log_run(tracker, range(1, 3), 10)
+    tracker.close()
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+    assert "not logging to W&B in this run" in caplog.text and "WANDB_MODE=offline" in caplog.text
 
 
 def test_log_wandb_config_is_validated(tmp_path):
