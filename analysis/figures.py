@@ -43,6 +43,13 @@ def new_axes(size=FIGSIZE_IN):
 
 
 def png_bytes(fig) -> bytes:
+    """The figure as PNG. Its constrained layout is computed once here and then frozen: savefig with a layout
+    engine draws the figure twice (~2x the time of one draw)."""
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        fig.set_dpi(DPI)  # the layout depends on the text sizes in pixels
+        engine.execute(fig)
+        fig.set_layout_engine("none")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
