@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from analysis.fit import CbsEstimate
-from analysis.laws import SYMBOLS, VARIABLE_NAMES, PowerLaw
+from analysis.laws import VARIABLE_NAMES, PowerLaw
 from analysis.noise_scale import BSimple
 from analysis.steps import Setting, StepsPoint, StepsTable
 

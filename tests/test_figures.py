@@ -14,9 +14,9 @@ from test_analysis_noise import make_sweep
 
 from analysis.branched import read_branched
 from analysis.branched_figures import branched_figures
-from analysis.cli import fit_main
-from analysis.figures import DPI, LEGEND_PT, figure_b_simple, study_figures
 from analysis.branched_fit import fit_branched
+from analysis.cli import fit_main
+from analysis.figures import figure_b_simple, study_figures
 from analysis.steps import load_steps
 from analysis.study_fit import fit_study
 
@@ -132,8 +132,7 @@ def test_written_pngs_are_large_with_legible_legends_and_nothing_cut_at_the_edge
         edges = np.concatenate([image[:, 0, :3], image[:, -1, :3], image[0, :, :3], image[-1, :, :3]])
         assert edges.min() > 0.9, p.name
     for fig in figs.values():
-        assert all(t.get_fontsize() >= LEGEND_PT for leg in fig.legends for t in leg.get_texts())
-    assert DPI >= 100
+        assert fig.legends and all(t.get_fontsize() >= 9 for leg in fig.legends for t in leg.get_texts())
 
 
 def test_branched_figures_tick_the_branch_points_and_the_batches(tmp_path):
