@@ -18,6 +18,7 @@ from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
 from analysis.branched_report import render_branched_outputs
 from analysis.compare import read_sweep_cbs
 from analysis.cost import ThroughputModel, read_throughput_csv, study_throughput
+from analysis.export import FORMATS, export, from_batch_plan, from_ramp
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL
 from analysis.forecast import (
     DEFAULT_SEQ_LEN, also_lines, batch_plan, choose_law, describe, describe_plan, describe_time_plan, forecast_cbs,
@@ -240,6 +241,9 @@ def forecast_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", default=None, help="with --curve: the setting to ramp (when the curve has several)")
     p.add_argument("--fixed-batch", type=int, default=None, metavar="B",
                    help="with --ramp: the fixed batch to count saved steps against (default: the ramp's first)")
+    p.add_argument("--format", default="text", choices=("text", *FORMATS),
+                   help="text (default), or the batch plan / ramp as Megatron-LM flags, torchtitan TOML or "
+                        "OLMo-core Python (analysis/export.py)")
     return p
 
 
@@ -283,6 +287,9 @@ def _ramp(args: argparse.Namespace) -> list[str]:
         seq_len = sf.seq_len
     seq_len = args.seq_len or seq_len or DEFAULT_SEQ_LEN
     ramp = batch_ramp(curve, args.tokens, args.gpus * args.micro_batch, seq_len, args.fixed_batch)
+    if args.format != "text":
+        return [export(from_ramp(ramp, args.gpus, args.micro_batch, f"batch ramp from CBS(t) of {curve.source}"),
+                       args.format).rstrip("\n")]
     return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
 
 
@@ -302,6 +309,10 @@ def _forecast(argv: list[str]) -> int:
              *also_lines(sf, choice, args.tokens, args.model_params)]
     seq_len = args.seq_len or sf.seq_len or DEFAULT_SEQ_LEN
     plan = batch_plan(primary.cbs, args.gpus, args.micro_batch, seq_len)
+    if args.format != "text":
+        source = f"fixed batch plan <= CBS {primary.cbs:,.0f} (the {choice.key} CBS law of {sf.path})"
+        print(export(from_batch_plan(plan, args.tokens, source), args.format), end="")
+        return 0
     lines += describe_plan(plan, primary, args.tokens)
     lines += describe_time_plan(time_plan(sf, choice, args.model_params, throughput, plan, primary.cbs),
                                 args.micro_batch)

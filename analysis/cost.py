@@ -78,6 +78,13 @@ def study_throughput(runs: list[RunInfo], reader: MetricsReader | None = None) -
     return points
 
 
+def device_word(runs: list[RunInfo]) -> str:
+    """What the time/cost text calls a device: 'CPU' when every run that recorded its device ran on the CPU,
+    'device' when they differ, else 'GPU' (CUDA runs, and runs or CSV input that do not say)."""
+    kinds = {r.device for r in runs} - {None}
+    return "GPU" if not kinds or kinds == {"cuda"} else "CPU" if kinds == {"cpu"} else "device"
+
+
 def read_throughput_csv(path: str | Path) -> list[ThroughputPoint]:
     """Rows `batch_size,gpus,tokens_per_s[,model_params]`: whole-job tokens/s measured at each (B, G)."""
     path = Path(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from analysis.cost import cheapest, fastest, hours_text
+from analysis.cost import cheapest, device_word, fastest, hours_text
 from analysis.figures import figure_names, has_b_simple_figure, has_degradation_figure, law_figure_variables
 from analysis.laws import JOINT, SYMBOLS, PowerLaw
 from analysis.noise_scale import NEAR
@@ -234,12 +234,14 @@ def _time_lines(fit: StudyFit) -> list[str]:
     lines = ["## Time and cost to target", ""]
     if not fit.times:
         return lines + [f"No time/cost table: {fit.time_note}.", ""]
-    lines += [f"Wall-clock hours and GPU-hours to reach each setting's target at the measured S(B), with GPU "
-              f"counts up to the budget of {fit.gpu_budget} GPU(s) (throughput: {fit.throughput.source}; a (B, G) "
-              "not measured is modelled as data parallelism at the measured per-GPU throughput of its local batch, "
-              "docs/method.md). Every row is in time_to_target.csv. The CBS is about steps, not hours: the fastest "
-              "batch also depends on how throughput grows with the batch per GPU, and above the CBS each step buys "
-              "less than linear scaling promises, so the same target costs more GPU-hours.", ""]
+    dev = device_word(fit.table.runs)  # CPU runs are not counted in GPU-hours (time_to_target.csv keeps its columns)
+    lines += [f"Wall-clock hours and {dev}-hours to reach each setting's target at the measured S(B), with {dev} "
+              f"counts up to the budget of {fit.gpu_budget} {dev}(s) (throughput: {fit.throughput.source}; a (B, G) "
+              f"not measured is modelled as data parallelism at the measured per-{dev} throughput of its local "
+              "batch, docs/method.md). Every row is in time_to_target.csv (its `gpus` and `gpu_hours` columns count "
+              f"{dev}s). The CBS is about steps, not hours: the fastest batch also depends on how throughput grows "
+              f"with the batch per {dev}, and above the CBS each step buys less than linear scaling promises, so the "
+              f"same target costs more {dev}-hours.", ""]
     rows = []
     for s in fit.table.settings():
         mine = fit.times_of(s.name)
@@ -247,11 +249,11 @@ def _time_lines(fit: StudyFit) -> list[str]:
         if best is None:
             rows.append([s.name, "no throughput for this model", "", ""])
             continue
-        rows.append([s.name, f"B={best.batch_size} on {best.gpus} GPU(s): {hours_text(best.hours)}, "
-                             f"{fmt(best.gpu_hours)} GPU-h", f"B={low.batch_size} on {low.gpus} GPU(s): "
-                             f"{hours_text(low.hours)}, {fmt(low.gpu_hours)} GPU-h",
+        rows.append([s.name, f"B={best.batch_size} on {best.gpus} {dev}(s): {hours_text(best.hours)}, "
+                             f"{fmt(best.gpu_hours)} {dev}-h", f"B={low.batch_size} on {low.gpus} {dev}(s): "
+                             f"{hours_text(low.hours)}, {fmt(low.gpu_hours)} {dev}-h",
                      next((fmt(e.cbs) for e in fit.estimates if e.setting.name == s.name and e.fitted), "")])
-    return lines + [*md_table(["setting", f"fastest with <= {fit.gpu_budget} GPU(s)", "fewest GPU-hours",
+    return lines + [*md_table(["setting", f"fastest with <= {fit.gpu_budget} {dev}(s)", f"fewest {dev}-hours",
                                 "CBS"], rows), ""]
 
 

@@ -113,6 +113,8 @@ class RunInfo:
     """`study.reference` in config.yaml: a run at the reference batch B0, trained to the budget."""
     settings: tuple[str, ...] = ()
     """Names of the settings the run serves."""
+    device: str | None = None
+    """'cpu' or 'cuda' (`resolved.device` in config.yaml, without the index); None when not recorded."""
 
 
 @dataclass
@@ -367,7 +369,8 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
         observations += _run_observations(run, batch, results[run], run_settings, target_kind)
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
-                             _study(config).get("reference") is True, tuple(s.name for s in run_settings)))
+                             _study(config).get("reference") is True, tuple(s.name for s in run_settings),
+                             _device(config)))
     seq_lens.discard(None)
     return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
@@ -440,6 +443,12 @@ def _world_size(config: dict) -> int | None:
     resolved = config.get("resolved")
     value = resolved.get("world_size") if isinstance(resolved, dict) else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _device(config: dict) -> str | None:
+    resolved = config.get("resolved")
+    value = resolved.get("device") if isinstance(resolved, dict) else None
+    return value.split(":")[0] if isinstance(value, str) and value else None
 
 
 def check_status(result: dict, where: Path) -> str:

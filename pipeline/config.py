@@ -584,11 +584,44 @@ class Resume(str, enum.Enum):
     """Start afresh; refuse a run_dir that already holds checkpoints."""
 
 
+class WandbMode(str, enum.Enum):
+    online = "online"
+    offline = "offline"
+    """Written under RUN_DIR/wandb/ only; upload later with `wandb sync RUN_DIR/wandb/offline-run-*`."""
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging beside metrics.jsonl and TensorBoard (pipeline/metrics.py), rank 0 only. Needs the
+    optional package: `pip install -e '.[wandb]'`."""
+
+    project: str
+    """The W&B project."""
+    entity: Optional[str] = None
+    """The W&B team or user; default: your default entity."""
+    group: Optional[str] = None
+    """Default: the study's name, so that a study's runs group together (standalone runs: no group)."""
+    mode: Optional[WandbMode] = None
+    """online | offline | disabled; default: the WANDB_MODE environment variable, else online."""
+
+    def validate(self, p: str) -> None:
+        import importlib.util
+
+        _check(bool(self.project), f"{p}.project must name a W&B project")
+        _check(importlib.util.find_spec("wandb") is not None,
+               f"{p} is set but the wandb package is not installed: `pip install -e '.[wandb]'`, or remove {p}")
+
+
 @dataclass
 class LogConfig:
     every_steps: int = 10
     """Train metrics (loss, lr, grad norm, tokens/s) every this many steps."""
     tensorboard: bool = True
+    """TB scalars in RUN_DIR/tb (per step), loss against tokens in RUN_DIR/tb/by_tokens, hyper-parameters."""
+    wandb: Optional[WandbConfig] = None
+    """Also log to Weights & Biases (project, group = the study's name, run name = the run directory's name,
+    config = the hyper-parameters); off by default."""
 
     def validate(self, p: str) -> None:
         _check(self.every_steps >= 1, f"{p}.every_steps must be >= 1: got {self.every_steps}")

@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_d
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
 from pipeline.evaluate import sharded_eval_loss
-from pipeline.metrics import Tracker, eval_records
+from pipeline.metrics import Tracker, eval_records, run_identity
 from pipeline.model import build_model, flops_per_token, forward_loss, param_counts
 from pipeline.noise import NoiseScale
 from pipeline.optim import EWA, lr_at, make_optimizer
@@ -451,7 +451,8 @@ class Trainer:
         if not resumed and self.cfg.init_from:
             self.warm_start()
         self.tracker = Tracker(self.run_dir, enabled=self.dist.is_main, tensorboard=self.cfg.log.tensorboard,
-                               resume_step=self.step if resumed else None)
+                               resume_step=self.step if resumed else None, identity=run_identity(self.cfg),
+                               wandb=self.cfg.log.wandb)
         self._window = (time.perf_counter(), self.step)
         self._lr = lr_at(self.step * self.tokens_per_step, self.cfg.optimizer.lr, self.cfg.train_tokens,
                          self.cfg.schedule)

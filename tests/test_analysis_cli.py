@@ -460,7 +460,8 @@ def test_analysis_never_imports_the_training_stack():
     code = ("import sys, analysis.cli, analysis.steps, analysis.fit, analysis.laws, analysis.cost, analysis.study_fit, "
             "analysis.figures, analysis.report, analysis.outputs, analysis.forecast, analysis.noise_scale, "
             "analysis.branched, analysis.compare, analysis.branched_fit, analysis.branched_figures, "
-            "analysis.branched_report, analysis.ramp, analysis.branch_rules\n"
+            "analysis.branched_report, analysis.ramp, analysis.branch_rules, analysis.export, analysis.api, "
+            "analysis.fit_checks\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'megatron', 'pipeline')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
