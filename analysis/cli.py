@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis import InputError
+from analysis import InputError, parse_count
 from analysis.branched import check_tolerance, is_branched, read_branched
 from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
 from analysis.branched_report import render_branched_outputs
@@ -47,6 +47,14 @@ def _run(prog: str, body, argv: list[str] | None) -> int:
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+
+
+def _count(text: str) -> float:
+    """A command-line count such as --tokens 10B or --model-params 85M (analysis.parse_count)."""
+    try:
+        return float(parse_count(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}: write e.g. 1e10, 10000000000 or 10B") from None
 
 
 def _overheads(text: str) -> tuple[float, ...]:
@@ -91,8 +99,8 @@ def fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, for time and cost (default: the runs' model.seq_len)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="branched study: relative loss tolerance of the local CBS (default: the branches' "
-                        "study.branch.tolerance)")
+                   help="branched study: relative loss tolerance of the local CBS (default: the study's "
+                        "branched.tolerance, recorded in each branch's config)")
     p.add_argument("--compare", default=None, metavar="SWEEP_FIT_DIR",
                    help="branched study: a sweep's `cbs fit` output (its cbs.csv) to put beside CBS(t)")
     return p
@@ -210,8 +218,9 @@ def forecast_parser() -> argparse.ArgumentParser:
                 "reaches the target fastest on --gpus GPUs. With --ramp: a batch schedule that grows with the "
                 "tokens seen, from a branched fit's CBS(t) (--curve) or the CBS law in D (--scaling).")
     p.add_argument("--scaling", default=None, metavar="SCALING_JSON", help="OUT_DIR/scaling.json of `cbs fit`")
-    p.add_argument("--tokens", required=True, type=float, metavar="D", help="data budget in tokens")
-    p.add_argument("--model-params", type=float, default=None, metavar="N",
+    p.add_argument("--tokens", required=True, type=_count, metavar="D",
+                   help="data budget in tokens: 1e10, 10000000000 or 10B (suffixes K, M, B, T)")
+    p.add_argument("--model-params", type=_count, default=None, metavar="N",
                    help="non-embedding parameters (with --tokens: the joint law, when identifiable)")
     p.add_argument("--gpus", type=int, default=1, metavar="G", help="data-parallel GPUs, the budget (default 1)")
     p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="sequences per GPU per micro-step")

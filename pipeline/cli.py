@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline import __version__
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("config", help="the stage's YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, dotted for nested keys (repeatable): --set tokenizer.vocab_size=4096")
+                   help=f"override a config key, dotted for nested keys (repeatable): --set {example}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,11 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     p = sub.add_parser("preprocess", help="corpus -> SentencePiece tokenizer -> Megatron .bin/.idx shards")
-    _add_config_args(p)
+    _add_config_args(p, "tokenizer.vocab_size=4096")
     p.add_argument("--force", action="store_true", help="rebuild even if output_dir is up to date, replacing it")
 
     p = sub.add_parser("pretrain", help="train one GPT run (megatron-core layers in a DeepSpeed engine)")
-    _add_config_args(p)
+    _add_config_args(p, "optimizer.lr=1e-3")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -43,9 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("study", help="a whole study: preprocess -> runs -> evaluate -> fit, local or on Slurm")
-    _add_config_args(p)
+    _add_config_args(p, "base.optimizer.weight_decay=0.05 (a study's keys; `base.` for its runs' pretrain keys)")
     p.add_argument("--out", required=True, help="the study directory")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local (default): runs as processes on this machine, --parallel at a time; slurm: each "
+                        "phase as sbatch jobs (an array per phase), this command waits for them")
     p.add_argument("--parallel", type=int, default=None,
                    help="local: runs trained at once (default: 1 on a CPU machine, visible GPUs / --gpus-per-run on a "
                         "GPU machine)")
@@ -141,6 +144,16 @@ def _run_preprocess(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader of our output went away (`cbs study ... --dry-run | head`): stop quietly, as `cat` does.
+        # stdout is pointed at /dev/null so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a broken pipe
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `deepspeed --module pipeline.cli ...` puts --local_rank=N first, before the stage; LOCAL_RANK says the same
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
