@@ -35,6 +35,7 @@ from analysis.steps import (
 RAW_LOSS_KEY = "eval/loss"
 EWA_LOSS_PREFIX = "eval/loss_ewa/"
 UNFINISHED = "unfinished"
+NOT_NEEDED = "not needed"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def local_cbs(outcomes: list[tuple[int, float | None, str]], tolerance: float) -
     verdicts, best, passed, high, state = [], math.inf, math.nan, math.nan, "open"
     for j, (batch, loss, status) in enumerate(outcomes):
         if state != "open":
-            verdicts.append("not needed")
+            verdicts.append(NOT_NEEDED)
         elif status == UNFINISHED or status in UNFINISHED_STATUSES:
             verdicts.append("unfinished")
             state = "incomplete"

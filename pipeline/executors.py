@@ -97,7 +97,10 @@ def result_note(path: Path, result: Optional[dict]) -> str:
     if result.get("status") == "failed":
         return f" ({result.get('reason', '')[:120]}; see {path / 'pretrain.log'})"
     reached, total = targets_reached(result)
-    return f", {result.get('steps')} steps, targets {reached}/{total}"
+    if total:
+        return f", {result.get('steps')} steps, targets {reached}/{total}"
+    loss = (result.get("final") or {}).get("eval/loss")  # a run without targets (a branch): its final loss
+    return f", {result.get('steps')} steps" + (f", final eval loss {loss:.4f}" if isinstance(loss, float) else "")
 
 
 # ---------------------------------------------------------------------------------------------------- devices

@@ -32,6 +32,8 @@ from typing import Optional
 
 import yaml
 
+from analysis import InputError
+from analysis.branched import NOT_NEEDED, UNFINISHED, cbs_curve, is_branched, read_branched
 from pipeline import rundir
 from pipeline.config import (ConfigError, PreprocessConfig, PretrainConfig, StudyConfig, StudyMethod, from_dict,
                              to_dict)
@@ -246,9 +248,9 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     if not dry_run:
         write_run_inputs(runs, study_dir)
     refs, rest = [r for r in runs if r.reference], [r for r in runs if not r.reference]
-    if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then every branch of them
+    if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then the branches that are needed
         executor.train(jobs_of(refs, study_dir), "base", f"base runs (B = {min(cfg.batch_sizes)})")
-        executor.train(jobs_of(rest, study_dir), "branches", "branches")
+        train_branches(rest, study_dir, executor, dry_run)
         return executor.fit(study_dir, study_dir / "fit", [])
     if refs:  # only a study with a reference batch B0 has them
         executor.train(jobs_of(refs, study_dir), "reference", f"reference runs (B0 = {b0})")
@@ -266,6 +268,71 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
         todo = [p for p in todo if run_status(p) == "completed" and not (p / rundir.EVAL).exists()]
     executor.evaluate(todo)
     return executor.fit(study_dir, study_dir / "fit", FIT_ARGS + (["--reference-batch", str(b0)] if b0 else []))
+
+
+# ---------------------------------------------------------------------------------------------------- branches
+
+
+def next_branches(branches: list[Run], study_dir: Path) -> list[Run]:
+    """The branches to train next: at every branch point whose pass/fail chain is still open, the first branch
+    not yet judged, in batch order (docs/method.md, "Branched local CBS"). A branch after the first failing
+    batch of its point is never needed (its verdict cannot change CBS(t)), so it is never returned.
+
+    Judged by analysis/branched.py on what the finished branches left, with the loss the fit compares, so that
+    the study trains exactly the branches the fit reads."""
+    judged = [r for r in branches if run_status(run_path(study_dir, r.name)) not in ("pending", "started",
+                                                                                     rundir.PREEMPTED)]
+    if not judged:  # nothing to judge yet: the smallest batch of every point
+        first: dict[tuple, Run] = {}
+        for r in branches:
+            key = (r.branch["setting"], r.branch["base_tokens"])
+            if key not in first or r.batch < first[key].batch:
+                first[key] = r
+        return list(first.values())
+    try:
+        curve = cbs_curve(read_branched(study_dir))
+    except InputError as e:
+        raise StudyError(f"the branches cannot be judged: {e}") from None
+    wanted = {v.run for point in curve for v in point.verdicts if v.verdict == UNFINISHED}
+    return [r for r in branches if r.name in wanted]
+
+
+def train_branches(branches: list[Run], study_dir: Path, executor: Executor, dry_run: bool) -> None:
+    """Train the branches in waves, one batch of every open branch point per wave, until every point's chain has
+    ended (a failing batch) or run out of batches. A sweep of every branch would train the batches above the
+    first failure for nothing (12 of the 20 branches of configs/demo_branched.yaml); waves cost parallelism
+    only between points, never within one (a point's branches depend on each other)."""
+    tried: set[str] = set()
+    wave = 1
+    while True:
+        todo = [r for r in next_branches(branches, study_dir) if r.name not in tried]  # a crash is not retried
+        if not todo:
+            break
+        tried |= {r.name for r in todo}
+        batches = ", ".join(str(b) for b in sorted({r.batch for r in todo}))
+        executor.train(jobs_of(todo, study_dir), f"branches{wave}",
+                       f"branches, wave {wave} (batch {batches}, {len(todo)} branch point(s) still open)")
+        if dry_run:
+            print("  # ...then, wave after wave, the next batch of every branch point whose losses still pass "
+                  "(none past a point's first failing batch)")
+            return
+        wave += 1
+    skipped = not_needed(study_dir)
+    if skipped:
+        print(f"branches: {len(skipped)} of {len(branches)} not trained (not needed: each comes after its point's "
+              f"first failing batch, so it cannot change CBS(t))", flush=True)
+
+
+def not_needed(study_dir: Path) -> set[str]:
+    """The branches of a branched study never trained because their point's chain ended at a smaller batch."""
+    if not is_branched(study_dir):
+        return set()
+    try:
+        curve = cbs_curve(read_branched(study_dir))
+    except InputError:  # nothing finished yet, or a directory the fit will refuse with its own message
+        return set()
+    return {v.run for point in curve if point.complete for v in point.verdicts  # incomplete: they may be needed
+            if v.verdict == NOT_NEEDED and run_status(run_path(study_dir, v.run)) == "pending"}
 
 
 def make_executor(cfg: StudyConfig, study_dir: Path, executor: str, parallel: Optional[int], gpus_per_run: int,
@@ -309,11 +376,11 @@ def status_table(study_dir: Path) -> str:
     paths = [p for p in (Path(study_dir) / "runs").glob("*") if p.is_dir()]
     if not paths:
         raise StudyError(f"{study_dir} has no runs/ (not a study directory, or not started)")
-    rows, counts = [], {}
+    rows, counts, skipped = [], {}, not_needed(Path(study_dir))
     for path in paths:
         cfg = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").exists() else {}
         result = read_result(path)
-        status = run_status(path, result)
+        status = NOT_NEEDED if path.name in skipped else run_status(path, result)
         counts[status] = counts.get(status, 0) + 1
         steps = tokens = targets = ""
         if result is not None:

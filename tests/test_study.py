@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import study, study_plan
+from pipeline import executors, study, study_plan
 from pipeline.config import ConfigError, PretrainConfig, StudyConfig, from_dict, load_config, to_dict
 from test_pretrain import ENV, ROOT, cli
 
@@ -322,3 +323,59 @@ def test_branched_plan_branches_every_batch_from_each_checkpoint_of_one_base_run
         study_cfg(method="branched", hparams={"lr": [1e-3, 3e-3]})
     with pytest.raises(ConfigError, match="method branched has no target losses"):  # its base runs would be skipped
         study_cfg(method="branched", targets={"losses": {"mL2d128_d20K": 4.0, "mL2d128_d60K": 3.5}})
+
+
+class _FinishAsPretrain:
+    """An executor whose `train` leaves each run as pretrain would have (config.yaml, result.json) with the
+    outcome `outcomes` gives its (branch point, batch): the study's decisions without minutes of training."""
+
+    def __init__(self, runs, root: Path, outcomes: dict):
+        self.by_name, self.root, self.outcomes, self.waves = {r.name: r for r in runs}, root, outcomes, []
+
+    def train(self, jobs, name, label):
+        from test_analysis_branched import _result, _write_started
+
+        self.waves.append(sorted(j.name for j in jobs))
+        for job in jobs:
+            run = self.by_name[job.name]
+            status, loss = self.outcomes[run.branch["base_tokens"]][run.batch]
+            path = _write_started(run, self.root)
+            steps = 4096 // (run.batch * 32)
+            (path / "result.json").write_text(json.dumps(
+                _result(status, steps, steps * run.batch * 32, {} if loss is None else {"eval/loss": loss})))
+
+
+def test_branches_past_a_points_first_failing_batch_are_never_trained(tmp_path, capsys):
+    """Every branch used to be trained although the fit calls those after a failing batch "not needed" (12 of
+    the 20 branches of the branched demo); and their console lines said "targets 0/0"."""
+    from analysis.branched import cbs_curve, read_branched
+    from test_analysis_branched import OUTCOMES, make_branched_study, study_config
+
+    runs = study.plan(study_config(), tmp_path, tmp_path / "data")
+    study.write_run_inputs(runs, tmp_path)
+    executor = _FinishAsPretrain(runs, tmp_path, OUTCOMES)
+    make_branched_study(tmp_path / "all")  # the same study with every branch trained, for the fit's verdicts
+    shutil.rmtree(tmp_path / "runs" / runs[0].name)  # the base run, trained
+    shutil.copytree(tmp_path / "all" / "runs" / runs[0].name, tmp_path / "runs" / runs[0].name)
+    branches = runs[1:]
+    study.train_branches(branches, tmp_path, executor, dry_run=False)
+    trained = [n for wave in executor.waves for n in wave]
+    assert len(trained) == len(set(trained)) == 12 and len(executor.waves) == 4  # one wave per batch
+    assert all({r.batch for r in branches if r.name in wave} == {b} for wave, b in zip(executor.waves, [4, 8, 16, 32]))
+    skipped = {r.name for r in branches if r.name not in trained}
+    t = {r.name: (r.branch["base_tokens"], r.batch) for r in branches}
+    # t = 8064: 8 fails (16, 32 not needed); 16000: 16 fails (32); 32000: 16 preempted, so 32 waits for it
+    assert {t[n] for n in skipped} == {(8064, 16), (8064, 32), (16000, 32), (32000, 32)}
+    assert study.not_needed(tmp_path) == skipped - {n for n in skipped if t[n] == (32000, 32)}
+    assert "3 of 16 not trained (not needed" in capsys.readouterr().out
+    full = {(p.tokens, p.cbs, p.cbs_high, p.complete) for p in cbs_curve(read_branched(tmp_path / "all"))}
+    assert {(p.tokens, p.cbs, p.cbs_high, p.complete) for p in cbs_curve(read_branched(tmp_path))} == full
+    table = study.status_table(tmp_path)
+    assert table.count("not needed") == 4 and "3 not needed" in table  # 3 rows, then the count
+    executor.waves.clear()
+    study.train_branches(branches, tmp_path, executor, dry_run=False)  # run again: only the preempted one
+    assert [[t[n] for n in wave] for wave in executor.waves] == [[(32000, 16)]]
+    branch = next(r for r in branches if t[r.name] == (16000, 8))
+    path = study.run_path(tmp_path, branch.name)
+    note = executors.result_note(path, executors.read_result(path))
+    assert note == ", 16 steps, final eval loss 3.6100"  # not "targets 0/0": a branch has none
