@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         "GPU machine)")
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="local: GPUs of each run (CUDA_VISIBLE_DEVICES is split among parallel runs; > 1: torchrun)")
+    p.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
+                   help="local: print the running runs' step, tokens, loss and ETA this often (default 20)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (and sbatch scripts) without running")
     p.add_argument("--force", action="store_true", help="use a directory that holds another study")
     for flag, kind in (("partition", str), ("account", str), ("nodes", int), ("gpus-per-node", int),
@@ -121,7 +123,7 @@ def _run_study(args) -> int:
                                            "time", "max_parallel") if getattr(args, k) is not None}
     try:
         return study.main(cfg, args.out, args.executor, args.parallel, args.dry_run, args.force, slurm,
-                          args.gpus_per_run)
+                          args.gpus_per_run, args.progress_every)
     except StudyInterrupted as e:
         print(f"cbs study: {e}", file=sys.stderr)
         return 130

@@ -34,10 +34,11 @@ import yaml
 
 from analysis import InputError
 from analysis.branched import NOT_NEEDED, UNFINISHED, cbs_curve, is_branched, read_branched
-from pipeline import rundir
+from pipeline import progress, rundir
 from pipeline.config import (ConfigError, PreprocessConfig, PretrainConfig, StudyConfig, StudyMethod, from_dict,
                              to_dict)
-from pipeline.executors import Executor, ExecutorError, LocalExecutor, RunJob, read_result, run_status
+from pipeline.executors import (PROGRESS_EVERY_S, Executor, ExecutorError, LocalExecutor, RunJob, read_result,
+                                run_status)
 from pipeline.metrics import eval_records
 from pipeline.study_plan import Run, human, plan, plan_table, reference_batch, run_config, run_path
 from pipeline.study_slurm import SlurmExecutor
@@ -336,22 +337,23 @@ def not_needed(study_dir: Path) -> set[str]:
 
 
 def make_executor(cfg: StudyConfig, study_dir: Path, executor: str, parallel: Optional[int], gpus_per_run: int,
-                  dry_run: bool, slurm_overrides: Optional[dict]) -> Executor:
+                  dry_run: bool, slurm_overrides: Optional[dict], progress_every_s: float) -> Executor:
     try:
         if executor == "slurm":
             return SlurmExecutor(cfg.name, study_dir, {**cfg.slurm, **(slurm_overrides or {})}, dry_run)
-        return LocalExecutor(parallel, gpus_per_run)
+        return LocalExecutor(parallel, gpus_per_run, progress_every_s=progress_every_s)
     except ExecutorError as e:
         raise StudyError(str(e)) from None
 
 
 def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", parallel: Optional[int] = None,
          dry_run: bool = False, force: bool = False, slurm_overrides: Optional[dict] = None,
-         gpus_per_run: int = 1) -> int:
+         gpus_per_run: int = 1, progress_every_s: Optional[float] = None) -> int:
     study_dir = Path(study_dir).resolve()
     data_dir = data_dir_of(cfg, study_dir)
     runs = plan(cfg, study_dir, data_dir)
-    ex = make_executor(cfg, study_dir, executor, parallel, gpus_per_run, dry_run, slurm_overrides)
+    every_s = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
+    ex = make_executor(cfg, study_dir, executor, parallel, gpus_per_run, dry_run, slurm_overrides, every_s)
     if dry_run:
         print(plan_table(cfg, runs, reference_batch(cfg)))
         if executor == "slurm":
@@ -387,6 +389,8 @@ def status_table(study_dir: Path) -> str:
             steps, tokens = str(result.get("steps", "")), human(result.get("tokens") or 0)
             reached, total = targets_reached(result)
             targets = f"{reached}/{total}" if total else "-"
+        elif (snap := progress.snapshot(path)) is not None:  # running (or stopped): what it has logged so far
+            steps, tokens = f"{snap.step}/{snap.total_steps or '?'}", human(snap.tokens)
         batch, lr = cfg.get("global_batch_seqs") or 0, (cfg.get("optimizer") or {}).get("lr") or 0
         rows.append(((batch, lr, path.name), (path.name, str(batch or ""), f"{lr or ''}", status, steps, tokens,
                                               targets)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import executors, study, study_plan
+from pipeline import executors, rundir, study, study_plan
 from pipeline.config import ConfigError, PretrainConfig, StudyConfig, from_dict, load_config, to_dict
 from test_pretrain import ENV, ROOT, cli
 
@@ -82,9 +83,14 @@ def test_small_study_end_to_end(stdlib_data, tmp_path):
         "hparams": {"lr": [3e-3, 40.0], "ewa_taus": [0.95]},
         "base": {**BASE, "optimizer": {"grad_clip": 0.0}}}))
     out = tmp_path / "s"
-    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2"), capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=600)
+    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2", "--progress-every", "3"),
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # live progress: where each run logs, then its step, tokens and loss, and an ETA before any run has finished
+    before_first_finish = proc.stdout.split("[1/")[0]
+    assert re.search(r"started \S+ \(log: \S+/runs/\S+/pretrain\.log\)", before_first_finish), proc.stdout[-3000:]
+    assert re.search(r"\S+: step \d+/\d+, [\d.]+K tokens, loss [\d.]+", before_first_finish), proc.stdout[-3000:]
+    assert re.search(r"finished, 2 running, \d+ waiting; ETA [\d.]+ min", before_first_finish), proc.stdout[-3000:]
     frozen = json.loads((out / "targets.json").read_text())
     assert set(frozen) == {"mL2d128_d15K", "mL2d128_d40K"}
     assert all(v["run"] in {p.name for p in (out / "runs").iterdir()} for v in frozen.values())
@@ -379,3 +385,55 @@ def test_branches_past_a_points_first_failing_batch_are_never_trained(tmp_path, 
     path = study.run_path(tmp_path, branch.name)
     note = executors.result_note(path, executors.read_result(path))
     assert note == ", 16 steps, final eval loss 3.6100"  # not "targets 0/0": a branch has none
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+def test_status_shows_the_steps_and_tokens_a_running_run_has_logged(tmp_path):
+    """Mid-run, `cbs status` showed empty steps and tokens while metrics.jsonl was at step 350."""
+    from pipeline.metrics import Tracker
+
+    runs = study.plan(study_cfg(), tmp_path, tmp_path / "data")
+    study.write_run_inputs(runs, tmp_path)
+    run = runs[0]
+    path, tps = study.run_path(tmp_path, run.name), run.batch * 32
+    (path / "config.yaml").write_text(yaml.safe_dump({**run.config, "resolved": {"total_steps": 469}}))
+    tracker = Tracker(path, tensorboard=False)
+    for step in range(5, 351, 5):
+        tracker.log({"train/loss": 4.0}, step, step * tps)
+    tracker.log({"eval/loss": 4.1}, 350, 350 * tps)  # the last line is an eval
+    tracker.close()
+    row = next(r for r in study.status_table(tmp_path).splitlines() if r.startswith(run.name)).split()
+    assert row[3:6] == ["started", "350/469", "44.8K"]  # 350 x 4 x 32 tokens
+
+
+def _popen_study(tmp_path: Path, data: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "stop", "data": str(data), "batch_sizes": [4, 8],
+        "settings": {"generator": "fixed_model", "model": {"preset": "tiny", "seq_len": 32}, "tokens": [40000]},
+        "hparams": {"ewa_taus": [0.95]}, "base": BASE}))
+    out = tmp_path / "s"
+    proc = subprocess.Popen(cli("study", str(cfg), "--out", str(out), *flags), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_a_study_stopped_before_its_runs_trained_claims_no_checkpoint(stdlib_data, tmp_path):
+    """After Ctrl-C the study said "2 running run(s) saved a checkpoint" when neither had started training."""
+    import signal
+
+    proc, out = _popen_study(tmp_path, stdlib_data, "--parallel", "2")
+    try:
+        seen = [proc.stdout.readline() for _ in range(3)]  # study ..., reference runs: ..., started <run> (log: ...)
+        assert "started" in seen[-1] and "pretrain.log" in seen[-1], seen
+        proc.send_signal(signal.SIGINT)  # the runs are still importing torch: none has trained a step
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "0 of 1 running run(s) have a checkpoint to continue from" in stderr, stderr
+    assert "had saved none" in stderr and "saved a checkpoint" not in stderr
+    assert not any(rundir.has_checkpoints(p) for p in (out / "runs").iterdir())
