@@ -20,8 +20,8 @@ from analysis.compare import read_sweep_cbs
 from analysis.cost import ThroughputModel, read_throughput_csv, study_throughput
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL
 from analysis.forecast import (
-    DEFAULT_SEQ_LEN, also_lines, batch_plan, choose_law, describe, describe_plan, describe_time_plan, forecast_cbs,
-    load_scaling, time_plan,
+    DEFAULT_OVERHEAD, DEFAULT_SEQ_LEN, Forecast, also_lines, b_noise_gap, batch_plan, choose_law, describe,
+    describe_noise, describe_plan, describe_time_plan, forecast_cbs, forecast_from_b_noise, load_scaling, time_plan,
 )
 from analysis.outputs import check_out_dir, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
@@ -229,6 +229,13 @@ def forecast_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput", default=None, metavar="CSV",
                    help="throughput for the time plan, columns batch_size,gpus,tokens_per_s[,model_params] "
                         "(default: the one in scaling.json)")
+    p.add_argument("--law", choices=("cbs", "b_noise"), default="cbs",
+                   help="cbs (default): the CBS law; b_noise: CBS = (1 + o) B0 + o B_noise from the B_noise law, the "
+                        "one the fit's report recommends when the two laws' exponents differ (the (1+o)B0 floor)")
+    p.add_argument("--reference-batch", type=float, default=None, metavar="B0",
+                   help="with --law b_noise: B0 in sequences (default: the fit's, from scaling.json or cbs.csv)")
+    p.add_argument("--beyond-cbs", action="store_true",
+                   help="let the time plan try batches above the CBS (faster on more GPUs, at more GPU-hours)")
     p.add_argument("--ramp", action="store_true",
                    help="propose a batch ramp (batch as a function of tokens seen) and the steps it saves")
     p.add_argument("--curve", default=None, metavar="CBS_CURVE_CSV",
@@ -282,6 +289,26 @@ def _ramp(args: argparse.Namespace) -> list[str]:
     return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
 
 
+def _headline(sf, choice, args: argparse.Namespace) -> tuple[list[str], Forecast]:
+    """The CBS the plan uses (from the CBS law, or with --law b_noise from the B_noise law), and the B_noise
+    law's CBS beside it where the fit's report recommends that law (forecast.b_noise_gap)."""
+    overhead = sf.overhead if sf.overhead is not None else DEFAULT_OVERHEAD
+    if args.law == "b_noise":
+        nf = forecast_from_b_noise(sf, choice, args.reference_batch, overhead)
+        return [describe_noise(nf, sf.b_noise[choice.key], "")], nf.cbs
+    primary = forecast_cbs(sf.laws[choice.key], choice.x)
+    lines = [describe(primary, sf.laws[choice.key])]
+    gap = b_noise_gap(sf, choice.key)
+    if gap:
+        lead = f"the fit's report recommends the B_noise law here ({gap}); from it: "
+        try:
+            nf = forecast_from_b_noise(sf, choice, args.reference_batch, overhead)
+            lines.append(describe_noise(nf, sf.b_noise[choice.key], lead) + "; plan with it: --law b_noise")
+        except InputError as e:
+            lines.append(f"{lead}{e}")
+    return lines, primary
+
+
 def _forecast(argv: list[str]) -> int:
     args = forecast_parser().parse_args(argv)
     _check_forecast_args(args)
@@ -293,14 +320,13 @@ def _forecast(argv: list[str]) -> int:
     throughput = (ThroughputModel(tuple(read_throughput_csv(args.throughput)), str(args.throughput))
                   if args.throughput else ThroughputModel(sf.throughput, "scaling.json"))
     choice = choose_law(sf, args.tokens, args.model_params)
-    primary = forecast_cbs(sf.laws[choice.key], choice.x)
-    lines = [describe(primary, sf.laws[choice.key]), *choice.notes,
-             *also_lines(sf, choice, args.tokens, args.model_params)]
+    lines, primary = _headline(sf, choice, args)
+    lines += [*choice.notes, *also_lines(sf, choice, args.tokens, args.model_params)]
     seq_len = args.seq_len or sf.seq_len or DEFAULT_SEQ_LEN
     plan = batch_plan(primary.cbs, args.gpus, args.micro_batch, seq_len)
     lines += describe_plan(plan, primary, args.tokens)
-    lines += describe_time_plan(time_plan(sf, choice, args.model_params, throughput, plan, primary.cbs),
-                                args.micro_batch)
+    lines += describe_time_plan(time_plan(sf, choice, args.model_params, throughput, plan, primary.cbs,
+                                          args.beyond_cbs), args.micro_batch)
     print("\n".join(lines))
     return 0
 
