@@ -231,8 +231,9 @@ def b_noise_gap(sf: ScalingFile, key: str) -> str | None:
         return None
     if abs(cbs.exponent - noise.exponent) <= EXPONENT_GAP:
         return None
+    bends = "flattens" if cbs.exponent < noise.exponent else "bends"
     return (f"the CBS law's exponent in {SYMBOLS[key]} ({cbs.exponent:.3f}) differs from the B_noise law's "
-            f"({noise.exponent:.3f}): the (1+o)B0 floor of the CBS {'flattens' if cbs.exponent < noise.exponent else 'bends'} it")
+            f"({noise.exponent:.3f}): the (1+o)B0 floor of the CBS {bends} it")
 
 
 def fitted_reference_batch(sf: ScalingFile) -> float | None:
