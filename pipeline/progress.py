@@ -9,9 +9,10 @@ same observer, so the start-up (imports, data, the first compile) does not count
 
 which is an upper bound for a run that stops early once it reached every target (`stop_at_targets`).
 
-The study's ETA spreads the remaining work over its slots: the running runs' remaining time plus one mean run
-duration per pending run (the finished runs' mean, else the running runs' elapsed + remaining), divided by the
-number of slots. It exists as soon as one running run has logged two steps, long before any run finishes.
+The study's ETA spreads the remaining work over the slots it can use (min(slots, runs left)): the running runs'
+remaining time plus one mean run duration per pending run (the finished runs' mean, else the running runs'
+elapsed + remaining), and is never less than the longest running run's remaining time. It exists as soon as
+one running run has logged two readings apart, long before any run finishes.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class Snapshot:
     total_steps: Optional[int]
 
 
-def last_record(run_dir: Path) -> Optional[dict]:
-    """The last whole line of RUN_DIR/metrics.jsonl with a step (None when there is none yet). Reads only the
-    file's tail: a long run's log is megabytes and this runs every few seconds."""
+def last_records(run_dir: Path) -> list[dict]:
+    """The whole lines with a step at the end of RUN_DIR/metrics.jsonl, last first ([] when there is none yet).
+    Reads only the file's tail: a long run's log is megabytes and this runs every few seconds."""
     path = Path(run_dir) / METRICS
     try:
         with open(path, "rb") as f:
@@ -52,15 +53,16 @@ def last_record(run_dir: Path) -> Optional[dict]:
             f.seek(max(0, size - TAIL_BYTES))
             lines = f.read().decode("utf-8", errors="replace").splitlines()
     except OSError:
-        return None
+        return []
+    records = []
     for line in reversed(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # the line being written, or the first (cut) line of the tail
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            return record
-    return None
+            records.append(record)
+    return records
 
 
 def total_steps(run_dir: Path) -> Optional[int]:
@@ -74,12 +76,13 @@ def total_steps(run_dir: Path) -> Optional[int]:
 
 
 def snapshot(run_dir: Path) -> Optional[Snapshot]:
-    record = last_record(run_dir)
-    if record is None:
+    """The last step and tokens logged, and the last train loss (an eval or noise line may come after it)."""
+    records = last_records(run_dir)
+    if not records:
         return None
-    loss = record.get("train/loss")
-    return Snapshot(record["step"], int(record.get("tokens") or 0),
-                    float(loss) if isinstance(loss, (int, float)) else None, total_steps(run_dir))
+    loss = next((r["train/loss"] for r in records if isinstance(r.get("train/loss"), (int, float))), None)
+    return Snapshot(records[0]["step"], int(records[0].get("tokens") or 0),
+                    float(loss) if loss is not None else None, total_steps(run_dir))
 
 
 class RunWatch:
@@ -129,5 +132,6 @@ def study_eta_s(watches: list[RunWatch], now_s: float, finished_s: list[float], 
     if not finished_s and not known:
         return None
     mean_run_s = sum(finished_s) / len(finished_s) if finished_s else sum(known) / len(known)
-    running = sum(r if r is not None else max(0.0, mean_run_s - (now_s - w.started_s)) for w, r in zip(watches, left))
-    return (running + pending * mean_run_s) / max(1, slots)
+    running = [r if r is not None else max(0.0, mean_run_s - (now_s - w.started_s)) for w, r in zip(watches, left)]
+    usable = max(1, min(slots, len(watches) + pending))
+    return max(max(running, default=0.0), (sum(running) + pending * mean_run_s) / usable)

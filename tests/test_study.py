@@ -437,3 +437,32 @@ def test_a_study_stopped_before_its_runs_trained_claims_no_checkpoint(stdlib_dat
     assert "0 of 1 running run(s) have a checkpoint to continue from" in stderr, stderr
     assert "had saved none" in stderr and "saved a checkpoint" not in stderr
     assert not any(rundir.has_checkpoints(p) for p in (out / "runs").iterdir())
+
+
+def test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use(tmp_path):
+    """The ETA appeared only once a run had finished ("ETA 0.0 min" at the end); and it must not spread one
+    run's remaining time over slots that have nothing to run."""
+    from pipeline.metrics import Tracker
+    from pipeline.progress import RunWatch, study_eta_s
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resolved": {"total_steps": 100}}))
+    tracker = Tracker(tmp_path, tensorboard=False)
+    for step in range(1, 11):
+        tracker.log({"train/loss": 5.0 - step / 100}, step, step * 128)
+    tracker.close()
+    watch = RunWatch(tmp_path, started_s=0.0)
+    assert watch.update(10.0).step == 10 and watch.remaining_s() is None  # one reading: no speed yet
+    assert study_eta_s([watch], 10.0, [], pending=3, slots=2) is None
+    tracker = Tracker(tmp_path, tensorboard=False, resume_step=10)
+    for step in range(11, 31):
+        tracker.log({"train/loss": 5.0 - step / 100}, step, step * 128)
+    tracker.log({"eval/loss": 4.9}, 30, 30 * 128)  # an eval line after the last train line
+    tracker.close()
+    watch.update(20.0)
+    assert watch.remaining_s() == pytest.approx(35.0)  # 20 steps in 10 s, 70 to go
+    assert study_eta_s([watch], 20.0, [], pending=0, slots=2) == pytest.approx(35.0)  # not 35 / 2
+    # 2 waiting runs of the running one's expected length (20 s so far + 35 s), over 2 slots
+    assert study_eta_s([watch], 20.0, [], pending=2, slots=2) == pytest.approx((35 + 2 * 55) / 2)
+    assert study_eta_s([watch], 20.0, [40.0], pending=2, slots=2) == pytest.approx((35 + 2 * 40) / 2)
+    line = watch.line("run", 20.0)
+    assert "run: step 30/100, 3.84K tokens, loss 4.700, at most 0.6 min left" in line
