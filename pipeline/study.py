@@ -12,6 +12,8 @@ Phases (each skips what is already done, so re-running the command resumes a stu
 4. the other runs: trained until every target of their model is reached (or max_tokens_factor x the largest
    budget): one sweep serves every data budget of a model (docs/method.md, "Target loss");
 5. evaluate every finished run's last checkpoint (eval.json); 6. fit -> STUDY_DIR/fit/ (report.md, figures).
+method branched: the base runs, then the branches in waves by batch, none past its point's first failing batch
+(`train_branches`), then fit.
 A finished run whose recorded crossings are not those of the frozen targets has them recomputed from its logged
 eval curve, never reused by position.
 
