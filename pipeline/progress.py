@@ -12,7 +12,7 @@ which is an upper bound for a run that stops early once it reached every target 
 The study's ETA spreads the remaining work over the slots it can use (min(slots, runs left)): the running runs'
 remaining time plus one mean run duration per pending run (the finished runs' mean, else the running runs'
 elapsed + remaining), and is never less than the longest running run's remaining time. It exists as soon as
-one running run has logged two readings apart, long before any run finishes.
+one running run's step has moved between two readings, long before any run finishes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Snapshot:
 
 def last_records(run_dir: Path) -> list[dict]:
     """The whole lines with a step at the end of RUN_DIR/metrics.jsonl, last first ([] when there is none yet).
-    Reads only the file's tail: a long run's log is megabytes and this runs every few seconds."""
+    Reads only the file's tail: a long run's log is megabytes and this runs at every progress report."""
     path = Path(run_dir) / METRICS
     try:
         with open(path, "rb") as f:
