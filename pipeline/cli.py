@@ -3,7 +3,8 @@
 Stages: preprocess | pretrain | evaluate | fit | forecast | study | status. Heavy imports (torch, deepspeed,
 megatron-core) happen inside the stage that needs them, so `cbs --help` and `cbs fit` start fast.
 Exit codes: 0 done, 2 bad input (the message says which key or file and how to fix it), 1 unexpected failure,
-75 pretrain stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (start it again to continue).
+75 pretrain stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (start it again to continue), 130 a study
+stopped by Ctrl-C or SIGTERM, 141 the reader of the output went away (`cbs ... | head`).
 """
 
 from __future__ import annotations
