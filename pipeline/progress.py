@@ -26,7 +26,7 @@ from typing import Optional
 
 import yaml
 
-from pipeline.rundir import CONFIG, METRICS
+from pipeline.rundir import CONFIG, METRICS, RESULT
 from pipeline.study_plan import human
 
 TAIL_BYTES = 64 * 1024
@@ -135,3 +135,31 @@ def study_eta_s(watches: list[RunWatch], now_s: float, finished_s: list[float], 
     running = [r if r is not None else max(0.0, mean_run_s - (now_s - w.started_s)) for w, r in zip(watches, left)]
     usable = max(1, min(slots, len(watches) + pending))
     return max(max(running, default=0.0), (sum(running) + pending * mean_run_s) / usable)
+
+
+class LogWatcher:
+    """Progress of runs this process did not launch (a Slurm array, whose tasks start when the queue lets them):
+    a run is watched from the first time its metrics.jsonl shows a step until its result.json appears."""
+
+    def __init__(self, runs: dict[str, Path], every_s: float, now_s: float):
+        self.runs, self.every_s, self.shown_s = runs, every_s, now_s
+        self.watches: dict[str, RunWatch] = {}
+
+    def poll(self, now_s: float) -> list[str]:
+        """Every `every_s`: one line per running run (none in between, or while none has logged a step)."""
+        if now_s - self.shown_s < self.every_s:
+            return []
+        self.shown_s = now_s
+        lines = []
+        for name, run_dir in self.runs.items():
+            if (run_dir / RESULT).exists():
+                self.watches.pop(name, None)
+                continue
+            watch = self.watches.get(name)
+            if watch is None:
+                if snapshot(run_dir) is None:
+                    continue  # queued, or still starting
+                watch = self.watches[name] = RunWatch(run_dir, now_s)
+            watch.update(now_s)
+            lines.append(watch.line(name, now_s))
+        return lines

@@ -466,3 +466,25 @@ def test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use(
     assert study_eta_s([watch], 20.0, [40.0], pending=2, slots=2) == pytest.approx((35 + 2 * 40) / 2)
     line = watch.line("run", 20.0)
     assert "run: step 30/100, 3.84K tokens, loss 4.700, at most 0.6 min left" in line
+
+
+def test_runs_of_a_slurm_array_show_progress_once_they_log(tmp_path):
+    """On Slurm the console only counted task states; it now shows each running task's progress too."""
+    from pipeline.metrics import Tracker
+    from pipeline.progress import LogWatcher
+
+    runs = {name: tmp_path / name for name in ("queued", "running", "finished")}
+    for name, path in runs.items():
+        path.mkdir()
+    for name in ("running", "finished"):
+        (runs[name] / "config.yaml").write_text(yaml.safe_dump({"resolved": {"total_steps": 50}}))
+        tracker = Tracker(runs[name], tensorboard=False)
+        tracker.log({"train/loss": 4.5}, 5, 640)
+        tracker.close()
+    (runs["finished"] / "result.json").write_text(json.dumps({"status": "completed", "steps": 50}))
+    watcher = LogWatcher(runs, every_s=20.0, now_s=0.0)
+    assert watcher.poll(10.0) == []  # not due yet
+    assert [line.split(":")[0].strip() for line in watcher.poll(20.0)] == ["running"]
+    assert "running: step 5/50, 640 tokens, loss 4.500" in watcher.poll(40.0)[0]
+    (runs["running"] / "result.json").write_text(json.dumps({"status": "completed", "steps": 50}))
+    assert watcher.poll(60.0) == []
