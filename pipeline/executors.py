@@ -301,7 +301,9 @@ class _Pool:
         if not pending and not self.active:
             return ""
         eta = study_eta_s([w for *_, w in self.active.values()], now, durations, pending, self.slots)
-        return f"{eta / 60:.1f} min" if eta is not None else ""
+        if eta is None:
+            return ""
+        return f"{eta:.0f} s" if eta < 60 else f"{eta / 60:.1f} min"
 
     def _show_progress(self, now: float, durations: list[float], pending: int, done: int, total: int) -> None:
         for *_, watch in self.active.values():

@@ -394,8 +394,8 @@ def status_table(study_dir: Path) -> str:
         elif (snap := progress.snapshot(path)) is not None:  # running (or stopped): what it has logged so far
             steps, tokens = f"{snap.step}/{snap.total_steps or '?'}", human(snap.tokens)
         batch, lr = cfg.get("global_batch_seqs") or 0, (cfg.get("optimizer") or {}).get("lr") or 0
-        rows.append(((batch, lr, path.name), (path.name, str(batch or ""), f"{lr or ''}", status, steps, tokens,
-                                              targets)))
+        rows.append(((batch, lr, path.name), (path.name, str(batch or ""), f"{lr:g}" if lr else "", status, steps,
+                                              tokens, targets)))
     table = [("run", "batch", "lr", "status", "steps", "tokens", "targets")] + [r for _, r in sorted(rows)]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]

@@ -90,7 +90,7 @@ def test_small_study_end_to_end(stdlib_data, tmp_path):
     before_first_finish = proc.stdout.split("[1/")[0]
     assert re.search(r"started \S+ \(log: \S+/runs/\S+/pretrain\.log\)", before_first_finish), proc.stdout[-3000:]
     assert re.search(r"\S+: step \d+/\d+, [\d.]+K tokens, loss [\d.]+", before_first_finish), proc.stdout[-3000:]
-    assert re.search(r"finished, 2 running, \d+ waiting; ETA [\d.]+ min", before_first_finish), proc.stdout[-3000:]
+    assert re.search(r"finished, 2 running, \d+ waiting; ETA [\d.]+ (min|s)", before_first_finish), proc.stdout[-3000:]
     frozen = json.loads((out / "targets.json").read_text())
     assert set(frozen) == {"mL2d128_d15K", "mL2d128_d40K"}
     assert all(v["run"] in {p.name for p in (out / "runs").iterdir()} for v in frozen.values())
