@@ -83,14 +83,16 @@ def test_small_study_end_to_end(stdlib_data, tmp_path):
         "hparams": {"lr": [3e-3, 40.0], "ewa_taus": [0.95]},
         "base": {**BASE, "optimizer": {"grad_clip": 0.0}}}))
     out = tmp_path / "s"
-    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2", "--progress-every", "3"),
+    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2", "--progress-every", "1"),
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # live progress: where each run logs, then its step, tokens and loss, and an ETA before any run has finished
+    # live progress: where each run logs (before any finishes), its step, tokens and loss while it trains, ETAs
+    # (test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use: one before any run finishes;
+    # these runs train for a few seconds only, so whether a report falls before the first finish is up to timing)
     before_first_finish = proc.stdout.split("[1/")[0]
     assert re.search(r"started \S+ \(log: \S+/runs/\S+/pretrain\.log\)", before_first_finish), proc.stdout[-3000:]
-    assert re.search(r"\S+: step \d+/\d+, [\d.]+K tokens, loss [\d.]+", before_first_finish), proc.stdout[-3000:]
-    assert re.search(r"finished, 2 running, \d+ waiting; ETA [\d.]+ (min|s)", before_first_finish), proc.stdout[-3000:]
+    assert re.search(r"\S+: step \d+/\d+, [\d.]+K? tokens, loss [\d.]+", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"; ETA [\d.]+ (min|s)", proc.stdout), proc.stdout[-3000:]
     frozen = json.loads((out / "targets.json").read_text())
     assert set(frozen) == {"mL2d128_d15K", "mL2d128_d40K"}
     assert all(v["run"] in {p.name for p in (out / "runs").iterdir()} for v in frozen.values())
