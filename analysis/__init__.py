@@ -29,6 +29,10 @@ scipy, statsmodels, matplotlib and pyyaml.
 
 import csv
 import math
+from decimal import Decimal, InvalidOperation
+
+COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+"""Decimal suffixes of counts, as cbs writes them in setting and run names (300K, 1.7B): K = 1e3, ..., T = 1e12."""
 
 
 class InputError(ValueError):
@@ -48,6 +52,23 @@ def read_csv_lines(path, what: str, not_found: str = "no such file") -> list[lis
         raise InputError(f"{what}: {not_found}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{what}: cannot read as CSV: {e}") from None
+
+
+def parse_count(text: str) -> Decimal:
+    """A count written as a number with an optional suffix of COUNT_SUFFIXES: "300K" -> 300000, "1.5M",
+    "10B", "1e9", "1_000_000". Exact (decimal arithmetic: "0.3K" is 300, not 300.00000000000006). ValueError
+    when the text is not one, or is NaN or infinite; the caller checks the range and whether it is whole."""
+    body = text.strip().replace("_", "")
+    scale = COUNT_SUFFIXES.get(body[-1:].upper(), 1) if body else 1
+    if scale != 1:
+        body = body[:-1]
+    try:
+        value = Decimal(body) * scale
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a count (a number, optionally with K, M, B or T)") from None
+    if not value.is_finite():
+        raise ValueError(f"{text!r} is not a finite count")
+    return value
 
 
 def csv_float(text: str | None) -> float:

@@ -37,6 +37,8 @@ import numpy as np
 from analysis.steps import UNFINISHED_STATUSES
 
 UNFINISHED = "unfinished"
+NOT_NEEDED = "not needed"
+"""The verdict of a branch whose outcome cannot change its point's CBS; the study never trains it."""
 RULES = ("absolute", "relative")
 Z = 1.645
 """Standard deviations of a loss difference that eval noise may explain before a batch fails (absolute rule)."""
@@ -88,9 +90,9 @@ def judge(outcomes: list[Outcome], rule: Rule) -> tuple[list[str], float, float,
     best, passed, high, state = math.inf, math.nan, math.nan, "open"
     for j, (batch, loss, status) in enumerate(outcomes):
         if state == "closed":
-            verdicts.append("not needed")
+            verdicts.append(NOT_NEEDED)
         elif state == "incomplete":  # the relative chain resumes only if the unfinished branch passes
-            verdicts.append("pending" if rule.kind == "absolute" else "not needed")
+            verdicts.append("pending" if rule.kind == "absolute" else NOT_NEEDED)
         elif _is_unfinished(status):
             verdicts.append("unfinished")
             state = "incomplete"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis import InputError
-from analysis.branch_rules import RULES, UNFINISHED, Rule, judge, noise_interval
+from analysis.branch_rules import NOT_NEEDED, RULES, UNFINISHED, Rule, judge, noise_interval  # noqa: F401
 from analysis.steps import (
     UNFINISHED_STATUSES, Setting, TargetKind, as_float, check_status, positive_int, read_json,
     read_yaml, seq_len_of, study_method,

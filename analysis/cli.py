@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis import InputError
+from analysis import InputError, parse_count
 from analysis.branched import RuleChoice, check_rule_choice, is_branched, read_branched
 from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
 from analysis.branched_report import render_branched_outputs
@@ -21,8 +21,8 @@ from analysis.cost import ThroughputModel, read_throughput_csv, study_throughput
 from analysis.export import FORMATS, export, from_batch_plan, from_ramp
 from analysis.fit import DEGRADATION_OVERHEADS, LEVEL
 from analysis.forecast import (
-    DEFAULT_SEQ_LEN, also_lines, batch_plan, choose_law, describe, describe_plan, describe_time_plan, forecast_cbs,
-    load_scaling, time_plan,
+    DEFAULT_OVERHEAD, DEFAULT_SEQ_LEN, Forecast, also_lines, b_noise_gap, batch_plan, choose_law, describe,
+    describe_noise, describe_plan, describe_time_plan, forecast_cbs, forecast_from_b_noise, load_scaling, time_plan,
 )
 from analysis.outputs import check_out_dir, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
@@ -48,6 +48,14 @@ def _run(prog: str, body, argv: list[str] | None) -> int:
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+
+
+def _count(text: str) -> float:
+    """A command-line count such as --tokens 10B or --model-params 85M (analysis.parse_count)."""
+    try:
+        return float(parse_count(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}: write e.g. 1e10, 10000000000 or 10B") from None
 
 
 def _overheads(text: str) -> tuple[float, ...]:
@@ -94,13 +102,13 @@ def fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=["absolute", "relative"], default=None,
                    help="branched study: absolute (Merrill et al.: the largest batch within --epsilon nats, plus "
                         "an allowance for eval noise, of every smaller batch) or relative (a chain within "
-                        "--tolerance of the best smaller batch) (default: the branches' study.branch.rule)")
+                        "--tolerance of the best smaller batch) (default: the study's branched.rule, recorded in each branch)")
     p.add_argument("--epsilon", type=float, default=None, metavar="NATS",
-                   help="branched study, absolute rule: loss tolerance in nats (default: the branches' "
-                        "study.branch.epsilon_nats)")
+                   help="branched study, absolute rule: loss tolerance in nats (default: the study's "
+                        "branched.epsilon_nats, recorded in each branch)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="branched study, relative rule: relative loss tolerance (default: the branches' "
-                        "study.branch.tolerance)")
+                        "branched.tolerance)")
     p.add_argument("--eval-noise", type=float, default=None, metavar="SIGMA",
                    help="branched study: relative s.d. of a branch's eval loss, for the absolute rule's allowance "
                         "and the CBS interval under eval noise (default: estimated from each base run's eval "
@@ -224,8 +232,9 @@ def forecast_parser() -> argparse.ArgumentParser:
                 "reaches the target fastest on --gpus GPUs. With --ramp: a batch schedule that grows with the "
                 "tokens seen, from a branched fit's CBS(t) (--curve) or the CBS law in D (--scaling).")
     p.add_argument("--scaling", default=None, metavar="SCALING_JSON", help="OUT_DIR/scaling.json of `cbs fit`")
-    p.add_argument("--tokens", required=True, type=float, metavar="D", help="data budget in tokens")
-    p.add_argument("--model-params", type=float, default=None, metavar="N",
+    p.add_argument("--tokens", required=True, type=_count, metavar="D",
+                   help="data budget in tokens: 1e10, 10000000000 or 10B (suffixes K, M, B, T)")
+    p.add_argument("--model-params", type=_count, default=None, metavar="N",
                    help="non-embedding parameters (with --tokens: the joint law, when identifiable)")
     p.add_argument("--gpus", type=int, default=1, metavar="G", help="data-parallel GPUs, the budget (default 1)")
     p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="sequences per GPU per micro-step")
@@ -234,6 +243,13 @@ def forecast_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput", default=None, metavar="CSV",
                    help="throughput for the time plan, columns batch_size,gpus,tokens_per_s[,model_params] "
                         "(default: the one in scaling.json)")
+    p.add_argument("--law", choices=("cbs", "b_noise"), default="cbs",
+                   help="cbs (default): the CBS law; b_noise: CBS = (1 + o) B0 + o B_noise from the B_noise law, the "
+                        "one the fit's report recommends when the two laws' exponents differ (the (1+o)B0 floor)")
+    p.add_argument("--reference-batch", type=float, default=None, metavar="B0",
+                   help="with --law b_noise: B0 in sequences (default: the fit's, from scaling.json or cbs.csv)")
+    p.add_argument("--beyond-cbs", action="store_true",
+                   help="let the time plan try batches above the CBS (faster on more GPUs, at more GPU-hours)")
     p.add_argument("--ramp", action="store_true",
                    help="propose a batch ramp (batch as a function of tokens seen) and the steps it saves")
     p.add_argument("--curve", default=None, metavar="CBS_CURVE_CSV",
@@ -293,6 +309,26 @@ def _ramp(args: argparse.Namespace) -> list[str]:
     return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
 
 
+def _headline(sf, choice, args: argparse.Namespace) -> tuple[list[str], Forecast]:
+    """The CBS the plan uses (from the CBS law, or with --law b_noise from the B_noise law), and the B_noise
+    law's CBS beside it where the fit's report recommends that law (forecast.b_noise_gap)."""
+    overhead = sf.overhead if sf.overhead is not None else DEFAULT_OVERHEAD
+    if args.law == "b_noise":
+        nf = forecast_from_b_noise(sf, choice, args.reference_batch, overhead)
+        return [describe_noise(nf, sf.b_noise[choice.key], "")], nf.cbs
+    primary = forecast_cbs(sf.laws[choice.key], choice.x)
+    lines = [describe(primary, sf.laws[choice.key])]
+    gap = b_noise_gap(sf, choice.key)
+    if gap:
+        lead = f"the fit's report recommends the B_noise law here ({gap}); from it: "
+        try:
+            nf = forecast_from_b_noise(sf, choice, args.reference_batch, overhead)
+            lines.append(describe_noise(nf, sf.b_noise[choice.key], lead) + "; plan with it: --law b_noise")
+        except InputError as e:
+            lines.append(f"{lead}{e}")
+    return lines, primary
+
+
 def _forecast(argv: list[str]) -> int:
     args = forecast_parser().parse_args(argv)
     _check_forecast_args(args)
@@ -304,9 +340,8 @@ def _forecast(argv: list[str]) -> int:
     throughput = (ThroughputModel(tuple(read_throughput_csv(args.throughput)), str(args.throughput))
                   if args.throughput else ThroughputModel(sf.throughput, "scaling.json"))
     choice = choose_law(sf, args.tokens, args.model_params)
-    primary = forecast_cbs(sf.laws[choice.key], choice.x)
-    lines = [describe(primary, sf.laws[choice.key]), *choice.notes,
-             *also_lines(sf, choice, args.tokens, args.model_params)]
+    lines, primary = _headline(sf, choice, args)
+    lines += [*choice.notes, *also_lines(sf, choice, args.tokens, args.model_params)]
     seq_len = args.seq_len or sf.seq_len or DEFAULT_SEQ_LEN
     plan = batch_plan(primary.cbs, args.gpus, args.micro_batch, seq_len)
     if args.format != "text":
@@ -314,8 +349,8 @@ def _forecast(argv: list[str]) -> int:
         print(export(from_batch_plan(plan, args.tokens, source), args.format), end="")
         return 0
     lines += describe_plan(plan, primary, args.tokens)
-    lines += describe_time_plan(time_plan(sf, choice, args.model_params, throughput, plan, primary.cbs),
-                                args.micro_batch)
+    lines += describe_time_plan(time_plan(sf, choice, args.model_params, throughput, plan, primary.cbs,
+                                          args.beyond_cbs), args.micro_batch)
     print("\n".join(lines))
     return 0
 

@@ -162,6 +162,12 @@ class ThroughputModel:
         nearest = min({p.model_params for p in self.points}, key=lambda m: abs(math.log(m / n)))
         return [p for p in self.points if p.model_params == nearest], nearest / n
 
+    def scaled_from(self, n: int | None) -> int | None:
+        """The measured model size whose throughput stands in for N (scaled by N_measured / N), or None when
+        the points describe N itself or any model (a CSV without model_params)."""
+        points, scale = self._for_model(n)
+        return points[0].model_params if scale != 1.0 and points else None
+
     @functools.cache
     def _curve(self, n: int | None):
         """(exact medians by (B, G), log local batches, log per-GPU medians, scale) of model N; None if no data."""

@@ -3,21 +3,23 @@
 Stages: preprocess | pretrain | evaluate | fit | forecast | study | status. Heavy imports (torch, deepspeed,
 megatron-core) happen inside the stage that needs them, so `cbs --help` and `cbs fit` start fast.
 Exit codes: 0 done, 2 bad input (the message says which key or file and how to fix it), 1 unexpected failure,
-75 pretrain stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (start it again to continue).
+75 pretrain stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (start it again to continue), 130 a study
+stopped by Ctrl-C or SIGTERM, 141 the reader of the output went away (`cbs ... | head`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline import __version__
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("config", help="the stage's YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, dotted for nested keys (repeatable): --set tokenizer.vocab_size=4096")
+                   help=f"override a config key, dotted for nested keys (repeatable): --set {example}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,11 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     p = sub.add_parser("preprocess", help="corpus -> SentencePiece tokenizer -> Megatron .bin/.idx shards")
-    _add_config_args(p)
+    _add_config_args(p, "tokenizer.vocab_size=4096")
     p.add_argument("--force", action="store_true", help="rebuild even if output_dir is up to date, replacing it")
 
     p = sub.add_parser("pretrain", help="train one GPT run (megatron-core layers in a DeepSpeed engine)")
-    _add_config_args(p)
+    _add_config_args(p, "optimizer.lr=1e-3")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -43,15 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("study", help="a whole study: preprocess -> runs -> evaluate -> fit, local or on Slurm")
-    _add_config_args(p)
+    _add_config_args(p, "base.optimizer.weight_decay=0.05 (a study's keys; `base.` for its runs' pretrain keys)")
     p.add_argument("--out", required=True, help="the study directory")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local (default): runs as processes on this machine, --parallel at a time; slurm: each "
+                        "phase as sbatch jobs (an array per phase), this command waits for them")
     p.add_argument("--parallel", type=int, default=None,
                    help="local: runs trained at once (default: 1 on a CPU machine, visible GPUs / --gpus-per-run on a "
                         "GPU machine; with --gpus-per-run 1, more runs than GPUs share them round-robin: faster for "
                         "small models, whose step leaves a GPU mostly idle)")
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="local: GPUs of each run (CUDA_VISIBLE_DEVICES is split among parallel runs; > 1: torchrun)")
+    p.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
+                   help="local: print the running runs' step, tokens, loss and ETA this often (default 20)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (and sbatch scripts) without running")
     p.add_argument("--force", action="store_true", help="use a directory that holds another study")
     for flag, kind in (("partition", str), ("account", str), ("nodes", int), ("gpus-per-node", int),
@@ -119,7 +125,7 @@ def _run_study(args) -> int:
                                            "time", "max_parallel") if getattr(args, k) is not None}
     try:
         return study.main(cfg, args.out, args.executor, args.parallel, args.dry_run, args.force, slurm,
-                          args.gpus_per_run)
+                          args.gpus_per_run, args.progress_every)
     except StudyInterrupted as e:
         print(f"cbs study: {e}", file=sys.stderr)
         return 130
@@ -142,6 +148,16 @@ def _run_preprocess(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader of our output went away (`cbs study ... --dry-run | head`): stop quietly, as `cat` does.
+        # stdout is pointed at /dev/null so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a broken pipe
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `deepspeed --module pipeline.cli ...` puts --local_rank=N first, before the stage; LOCAL_RANK says the same
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]

@@ -17,10 +17,13 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from analysis import parse_count
 
 
 class ConfigError(ValueError):
@@ -87,8 +90,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)  # 1e9 in YAML is a float; accept it where it is a whole number
         if isinstance(value, str):
             try:
-                number = float(value.replace("_", ""))  # "1e9" and "1_000" as integers
-                if number.is_integer():
+                number = parse_count(value)  # "1e9", "1_000" and "300K" (as cbs names budgets) as integers
+                if number == number.to_integral_value():
                     return int(number)
             except ValueError:
                 pass
@@ -109,6 +112,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key} must be a string: got {value!r}")
     raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def parse_tokens(value: Any, key: str, minimum: int = 1) -> int:
+    """A token count from YAML or the command line, the one reader of every token count a config holds:
+    an integer, a whole float (YAML reads 1e9 as one), or text with the suffixes cbs prints in names (300K,
+    1.5M, 10B, 2T; analysis.parse_count). ConfigError naming `key` and the fix for anything else: text that is
+    no count, NaN, infinity, a fraction of a token, a boolean, or a count below `minimum`."""
+    fix = "write a whole number of tokens, e.g. 300000, 3e5 or 300K"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be a token count: got {value!r}; {fix}")
+    try:
+        count = parse_count(value) if isinstance(value, str) else Decimal(value)
+    except (ValueError, InvalidOperation):
+        raise ConfigError(f"{key} must be a token count: got {value!r}; {fix}") from None
+    if not count.is_finite() or count != count.to_integral_value() or count < minimum:
+        raise ConfigError(f"{key} must be a whole number of tokens >= {minimum}: got {value!r}; {fix}")
+    return int(count)
 
 
 def from_dict(cls: type, data: dict, prefix: str) -> Any:

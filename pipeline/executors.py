@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from pipeline import rundir
+from pipeline.progress import RunWatch, study_eta_s
 from pipeline.slurm import RENDEZVOUS
 from pipeline.targets import targets_reached
 from pipeline.utils import free_port
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
+PROGRESS_EVERY_S = 20.0
+"""How often the study prints the progress of its running runs: often enough to show it is alive, rarely enough
+to stay readable (a run logs a line per log.every_steps to its own pretrain.log)."""
 RUN_STAGE = JOBS / "run_stage.sh"
 
 
@@ -97,7 +101,23 @@ def result_note(path: Path, result: Optional[dict]) -> str:
     if result.get("status") == "failed":
         return f" ({result.get('reason', '')[:120]}; see {path / 'pretrain.log'})"
     reached, total = targets_reached(result)
-    return f", {result.get('steps')} steps, targets {reached}/{total}"
+    if total:
+        return f", {result.get('steps')} steps, targets {reached}/{total}"
+    loss = (result.get("final") or {}).get("eval/loss")  # a run without targets (a branch): its final loss
+    return f", {result.get('steps')} steps" + (f", final eval loss {loss:.4f}" if isinstance(loss, float) else "")
+
+
+def stopped_summary(jobs: list[RunJob]) -> str:
+    """What the runs that were running when the study was stopped kept: only checkpoints that exist are claimed."""
+    if not jobs:
+        return "no run was running"
+    kept = [j.name for j in jobs if rundir.usable_tags(j.run_dir)[0]]
+    lost = [j.name for j in jobs if j.name not in kept]
+    parts = [f"{len(kept)} of {len(jobs)} running run(s) have a checkpoint to continue from"]
+    if lost:
+        parts.append(f"{', '.join(lost)} had saved none (stopped before their first checkpoint) and will start "
+                     f"over")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------- devices
@@ -186,9 +206,13 @@ def slot_env(slot: Slot, threads: int, base: Optional[dict] = None) -> dict:
 class LocalExecutor:
     """Subprocesses on this machine, one run per device slot at a time; keeps going past failed runs."""
 
-    def __init__(self, parallel: Optional[int] = None, gpus_per_run: int = 1, gpus: Optional[list[str]] = None):
+    def __init__(self, parallel: Optional[int] = None, gpus_per_run: int = 1, gpus: Optional[list[str]] = None,
+                 progress_every_s: float = PROGRESS_EVERY_S):
         self.slots = device_slots(parallel, gpus_per_run, visible_gpus() if gpus is None else gpus)
         self.cores = len(os.sched_getaffinity(0))
+        if not progress_every_s > 0:
+            raise ExecutorError(f"--progress-every must be > 0 seconds: got {progress_every_s}")
+        self.progress_every_s = progress_every_s
 
     def describe(self) -> str:
         if not self.slots[0].gpus:
@@ -208,12 +232,12 @@ class LocalExecutor:
         print(f"{label}: {len(todo)} run(s) to train ({len(jobs) - len(todo)} already finished), "
               f"{min(len(self.slots), len(todo))} at a time", flush=True)
         threads = max(1, self.cores // min(len(self.slots), len(todo)))  # a lone run gets every core
-        pool = _Pool(self.slots, threads)
+        pool = _Pool(self.slots, threads, self.progress_every_s)
         with _forward_stop_signals(pool):
             pool.run(todo, len(jobs) - len(todo), len(jobs))
         if pool.stopped:
-            raise StudyInterrupted(f"{label}: stopped by a signal; {pool.stopped} running run(s) saved a "
-                                   f"checkpoint; run the same command again to continue")
+            raise StudyInterrupted(f"{label}: stopped by a signal; {stopped_summary(pool.stopped_runs)}; run the "
+                                   f"same command again to continue")
 
     def evaluate(self, run_dirs: list[Path]) -> None:
         """One process evaluates every run (one start-up instead of one per run), on the first slot's device."""
@@ -233,46 +257,73 @@ class LocalExecutor:
 
 
 class _Pool:
-    """Runs jobs on slots; `stop()` asks the running ones to checkpoint (SIGTERM) and launches no more."""
+    """Runs jobs on slots; `stop()` asks the running ones to checkpoint (SIGTERM) and launches no more. While they
+    train it prints each running run's progress every `progress_every_s` (pipeline/progress.py)."""
 
-    def __init__(self, slots: list[Slot], threads: int):
+    def __init__(self, slots: list[Slot], threads: int, progress_every_s: float):
         self.free = list(slots)
+        self.slots = len(slots)
         self.threads = threads
-        self.active: dict[str, tuple[subprocess.Popen, float, object, RunJob, Slot]] = {}
-        self.stopped = 0
+        self.progress_every_s = progress_every_s
+        self.active: dict[str, tuple[subprocess.Popen, object, RunJob, Slot, RunWatch]] = {}
+        self.stopped = False
+        self.stopped_runs: list[RunJob] = []
+        """The runs that were running when stop() came."""
 
     def stop(self) -> None:
         if self.stopped:
             return
-        self.stopped = max(1, len(self.active))
+        self.stopped = True
+        self.stopped_runs = [job for _, _, job, _, _ in self.active.values()]
         for proc, *_ in self.active.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
     def run(self, todo: list[RunJob], done: int, total: int) -> None:
         pending, durations, started = list(todo), [], time.time()
+        shown = started
         while (pending and not self.stopped) or self.active:
             while pending and self.free and not self.stopped:
                 self._launch(pending.pop(0))
             time.sleep(0.2)
-            for name, (proc, t0, logf, job, slot) in list(self.active.items()):
+            for name, (proc, logf, job, slot, watch) in list(self.active.items()):
                 if proc.poll() is None:
                     continue
                 logf.close()
                 del self.active[name]
                 self.free.append(slot)
-                durations.append(time.time() - t0)
+                durations.append(time.time() - watch.started_s)
                 done += 1
-                left = len(pending) + len(self.active)
-                eta = sum(durations) / len(durations) * left / max(1, len(self.free) + len(self.active))
                 result = read_result(job.run_dir)
+                eta = self._eta(time.time(), durations, len(pending))
                 print(f"  [{done}/{total}] {name}: {run_status(job.run_dir, result)} in {durations[-1]:.0f} s"
-                      f"{result_note(job.run_dir, result)}; ETA {eta / 60:.1f} min", flush=True)
+                      f"{result_note(job.run_dir, result)}" + (f"; ETA {eta}" if eta else ""), flush=True)
+            if self.active and time.time() - shown >= self.progress_every_s:
+                shown = time.time()
+                self._show_progress(shown, durations, len(pending), done, total)
         print(f"  done in {(time.time() - started) / 60:.1f} min", flush=True)
+
+    def _eta(self, now: float, durations: list[float], pending: int) -> str:
+        if not pending and not self.active:
+            return ""
+        eta = study_eta_s([w for *_, w in self.active.values()], now, durations, pending, self.slots)
+        if eta is None:
+            return ""
+        return f"{eta:.0f} s" if eta < 60 else f"{eta / 60:.1f} min"
+
+    def _show_progress(self, now: float, durations: list[float], pending: int, done: int, total: int) -> None:
+        for *_, watch in self.active.values():
+            watch.update(now)
+        lines = [watch.line(name, now) for name, (*_, watch) in self.active.items()]
+        eta = self._eta(now, durations, pending)
+        print(f"  {done}/{total} finished, {len(self.active)} running, {pending} waiting"
+              + (f"; ETA {eta}" if eta else "; ETA once a run has logged two steps"), flush=True)
+        print("\n".join(lines), flush=True)
 
     def _launch(self, job: RunJob) -> None:
         slot = self.free.pop(0)
-        logf = open(job.run_dir / "pretrain.log", "a")
+        log_path = job.run_dir / "pretrain.log"
+        logf = open(log_path, "a")
         env = slot_env(slot, self.threads)
         if len(slot.gpus) > 1:
             env["MASTER_PORT"] = str(free_port())  # a rendezvous of its own: parallel runs share the host
@@ -281,7 +332,10 @@ class _Pool:
         proc = subprocess.Popen(launch_command(slot, ["pretrain", str(job.config)]), stdout=logf,
                                 stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=_sigterm_when_parent_dies)
-        self.active[job.name] = (proc, time.time(), logf, job, slot)
+        watch = RunWatch(job.run_dir, time.time())
+        watch.update(watch.started_s)  # a resumed run's log already has steps: its speed counts from here
+        self.active[job.name] = (proc, logf, job, slot, watch)  # before anything is printed: stop() must see it
+        print(f"  started {job.name} (log: {log_path})", flush=True)
 
 
 def _sigterm_when_parent_dies() -> None:

@@ -256,11 +256,13 @@ def is_final(state: str) -> bool:
 
 
 def wait(job_ids: Iterable[str], poll_s: float = 1.0, timeout_s: Optional[float] = None,
-         on_update: Optional[Callable[[dict[str, str]], None]] = None) -> dict[str, str]:
+         on_update: Optional[Callable[[dict[str, str]], None]] = None,
+         on_poll: Optional[Callable[[], None]] = None) -> dict[str, str]:
     """Poll until every job and array task is in a final state; return the states (keys as in job_states).
 
-    on_update(states) is called whenever a state changed. A few failed polls in a row (slurmctld restarting)
-    are retried; raises SlurmError after `timeout_s` with the states at that point.
+    on_update(states) is called whenever a state changed, on_poll() after every answered poll (live progress).
+    A few failed polls in a row (slurmctld restarting) are retried; raises SlurmError after `timeout_s` with the
+    states at that point.
     """
     ids = [str(j) for j in job_ids]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -281,6 +283,8 @@ def wait(job_ids: Iterable[str], poll_s: float = 1.0, timeout_s: Optional[float]
                     on_update(dict(states))
             if all(is_final(s) for s in states.values()):
                 return states
+            if on_poll:
+                on_poll()
         if deadline is not None and time.monotonic() >= deadline:
             summary = ", ".join(f"{k}={v}" for k, v in sorted((last or {}).items())) or "no answer"
             raise SlurmError(f"jobs {','.join(ids)} not finished after {timeout_s:g} s: {summary}")

@@ -12,6 +12,8 @@ Phases (each skips what is already done, so re-running the command resumes a stu
 4. the other runs: trained until every target of their model is reached (or max_tokens_factor x the largest
    budget): one sweep serves every data budget of a model (docs/method.md, "Target loss");
 5. evaluate every finished run's last checkpoint (eval.json); 6. fit -> STUDY_DIR/fit/ (report.md, figures).
+method branched: the base runs, then the branches in waves by batch, none past its point's first failing batch
+(`train_branches`), then fit.
 A finished run whose recorded crossings are not those of the frozen targets has them recomputed from its logged
 eval curve, never reused by position.
 
@@ -32,10 +34,13 @@ from typing import Optional
 
 import yaml
 
-from pipeline import rundir
+from analysis import InputError
+from analysis.branched import NOT_NEEDED, UNFINISHED, cbs_curve, is_branched, read_branched
+from pipeline import progress, rundir
 from pipeline.config import (ConfigError, PreprocessConfig, PretrainConfig, StudyConfig, StudyMethod, from_dict,
                              to_dict)
-from pipeline.executors import Executor, ExecutorError, LocalExecutor, RunJob, read_result, run_status
+from pipeline.executors import (PROGRESS_EVERY_S, Executor, ExecutorError, LocalExecutor, RunJob, read_result,
+                                run_status)
 from pipeline.metrics import eval_records
 from pipeline.study_plan import Run, human, plan, plan_table, reference_batch, run_config, run_path
 from pipeline.study_slurm import SlurmExecutor
@@ -246,9 +251,9 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     if not dry_run:
         write_run_inputs(runs, study_dir)
     refs, rest = [r for r in runs if r.reference], [r for r in runs if not r.reference]
-    if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then every branch of them
+    if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then the branches that are needed
         executor.train(jobs_of(refs, study_dir), "base", f"base runs (B = {min(cfg.batch_sizes)})")
-        executor.train(jobs_of(rest, study_dir), "branches", "branches")
+        train_branches(rest, study_dir, executor, dry_run)
         return executor.fit(study_dir, study_dir / "fit", [])
     if refs:  # only a study with a reference batch B0 has them
         executor.train(jobs_of(refs, study_dir), "reference", f"reference runs (B0 = {b0})")
@@ -268,23 +273,89 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     return executor.fit(study_dir, study_dir / "fit", FIT_ARGS + (["--reference-batch", str(b0)] if b0 else []))
 
 
+# ---------------------------------------------------------------------------------------------------- branches
+
+
+def next_branches(branches: list[Run], study_dir: Path) -> list[Run]:
+    """The branches to train next: at every branch point whose pass/fail chain is still open, the first branch
+    not yet judged, in batch order (docs/method.md, "Branched local CBS"). A branch after the first failing
+    batch of its point is never needed (its verdict cannot change CBS(t)), so it is never returned.
+
+    Judged by analysis/branched.py on what the finished branches left, with the loss the fit compares, so that
+    the study trains exactly the branches the fit reads."""
+    judged = [r for r in branches if run_status(run_path(study_dir, r.name)) not in ("pending", "started",
+                                                                                     rundir.PREEMPTED)]
+    if not judged:  # nothing to judge yet: the smallest batch of every point
+        first: dict[tuple, Run] = {}
+        for r in branches:
+            key = (r.branch["setting"], r.branch["base_tokens"])
+            if key not in first or r.batch < first[key].batch:
+                first[key] = r
+        return list(first.values())
+    try:
+        curve = cbs_curve(read_branched(study_dir))
+    except InputError as e:
+        raise StudyError(f"the branches cannot be judged: {e}") from None
+    wanted = {v.run for point in curve for v in point.verdicts if v.verdict == UNFINISHED}
+    return [r for r in branches if r.name in wanted]
+
+
+def train_branches(branches: list[Run], study_dir: Path, executor: Executor, dry_run: bool) -> None:
+    """Train the branches in waves, one batch of every open branch point per wave, until every point's chain has
+    ended (a failing batch) or run out of batches. A sweep of every branch would train the batches above the
+    first failure for nothing (12 of the 20 branches of configs/demo_branched.yaml); waves cost parallelism
+    only between points, never within one (a point's branches depend on each other)."""
+    tried: set[str] = set()
+    wave = 1
+    while True:
+        todo = [r for r in next_branches(branches, study_dir) if r.name not in tried]  # a crash is not retried
+        if not todo:
+            break
+        tried |= {r.name for r in todo}
+        batches = ", ".join(str(b) for b in sorted({r.batch for r in todo}))
+        executor.train(jobs_of(todo, study_dir), f"branches{wave}",
+                       f"branches, wave {wave} (batch {batches}, {len(todo)} branch point(s) still open)")
+        if dry_run:
+            print("  # ...then, wave after wave, the next batch of every branch point whose losses still pass "
+                  "(none past a point's first failing batch)")
+            return
+        wave += 1
+    skipped = not_needed(study_dir)
+    if skipped:
+        print(f"branches: {len(skipped)} of {len(branches)} not trained (not needed: each comes after its point's "
+              f"first failing batch, so it cannot change CBS(t))", flush=True)
+
+
+def not_needed(study_dir: Path) -> set[str]:
+    """The branches of a branched study never trained because their point's chain ended at a smaller batch."""
+    if not is_branched(study_dir):
+        return set()
+    try:
+        curve = cbs_curve(read_branched(study_dir))
+    except InputError:  # nothing finished yet, or a directory the fit will refuse with its own message
+        return set()
+    return {v.run for point in curve if point.complete for v in point.verdicts  # incomplete: they may be needed
+            if v.verdict == NOT_NEEDED and run_status(run_path(study_dir, v.run)) == "pending"}
+
+
 def make_executor(cfg: StudyConfig, study_dir: Path, executor: str, parallel: Optional[int], gpus_per_run: int,
-                  dry_run: bool, slurm_overrides: Optional[dict]) -> Executor:
+                  dry_run: bool, slurm_overrides: Optional[dict], progress_every_s: float) -> Executor:
     try:
         if executor == "slurm":
             return SlurmExecutor(cfg.name, study_dir, {**cfg.slurm, **(slurm_overrides or {})}, dry_run)
-        return LocalExecutor(parallel, gpus_per_run)
+        return LocalExecutor(parallel, gpus_per_run, progress_every_s=progress_every_s)
     except ExecutorError as e:
         raise StudyError(str(e)) from None
 
 
 def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", parallel: Optional[int] = None,
          dry_run: bool = False, force: bool = False, slurm_overrides: Optional[dict] = None,
-         gpus_per_run: int = 1) -> int:
+         gpus_per_run: int = 1, progress_every_s: Optional[float] = None) -> int:
     study_dir = Path(study_dir).resolve()
     data_dir = data_dir_of(cfg, study_dir)
     runs = plan(cfg, study_dir, data_dir)
-    ex = make_executor(cfg, study_dir, executor, parallel, gpus_per_run, dry_run, slurm_overrides)
+    every_s = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
+    ex = make_executor(cfg, study_dir, executor, parallel, gpus_per_run, dry_run, slurm_overrides, every_s)
     if dry_run:
         print(plan_table(cfg, runs, reference_batch(cfg)))
         if executor == "slurm":
@@ -309,20 +380,22 @@ def status_table(study_dir: Path) -> str:
     paths = [p for p in (Path(study_dir) / "runs").glob("*") if p.is_dir()]
     if not paths:
         raise StudyError(f"{study_dir} has no runs/ (not a study directory, or not started)")
-    rows, counts = [], {}
+    rows, counts, skipped = [], {}, not_needed(Path(study_dir))
     for path in paths:
         cfg = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").exists() else {}
         result = read_result(path)
-        status = run_status(path, result)
+        status = NOT_NEEDED if path.name in skipped else run_status(path, result)
         counts[status] = counts.get(status, 0) + 1
         steps = tokens = targets = ""
         if result is not None:
             steps, tokens = str(result.get("steps", "")), human(result.get("tokens") or 0)
             reached, total = targets_reached(result)
             targets = f"{reached}/{total}" if total else "-"
+        elif (snap := progress.snapshot(path)) is not None:  # running (or stopped): what it has logged so far
+            steps, tokens = f"{snap.step}/{snap.total_steps or '?'}", human(snap.tokens)
         batch, lr = cfg.get("global_batch_seqs") or 0, (cfg.get("optimizer") or {}).get("lr") or 0
-        rows.append(((batch, lr, path.name), (path.name, str(batch or ""), f"{lr or ''}", status, steps, tokens,
-                                              targets)))
+        rows.append(((batch, lr, path.name), (path.name, str(batch or ""), f"{lr:g}" if lr else "", status, steps,
+                                              tokens, targets)))
     table = [("run", "batch", "lr", "status", "steps", "tokens", "targets")] + [r for _, r in sorted(rows)]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]

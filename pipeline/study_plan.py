@@ -10,12 +10,14 @@ mid-warmup loss).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
-                             ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, steps_for, to_dict)
+                             ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, parse_tokens, steps_for,
+                             to_dict)
 from pipeline.utils import log
 
 RUNS = "runs"
@@ -81,7 +83,7 @@ def expand_settings(raw: Any) -> list[Setting]:
                 raise ConfigError(f"{p}[{i}].{sorted(unknown)[0]} is not a known key (model, train_tokens, name, "
                                   f"target)")
             model, label = _model(item["model"], f"{p}[{i}].model")
-            tokens = int(float(item["train_tokens"]))
+            tokens = parse_tokens(item["train_tokens"], f"{p}[{i}].train_tokens")
             out.append(Setting(item.get("name") or f"m{label}_d{human(tokens)}", model, label, tokens,
                                item.get("target")))
         return _checked(out)
@@ -100,8 +102,9 @@ def expand_settings(raw: Any) -> list[Setting]:
     if gen == "fixed_model":
         model, label = _model(raw.get("model"), f"{p}.model")
         tokens = raw.get("tokens")
-        tokens = tokens if isinstance(tokens, list) else [tokens]
-        return _checked([Setting(f"m{label}_d{human(float(t))}", model, label, int(float(t))) for t in tokens])
+        tokens = [parse_tokens(t, f"{p}.tokens[{i}]") for i, t in
+                  enumerate(tokens if isinstance(tokens, list) else [tokens])]
+        return _checked([Setting(f"m{label}_d{human(t)}", model, label, t) for t in tokens])
     models = raw.get("models") or []
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{p}.models must list model presets or field mappings")
@@ -109,11 +112,22 @@ def expand_settings(raw: Any) -> list[Setting]:
     for i, spec in enumerate(models):
         model, label = _model(spec, f"{p}.models[{i}]")
         if gen == "fixed_data":
-            tokens = int(float(raw["tokens"]))
+            tokens = parse_tokens(raw.get("tokens"), f"{p}.tokens")
         else:
-            tokens = int(float(raw.get("tokens_per_param", 20)) * model.non_embedding_params)
+            tokens = parse_tokens(round(_tokens_per_param(raw.get("tokens_per_param", 20), f"{p}.tokens_per_param")
+                                        * model.non_embedding_params), f"{p}.tokens_per_param x params")
         out.append(Setting(f"m{label}_d{human(tokens)}", model, label, tokens))
     return _checked(out)
+
+
+def _tokens_per_param(value: Any, key: str) -> float:
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        ratio = math.nan
+    if isinstance(value, bool) or not (math.isfinite(ratio) and ratio > 0):
+        raise ConfigError(f"{key} must be a number of tokens per parameter > 0 (Chinchilla: 20): got {value!r}")
+    return ratio
 
 
 def _checked(settings: list[Setting]) -> list[Setting]:
@@ -259,8 +273,27 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
     merged = _merge(base, over)
     if "at_tokens" in over.get("eval", {}) and base.get("eval", {}).get("at_tokens"):
         merged["eval"]["at_tokens"] = sorted(set(base["eval"]["at_tokens"]) | {s.tokens for s in run.settings})
-    from_dict(PretrainConfig, json.loads(json.dumps(merged)), f"study run {run.name}")  # every run validates now
+    try:  # every run validates now
+        from_dict(PretrainConfig, json.loads(json.dumps(merged)), f"study run {run.name}")
+    except ConfigError as e:
+        raise _blame_base(e, run.name, base, over) from None
     return merged
+
+
+def _blame_base(error: ConfigError, name: str, base: dict, over: dict) -> ConfigError:
+    """An error in a key that came from study.base (a typo, a bad value) names it there, where the user wrote
+    it, not under the run name that merged it; errors of what the study sets keep the run's name."""
+    message, prefix = str(error), f"study run {name}."
+    if not message.startswith(prefix):
+        return error
+    dotted = message[len(prefix):].split(" ", 1)[0].split("[", 1)[0]
+    in_base, in_over = base, over
+    for part in dotted.split("."):
+        in_base = in_base.get(part) if isinstance(in_base, dict) else None
+        in_over = in_over.get(part) if isinstance(in_over, dict) else None
+    if in_base is None or in_over is not None:
+        return error
+    return ConfigError(message.replace(prefix, "study.base."))
 
 
 # ---------------------------------------------------------------------------------------------------- branched

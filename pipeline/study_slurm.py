@@ -10,11 +10,13 @@ commands (and the runs files) instead of submitting anything.
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 from typing import Optional
 
 from pipeline import slurm
-from pipeline.executors import JOBS, ExecutorError, RunJob, unfinished
+from pipeline.executors import JOBS, PROGRESS_EVERY_S, ExecutorError, RunJob, unfinished
+from pipeline.progress import LogWatcher
 from pipeline.utils import atomic_write_text
 SCRIPTS = ("preprocess.sbatch", "pretrain.sbatch", "evaluate.sbatch", "fit.sbatch", "run_stage.sh")
 
@@ -60,10 +62,17 @@ class SlurmExecutor:
         print(f"submitted {label}: job {out}", flush=True)
         return out
 
-    def _wait(self, job_id: Optional[str], what: str) -> dict[str, str]:
+    def _wait(self, job_id: Optional[str], what: str, runs: Optional[list[RunJob]] = None) -> dict[str, str]:
+        """Wait for a job, printing its tasks' states as they change and, for training `runs`, their progress."""
         if job_id is None:
             return {}
         last = [""]
+        watcher = LogWatcher({j.name: j.run_dir for j in runs or []}, PROGRESS_EVERY_S, time.time())
+
+        def progress() -> None:
+            lines = watcher.poll(time.time())
+            if lines:
+                print("\n".join(lines), flush=True)
 
         def report(states: dict[str, str]) -> None:
             counts: dict[str, int] = {}
@@ -75,7 +84,7 @@ class SlurmExecutor:
                 last[0] = line
 
         try:
-            return slurm.wait([job_id], poll_s=2.0, on_update=report)
+            return slurm.wait([job_id], poll_s=2.0, on_update=report, on_poll=progress)
         except slurm.SlurmError as e:
             raise ExecutorError(str(e)) from None
 
@@ -98,7 +107,7 @@ class SlurmExecutor:
         else:
             atomic_write_text(runs_file, lines)
         job = self._submit("pretrain.sbatch", [str(runs_file)], name, gpu=True, array=f"0-{len(todo) - 1}")
-        self._wait(job, name)
+        self._wait(job, name, todo)
 
     def evaluate(self, run_dirs: list[Path]) -> None:
         if run_dirs:

@@ -388,7 +388,9 @@ BAD_INPUTS = {
                                                              "2e8"),
                                         ["scaling.json", "version 1", "without a joint law", "re-run `cbs fit`"]),
     "forecast negative tokens": ("forecast", _scaling(_v2, "--tokens", "-1"), ["--tokens must be a positive"]),
-    "forecast nan tokens": ("forecast", _scaling(_v2, "--tokens", "nan"), ["--tokens must be a positive"]),
+    "forecast nan tokens": ("forecast", _scaling(_v2, "--tokens", "nan"), ["--tokens", "not a finite count",
+                                                                            "write e.g. 1e10"]),
+    "forecast text tokens": ("forecast", _scaling(_v2, "--tokens", "ten"), ["--tokens", "'ten' is not a count"]),
     "forecast zero params": ("forecast", _scaling(_v2, "--tokens", "1e9", "--model-params", "0"),
                              ["--model-params must be a positive"]),
     "forecast zero gpus": ("forecast", _scaling(_v2, "--tokens", "1e9", "--gpus", "0"), ["--gpus must be >= 1"]),
@@ -423,7 +425,10 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
 
 
 def test_help_returns_0(capsys):
-    assert fit_main(["--help"]) == 0 and "STUDY_DIR_OR_CSV" in capsys.readouterr().out
+    assert fit_main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "STUDY_DIR_OR_CSV" in text
+    assert "study's branched.tolerance" in text and "study.branch.tolerance" not in text  # the key a user sets
     assert forecast_main(["--help"]) == 0 and "--micro-batch" in capsys.readouterr().out
 
 
@@ -614,18 +619,71 @@ def test_time_and_cost_from_metrics_jsonl_with_nan_strings(divergence_fit):
     assert {r["setting"] for r in rows} == {"m85M_d1", "m85M_d4"}
 
 
+def _forecast_lines(capsys, *argv: str) -> list[str]:
+    assert forecast_main(list(argv)) == 0
+    return capsys.readouterr().out.splitlines()
+
+
 def test_forecast_prints_the_fastest_plan_on_a_gpu_budget(divergence_fit, capsys, tmp_path):
+    """It used to recommend a batch above the forecast CBS by default, and printed two step counts, unlabelled."""
     _, out = divergence_fit
-    assert forecast_main(["--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4"]) == 0
-    text = capsys.readouterr().out
-    line = next(x for x in text.splitlines() if x.startswith("fastest to the target with <= 4 GPU(s)"))
-    assert "wall-clock" in line and "GPU-hours" in line
-    assert "the batch plan (global batch" in text
+    lines = _forecast_lines(capsys, "--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4")
+    cbs = float(lines[0].split(" = ")[1].split()[0])
+    line = next(x for x in lines if x.startswith("fastest to the target with <= 4 GPU(s) at a batch <= the CBS:"))
+    assert int(line.split("global batch ")[1].split()[0]) <= cbs and "wall-clock" in line and "GPU-hours" in line
+    assert "steps to the target loss (S(B) = " in line
+    assert any("steps to train the whole budget of 1e+09 tokens" in x for x in lines if x.startswith("batch plan"))
+    plan = next(x for x in lines if x.startswith("the batch plan (global batch"))
+    assert "steps to the target loss" in plan
+    above = next(x for x in lines if x.startswith("note: above the CBS, global batch"))  # here it is faster
+    assert int(above.split("global batch ")[1].split()[0]) > cbs and "--beyond-cbs" in above
     tp = tmp_path / "tp.csv"
     tp.write_text("batch_size,gpus,tokens_per_s\n256,4,1e6\n")
-    assert forecast_main(["--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4",
-                          "--throughput", str(tp)]) == 0
-    assert "1,000,000 tokens/s" in capsys.readouterr().out
+    lines = _forecast_lines(capsys, "--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4",
+                            "--throughput", str(tp), "--beyond-cbs")
+    line = next(x for x in lines if x.startswith("fastest to the target with <= 4 GPU(s) at any batch up to"))
+    assert "global batch 256 on 4 GPU(s)" in line and "throughput measured: 1,000,000 tokens/s" in line
+
+
+def test_forecast_reads_budgets_as_cbs_names_them(divergence_fit, capsys):
+    """`cbs forecast --tokens 10B` was refused as an invalid float."""
+    _, out = divergence_fit
+    scaling = str(out / "scaling.json")
+    assert _forecast_lines(capsys, "--scaling", scaling, "--tokens", "10B", "--model-params", "85M") == \
+        _forecast_lines(capsys, "--scaling", scaling, "--tokens", "1e10", "--model-params", "8.5e7")
+
+
+def test_forecast_offers_the_b_noise_law_where_the_report_recommends_it(divergence_fit, capsys):
+    """The report recommends the B_noise law when its exponent and the CBS law's differ; forecast offered only
+    the CBS law. CBS = (1 + o) B0 + o B_noise(D), B0 the fit's (cbs.csv) or --reference-batch."""
+    from analysis.forecast import load_scaling
+
+    _, out = divergence_fit
+    scaling = str(out / "scaling.json")
+    assert any("the B_noise law's" in w for w in json.loads((out / "scaling.json").read_text())["warnings"])
+    lines = _forecast_lines(capsys, "--scaling", scaling, "--tokens", "2e9")
+    assert lines[1].startswith("the fit's report recommends the B_noise law here") and "--law b_noise" in lines[1]
+    b_noise = float(load_scaling(scaling).b_noise["tokens"].predict(2e9)[0])
+    b0s = {float(r["reference_batch"]) for r in read_csv(out / "cbs.csv") if r["in_laws"] == "1"}
+    for flags, b0 in (((), b0s.pop()), (("--reference-batch", "32"), 32.0)):
+        lines = _forecast_lines(capsys, "--scaling", scaling, "--tokens", "2e9", "--law", "b_noise", *flags)
+        cbs = float(lines[0].split(" = ")[1].split()[0])
+        assert cbs == pytest.approx(critical_batch_size(b_noise, b0, 0.2), abs=0.05), lines[0]
+        assert f"x B0 {b0:g} + 0.2 x B_noise" in lines[0]
+        plan = next(x for x in lines if x.startswith("batch plan"))
+        assert int(plan.split("global batch ")[1].split()[0]) == math.floor(cbs)
+
+
+def test_forecast_says_when_throughput_is_scaled_with_n(divergence_fit, capsys):
+    """The time plan's throughput for another model size is the measured one x N_measured / N: say so."""
+    _, out = divergence_fit
+    measured = {p["model_params"] for p in json.loads((out / "scaling.json").read_text())["throughput"]["points"]}
+    lines = _forecast_lines(capsys, "--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4",
+                            "--model-params", "5e8")
+    line = next(x for x in lines if x.startswith("fastest to the target"))
+    assert f"scaled with N from the N = {measured.pop():.3g} measured by N_measured / N" in line
+    lines = _forecast_lines(capsys, "--scaling", str(out / "scaling.json"), "--tokens", "1e9", "--gpus", "4")
+    assert not any("scaled with N" in x for x in lines)  # the measured model itself
 
 
 # ------------------------------------------------------------------------------------------- the Chinchilla design

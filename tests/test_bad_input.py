@@ -396,6 +396,36 @@ def unknown_nested_key(tmp, data, other):
             r"pretrain\.optimizer\.betas is not a known key", r"did you mean pretrain\.optimizer\.beta")
 
 
+def study_yaml(tmp: Path, data_dir: Path, settings: str, extra: str = "") -> Path:
+    path = tmp / "study.yaml"
+    path.write_text(f"data: {data_dir}\nbatch_sizes: [4, 8]\nsettings: {settings}\n{extra}")
+    return path
+
+
+def study_train_tokens_text(tmp, data, other):
+    return (["study", str(study_yaml(tmp, data, "[{model: tiny, train_tokens: abc}]")), "--out", str(tmp / "s")],
+            r"study\.settings\[0\]\.train_tokens must be a token count: got 'abc'", r"e\.g\. 300000, 3e5 or 300K")
+
+
+def study_tokens_bad_suffix(tmp, data, other):
+    settings = "{generator: fixed_model, model: tiny, tokens: [300K, 1X]}"
+    return (["study", str(study_yaml(tmp, data, settings)), "--out", str(tmp / "s")],
+            r"study\.settings\.tokens\[1\] must be a token count: got '1X'", r"300K")
+
+
+def study_base_key_typo(tmp, data, other):
+    path = study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K}]", "base: {optimizer: {weight_decy: 0.1}}\n")
+    return (["study", str(path), "--out", str(tmp / "s")],
+            r"^cbs study: error: study\.base\.optimizer\.weight_decy is not a known key",
+            r"did you mean study\.base\.optimizer\.weight_decay\?")
+
+
+def study_base_bad_value(tmp, data, other):
+    path = study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K}]", "base: {eval: {eval_tokens: lots}}\n")
+    return (["study", str(path), "--out", str(tmp / "s")], r"^cbs study: error: study\.base\.eval\.eval_tokens",
+            "must be an integer: got 'lots'")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
     yaml_syntax, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
     set_without_equals, set_empty_key_part, set_into_a_list, set_wrong_type, max_documents_one,
@@ -408,7 +438,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     bin_idx_dtype_mismatch, vocab_larger_than_shard_dtype, missing_manifest, manifest_broken_json,
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
-    set_section_to_scalar, unknown_nested_key,
+    set_section_to_scalar, unknown_nested_key, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
+    study_base_bad_value,
 ]}
 
 
@@ -440,6 +471,42 @@ def test_no_traceback_reaches_the_user(tmp_path, data, other_data):
 
 
 # ------------------------------------------------------------------------------------------------ input that is accepted
+
+
+def test_token_counts_are_read_with_the_suffixes_cbs_prints(tmp_path, data, capsys):
+    """`tokens: [300K, 1M]` (as cbs names settings and runs) ended in a traceback; `--set train_tokens=4K` too."""
+    from pipeline.config import PretrainConfig, load_config, parse_tokens
+
+    settings = "{generator: fixed_model, model: tiny, tokens: [300K, 1M]}"
+    assert cli.main(["study", str(study_yaml(tmp_path, data, settings)), "--out", str(tmp_path / "s"),
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "mtiny_d1M_b4_lr0.00316: batch 4" in out and "serves mtiny_d300K, mtiny_d1M" in out
+    assert load_config(PretrainConfig, pt_yaml(tmp_path, data), ["train_tokens=4K"]).train_tokens == 4000
+    assert [parse_tokens(v, "k") for v in ("0.3K", "1.7B", "2T", "1_000", "1e9", 5e5, 12)] == \
+        [300, 1_700_000_000, 2 * 10**12, 1000, 10**9, 500_000, 12]
+
+
+def test_the_examples_of_cbs_study_help_are_accepted(tmp_path, data, capsys):
+    """`cbs study --help` showed `--set tokenizer.vocab_size=4096`, which a study refuses."""
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    example = re.search(r"\(repeatable\): --set (\S+=\S+)", text).group(1)
+    assert "tokenizer" not in example and "--executor {local,slurm} local (default)" in text
+    path = study_yaml(tmp_path, data, "[{model: tiny, train_tokens: 300K}]")
+    assert cli.main(["study", str(path), "--out", str(tmp_path / "s"), "--dry-run", "--set", example]) == 0
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, data):
+    """`cbs study ... --dry-run | head` ended in a BrokenPipeError traceback (every stage goes through cli.main)."""
+    study = study_yaml(tmp_path, data, "{generator: fixed_model, model: tiny, tokens: [300K, 1M, 3M, 10M]}")
+    argv = ["study", str(study), "--out", str(tmp_path / "s"), "--dry-run"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before the first line is written (python takes a second to start)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_invalid_utf8_lines_are_counted_not_fatal(tmp_path, capsys):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import study, study_plan
+from pipeline import executors, rundir, study, study_plan
 from pipeline.config import ConfigError, PretrainConfig, StudyConfig, from_dict, load_config, to_dict
 from test_pretrain import ENV, ROOT, cli
 
@@ -81,9 +83,16 @@ def test_small_study_end_to_end(stdlib_data, tmp_path):
         "hparams": {"lr": [3e-3, 40.0], "ewa_taus": [0.95]},
         "base": {**BASE, "optimizer": {"grad_clip": 0.0}}}))
     out = tmp_path / "s"
-    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2"), capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=600)
+    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2", "--progress-every", "1"),
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # live progress: where each run logs (before any finishes), its step, tokens and loss while it trains, ETAs
+    # (test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use: one before any run finishes;
+    # these runs train for a few seconds only, so whether a report falls before the first finish is up to timing)
+    before_first_finish = proc.stdout.split("[1/")[0]
+    assert re.search(r"started \S+ \(log: \S+/runs/\S+/pretrain\.log\)", before_first_finish), proc.stdout[-3000:]
+    assert re.search(r"\S+: step \d+/\d+, [\d.]+K? tokens, loss [\d.]+", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"; ETA [\d.]+ (min|s)", proc.stdout), proc.stdout[-3000:]
     frozen = json.loads((out / "targets.json").read_text())
     assert set(frozen) == {"mL2d128_d15K", "mL2d128_d40K"}
     assert all(v["run"] in {p.name for p in (out / "runs").iterdir()} for v in frozen.values())
@@ -334,3 +343,162 @@ def test_branched_rule_defaults_to_merrill_and_is_recorded_in_each_branch(tmp_pa
         study_cfg(method="branched", branched={"epsilon_nats": -0.1})
     with pytest.raises(ConfigError, match="study.branched.rule"):
         study_cfg(method="branched", branched={"rule": "median"})
+
+
+class _FinishAsPretrain:
+    """An executor whose `train` leaves each run as pretrain would have (config.yaml, result.json) with the
+    outcome `outcomes` gives its (branch point, batch): the study's decisions without minutes of training."""
+
+    def __init__(self, runs, root: Path, outcomes: dict):
+        self.by_name, self.root, self.outcomes, self.waves = {r.name: r for r in runs}, root, outcomes, []
+
+    def train(self, jobs, name, label):
+        from test_analysis_branched import _result, _write_started
+
+        self.waves.append(sorted(j.name for j in jobs))
+        for job in jobs:
+            run = self.by_name[job.name]
+            status, loss = self.outcomes[run.branch["base_tokens"]][run.batch]
+            path = _write_started(run, self.root)
+            steps = 4096 // (run.batch * 32)
+            (path / "result.json").write_text(json.dumps(
+                _result(status, steps, steps * run.batch * 32, {} if loss is None else {"eval/loss": loss})))
+
+
+def test_branches_past_a_points_first_failing_batch_are_never_trained(tmp_path, capsys):
+    """Every branch used to be trained although the fit calls those after a failing batch "not needed" (12 of
+    the 20 branches of the branched demo); and their console lines said "targets 0/0"."""
+    from analysis.branched import cbs_curve, read_branched
+    from test_analysis_branched import OUTCOMES, make_branched_study, study_config
+
+    runs = study.plan(study_config(), tmp_path, tmp_path / "data")
+    study.write_run_inputs(runs, tmp_path)
+    executor = _FinishAsPretrain(runs, tmp_path, OUTCOMES)
+    make_branched_study(tmp_path / "all")  # the same study with every branch trained, for the fit's verdicts
+    shutil.rmtree(tmp_path / "runs" / runs[0].name)  # the base run, trained
+    shutil.copytree(tmp_path / "all" / "runs" / runs[0].name, tmp_path / "runs" / runs[0].name)
+    branches = runs[1:]
+    study.train_branches(branches, tmp_path, executor, dry_run=False)
+    trained = [n for wave in executor.waves for n in wave]
+    assert len(trained) == len(set(trained)) == 12 and len(executor.waves) == 4  # one wave per batch
+    assert all({r.batch for r in branches if r.name in wave} == {b} for wave, b in zip(executor.waves, [4, 8, 16, 32]))
+    skipped = {r.name for r in branches if r.name not in trained}
+    t = {r.name: (r.branch["base_tokens"], r.batch) for r in branches}
+    # t = 8064: 8 fails (16, 32 not needed); 16000: 16 fails (32); 32000: 16 preempted, so 32 waits for it
+    assert {t[n] for n in skipped} == {(8064, 16), (8064, 32), (16000, 32), (32000, 32)}
+    assert study.not_needed(tmp_path) == skipped - {n for n in skipped if t[n] == (32000, 32)}
+    assert "3 of 16 not trained (not needed" in capsys.readouterr().out
+    full = {(p.tokens, p.cbs, p.cbs_high, p.complete) for p in cbs_curve(read_branched(tmp_path / "all"))}
+    assert {(p.tokens, p.cbs, p.cbs_high, p.complete) for p in cbs_curve(read_branched(tmp_path))} == full
+    table = study.status_table(tmp_path)
+    assert table.count("not needed") == 4 and "3 not needed" in table  # 3 rows, then the count
+    executor.waves.clear()
+    study.train_branches(branches, tmp_path, executor, dry_run=False)  # run again: only the preempted one
+    assert [[t[n] for n in wave] for wave in executor.waves] == [[(32000, 16)]]
+    branch = next(r for r in branches if t[r.name] == (16000, 8))
+    path = study.run_path(tmp_path, branch.name)
+    note = executors.result_note(path, executors.read_result(path))
+    assert note == ", 16 steps, final eval loss 3.6100"  # not "targets 0/0": a branch has none
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+def test_status_shows_the_steps_and_tokens_a_running_run_has_logged(tmp_path):
+    """Mid-run, `cbs status` showed empty steps and tokens while metrics.jsonl was at step 350."""
+    from pipeline.metrics import Tracker
+
+    runs = study.plan(study_cfg(), tmp_path, tmp_path / "data")
+    study.write_run_inputs(runs, tmp_path)
+    run = runs[0]
+    path, tps = study.run_path(tmp_path, run.name), run.batch * 32
+    (path / "config.yaml").write_text(yaml.safe_dump({**run.config, "resolved": {"total_steps": 469}}))
+    tracker = Tracker(path, tensorboard=False)
+    for step in range(5, 351, 5):
+        tracker.log({"train/loss": 4.0}, step, step * tps)
+    tracker.log({"eval/loss": 4.1}, 350, 350 * tps)  # the last line is an eval
+    tracker.close()
+    row = next(r for r in study.status_table(tmp_path).splitlines() if r.startswith(run.name)).split()
+    assert row[3:6] == ["started", "350/469", "44.8K"]  # 350 x 4 x 32 tokens
+
+
+def _popen_study(tmp_path: Path, data: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "stop", "data": str(data), "batch_sizes": [4, 8],
+        "settings": {"generator": "fixed_model", "model": {"preset": "tiny", "seq_len": 32}, "tokens": [40000]},
+        "hparams": {"ewa_taus": [0.95]}, "base": BASE}))
+    out = tmp_path / "s"
+    proc = subprocess.Popen(cli("study", str(cfg), "--out", str(out), *flags), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_a_study_stopped_before_its_runs_trained_claims_no_checkpoint(stdlib_data, tmp_path):
+    """After Ctrl-C the study said "2 running run(s) saved a checkpoint" when neither had started training."""
+    import signal
+
+    proc, out = _popen_study(tmp_path, stdlib_data, "--parallel", "2")
+    try:
+        seen = [proc.stdout.readline() for _ in range(3)]  # study ..., reference runs: ..., started <run> (log: ...)
+        assert "started" in seen[-1] and "pretrain.log" in seen[-1], seen
+        proc.send_signal(signal.SIGINT)  # the runs are still importing torch: none has trained a step
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "0 of 1 running run(s) have a checkpoint to continue from" in stderr, stderr
+    assert "had saved none" in stderr and "saved a checkpoint" not in stderr
+    assert not any(rundir.has_checkpoints(p) for p in (out / "runs").iterdir())
+
+
+def test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use(tmp_path):
+    """The ETA appeared only once a run had finished ("ETA 0.0 min" at the end); and it must not spread one
+    run's remaining time over slots that have nothing to run."""
+    from pipeline.metrics import Tracker
+    from pipeline.progress import RunWatch, study_eta_s
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resolved": {"total_steps": 100}}))
+    tracker = Tracker(tmp_path, tensorboard=False)
+    for step in range(1, 11):
+        tracker.log({"train/loss": 5.0 - step / 100}, step, step * 128)
+    tracker.close()
+    watch = RunWatch(tmp_path, started_s=0.0)
+    assert watch.update(10.0).step == 10 and watch.remaining_s() is None  # one reading: no speed yet
+    assert study_eta_s([watch], 10.0, [], pending=3, slots=2) is None
+    tracker = Tracker(tmp_path, tensorboard=False, resume_step=10)
+    for step in range(11, 31):
+        tracker.log({"train/loss": 5.0 - step / 100}, step, step * 128)
+    tracker.log({"eval/loss": 4.9}, 30, 30 * 128)  # an eval line after the last train line
+    tracker.close()
+    watch.update(20.0)
+    assert watch.remaining_s() == pytest.approx(35.0)  # 20 steps in 10 s, 70 to go
+    assert study_eta_s([watch], 20.0, [], pending=0, slots=2) == pytest.approx(35.0)  # not 35 / 2
+    # 2 waiting runs of the running one's expected length (20 s so far + 35 s), over 2 slots
+    assert study_eta_s([watch], 20.0, [], pending=2, slots=2) == pytest.approx((35 + 2 * 55) / 2)
+    assert study_eta_s([watch], 20.0, [40.0], pending=2, slots=2) == pytest.approx((35 + 2 * 40) / 2)
+    line = watch.line("run", 20.0)
+    assert "run: step 30/100, 3.84K tokens, loss 4.700, at most 0.6 min left" in line
+
+
+def test_runs_of_a_slurm_array_show_progress_once_they_log(tmp_path):
+    """On Slurm the console only counted task states; it now shows each running task's progress too."""
+    from pipeline.metrics import Tracker
+    from pipeline.progress import LogWatcher
+
+    runs = {name: tmp_path / name for name in ("queued", "running", "finished")}
+    for name, path in runs.items():
+        path.mkdir()
+    for name in ("running", "finished"):
+        (runs[name] / "config.yaml").write_text(yaml.safe_dump({"resolved": {"total_steps": 50}}))
+        tracker = Tracker(runs[name], tensorboard=False)
+        tracker.log({"train/loss": 4.5}, 5, 640)
+        tracker.close()
+    (runs["finished"] / "result.json").write_text(json.dumps({"status": "completed", "steps": 50}))
+    watcher = LogWatcher(runs, every_s=20.0, now_s=0.0)
+    assert watcher.poll(10.0) == []  # not due yet
+    assert [line.split(":")[0].strip() for line in watcher.poll(20.0)] == ["running"]
+    assert "running: step 5/50, 640 tokens, loss 4.500" in watcher.poll(40.0)[0]
+    (runs["running"] / "result.json").write_text(json.dumps({"status": "completed", "steps": 50}))
+    assert watcher.poll(60.0) == []
