@@ -107,8 +107,8 @@ def fit_parser() -> argparse.ArgumentParser:
                    help="branched study, absolute rule: loss tolerance in nats (default: the study's "
                         "branched.epsilon_nats, recorded in each branch)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="branched study, relative rule: relative loss tolerance (default: the branches' "
-                        "branched.tolerance)")
+                   help="branched study, relative rule: relative loss tolerance (default: the study's "
+                        "branched.tolerance, recorded in each branch)")
     p.add_argument("--eval-noise", type=float, default=None, metavar="SIGMA",
                    help="branched study: relative s.d. of a branch's eval loss, for the absolute rule's allowance "
                         "and the CBS interval under eval noise (default: estimated from each base run's eval "
