@@ -379,3 +379,29 @@ with rundir.exclusive({str(tmp_path / "run")!r}):
     assert waiter.returncode == 0, err[-2000:]
     assert "already finished" in err
     assert (result.read_bytes(), metrics.read_bytes()) == before
+
+
+def test_a_kill_during_the_first_start_never_makes_a_later_run_hang(stdlib_data, tmp_path):
+    """DeepSpeed used to JIT-build its `deepspeed_shm_comm` op on the CPU at every process-group start, under
+    torch's file lock in the extensions directory: a run killed during that build (~1 min of C++) left the lock,
+    and every later run waited on it forever with no output. A first run is SIGKILLed in its start-up, a stale
+    lock is left where that build would have held it, and the next run must still finish, in bounded time."""
+    extensions = tmp_path / "torch_extensions"
+    env = {**ENV, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    yaml_path = write_cfg(make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 4), tmp_path / "run.yaml")
+    first = subprocess.Popen(cli("pretrain", str(yaml_path)), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    while first.poll() is None and time.time() < deadline and not lock.exists() \
+            and not (tmp_path / "run" / "metrics.jsonl").exists():  # killed in its build or right after start-up
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()  # what the kill leaves when it lands inside the build
+    proc = subprocess.run(cli("pretrain", str(yaml_path)), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "completed"
+    assert [p.name for p in lock.parent.iterdir()] == ["lock"]  # nothing was built, the lock never waited on
