@@ -128,6 +128,21 @@ def read_manifest(data_dir: str | Path, seq_len: Optional[int] = None,
     return manifest
 
 
+def data_identity(data_dir: str | Path, manifest: dict) -> dict:
+    """What makes a data directory the data a run trained on, whatever path names it: the manifest's fingerprint
+    (preprocess settings and sources), the tokenizer's sha256, the tokens per split and each shard's size in
+    bytes. A run resumed on data that differs in any of them would train its remaining steps on other
+    sequences; a symlink re-pointed between a preemption and a resume changes them, the real path of the same
+    data does not. Keys as stored under config.yaml's `resolved`."""
+    return {
+        "data_manifest_fingerprint": manifest.get("fingerprint"),
+        "tokenizer_sha256": manifest["tokenizer"].get("sha256"),
+        "data_tokens": {split: manifest["tokens"][split] for split in SPLITS},
+        "data_shard_bytes": {f"{split}.{ext}": (Path(data_dir) / f"{split}.{ext}").stat().st_size
+                             for split in SPLITS for ext in ("bin", "idx")},
+    }
+
+
 def _load_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
     if not data_dir.is_dir():

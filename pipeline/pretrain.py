@@ -31,7 +31,7 @@ import yaml
 
 from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
-from pipeline.data import TrainSamples, eval_sequences, read_manifest
+from pipeline.data import TrainSamples, data_identity, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
 from pipeline.evaluate import sharded_eval_loss
 from pipeline.metrics import Tracker, eval_records
@@ -79,12 +79,14 @@ class Hook:
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, dist: Dist, manifest: Optional[dict] = None):
+    def __init__(self, cfg: PretrainConfig, dist: Dist, manifest: Optional[dict] = None,
+                 data: Optional[dict] = None):
         import deepspeed
 
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run_dir)
         self.manifest = manifest or read_manifest(cfg.data_dir, cfg.model.seq_len)
+        self.data = data or data_identity(cfg.data_dir, self.manifest)
         self.ds_config = deepspeed_config(cfg, dist.world_size, dist.cuda)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -515,30 +517,72 @@ def _stop_signals(handler):
 # ---------------------------------------------------------------------------------------------------- entry
 
 
-def _check_run_dir(cfg: PretrainConfig) -> Optional[dict]:
-    """Refuse to mix runs: a run_dir with checkpoints must hold the same run. Returns a finished result, if any."""
+def _check_run_dir(cfg: PretrainConfig, data: dict) -> Optional[dict]:
+    """Refuse to mix runs: a run_dir with checkpoints must hold the same run, trained on the same data (`data`:
+    data_identity of cfg.data_dir). Returns a finished result, if any."""
     run_dir = Path(cfg.run_dir)
-    saved = run_dir / rundir.CONFIG
     has_checkpoints = rundir.has_checkpoints(run_dir)
     if has_checkpoints and cfg.resume is Resume.never:
         raise ConfigError(f"{run_dir} already holds checkpoints and pretrain.resume is never: choose a new "
                           f"run_dir, or set resume: auto to continue it")
-    if saved.is_file() and has_checkpoints:
-        changed = rundir.changed_settings(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if has_checkpoints:
+        saved = _saved_config(run_dir)
+        changed = [k for k in rundir.changed_settings(saved, to_dict(cfg)) if k != "data_dir"]
         if changed:
             raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): it cannot "
                               f"be resumed with this config; choose a new run_dir")
-    result = run_dir / rundir.RESULT
-    if result.is_file() and has_checkpoints and cfg.resume is Resume.auto:
-        done = json.loads(result.read_text())
-        if done.get("status") in rundir.FINISHED and done.get("steps") is not None:
-            return done
+        _check_same_data(cfg, saved.get("resolved") or {}, data)
+    return _finished_result(run_dir) if has_checkpoints and cfg.resume is Resume.auto else None
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """config.yaml of a run directory that holds checkpoints: without it the settings guard has nothing to compare
+    with, so a missing or unreadable one is refused, never taken as "no settings"."""
+    path = run_dir / rundir.CONFIG
+    keep = (f"restore it (from a backup or a copy of this run) to resume, or choose a new run_dir (or move "
+            f"{run_dir / rundir.CHECKPOINTS} away) to start afresh")
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing but {run_dir / rundir.CHECKPOINTS} holds a run: its settings cannot be "
+                          f"checked against this config; {keep}")
+    try:
+        saved = yaml.safe_load(path.read_bytes())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} cannot be read ({str(e).splitlines()[0]}): {keep}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a mapping of settings: {keep}")
+    return saved
+
+
+def _check_same_data(cfg: PretrainConfig, resolved: dict, data: dict) -> None:
+    """The data a run resumes on must be the data it started on, compared by content (data_identity), never by
+    the data_dir string. Keys an older config.yaml lacks are not compared."""
+    differ = [k for k, v in data.items() if k in resolved and resolved[k] != v]
+    if differ:
+        raise ConfigError(f"{cfg.run_dir} was trained on other data than data_dir {cfg.data_dir} holds now "
+                          f"({', '.join(differ)} differ from {Path(cfg.run_dir) / rundir.CONFIG}): point data_dir "
+                          f"at the data the run started on, or choose a new run_dir")
+
+
+def _finished_result(run_dir: Path) -> Optional[dict]:
+    """result.json of a finished run. One that is not JSON (damaged by hand or by the disk; cbs writes it
+    atomically) does not stop a run with checkpoints: the run resumes from its newest checkpoint and writes it
+    again."""
+    path = run_dir / rundir.RESULT
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s is not JSON (%s): resuming from the newest checkpoint, which writes it again", path, e)
+        return None
+    if isinstance(done, dict) and done.get("status") in rundir.FINISHED and done.get("steps") is not None:
+        return done
     return None
 
 
-def _finished(cfg: PretrainConfig) -> Optional[dict]:
+def _finished(cfg: PretrainConfig, data: dict) -> Optional[dict]:
     """result.json of a run that already finished in run_dir (after checking run_dir holds this run)."""
-    done = _check_run_dir(cfg)
+    done = _check_run_dir(cfg, data)
     if done is not None:
         log.info("%s already finished (%s at step %d); nothing to do", cfg.run_dir, done["status"], done["steps"])
     return done
@@ -552,12 +596,14 @@ def _write_config(trainer: Trainer) -> None:
         "gradient_accumulation_steps": trainer.grad_accum, "micro_batch_seqs": cfg.micro_batch,
         "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps,
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
-        "data_manifest_fingerprint": trainer.manifest.get("fingerprint"),
-        "tokenizer_sha256": trainer.manifest["tokenizer"].get("sha256"),
+        **trainer.data,
         "data_offset_seqs": trainer.samples.offset_seqs,
         "eval_sequences": len(trainer.eval_set), "device": str(trainer.dist.device),
         "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
     }
+    if rundir.has_checkpoints(trainer.run_dir):  # a resume: the data the run started on stays on record
+        started = _saved_config(trainer.run_dir).get("resolved") or {}
+        data["resolved"].update({k: started[k] for k in trainer.data if k in started})
     atomic_write_text(trainer.run_dir / rundir.CONFIG, yaml.safe_dump(data, sort_keys=False))
 
 
@@ -567,7 +613,8 @@ def main(cfg: PretrainConfig) -> dict:
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
     manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
-    done = _finished(cfg)
+    data = data_identity(cfg.data_dir, manifest)
+    done = _finished(cfg, data)
     if done is not None:  # the cheap way out, before any process group or lock
         return done
     dist = init_distributed(cfg.seed)
@@ -578,12 +625,12 @@ def main(cfg: PretrainConfig) -> dict:
         # looks again: a predecessor it waited for (a run still saving) may have finished the run meanwhile
         with rundir.exclusive(cfg.run_dir) if dist.is_main else contextlib.nullcontext():
             torch.distributed.barrier()
-            done = _finished(cfg)
+            done = _finished(cfg, data)
             if done is not None:
                 return done
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                trainer = Trainer(cfg, dist, manifest)
+                trainer = Trainer(cfg, dist, manifest, data)
             if dist.is_main:
                 _write_config(trainer)
             return trainer.run()

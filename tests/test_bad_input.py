@@ -508,3 +508,63 @@ def test_evaluate_refuses_a_data_dir_of_another_tokenizer(tmp_path, trained_run,
     err = capsys.readouterr().err
     assert code == 2 and "tokenized with another tokenizer" in err, err
     assert not (tmp_path / "eval.json").exists() and snapshot(trained_run) == run_before
+
+
+# ------------------------------------------------------------------------------------------------ a run directory
+
+
+def run_copy(tmp: Path, trained_run: Path) -> Path:
+    return Path(shutil.copytree(trained_run, tmp / "run"))
+
+
+def run_config_deleted(tmp, data, run):
+    (run_copy(tmp, run) / "config.yaml").unlink()
+    return r"run/config\.yaml is missing but .*checkpoints holds a run", "restore it .* or choose a new run_dir"
+
+
+def run_config_unparsable(tmp, data, run):
+    (run_copy(tmp, run) / "config.yaml").write_bytes(b"model: {preset: tiny\n\x00")
+    return r"run/config\.yaml cannot be read", "restore it .* or choose a new run_dir"
+
+
+def run_config_not_a_mapping(tmp, data, run):
+    (run_copy(tmp, run) / "config.yaml").write_text("- 1\n")
+    return r"run/config\.yaml is not a mapping", "restore it"
+
+
+def data_symlink_repointed(tmp, data, run):
+    """The run started on data behind a symlink; the link now points at other data of the same name."""
+    copy = run_copy(tmp, run)
+    (tmp / "link").symlink_to(data)
+    saved = copy / "config.yaml"
+    saved.write_text(saved.read_text().replace(f"data_dir: {data}\n", f"data_dir: {tmp / 'link'}\n"))
+    other = damaged(tmp, data, lambda d: (d / "train.bin").write_bytes(  # same size, other tokens
+        np.roll(np.fromfile(d / "train.bin", dtype=np.uint16), 7).tobytes()))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "f" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (tmp / "link").unlink()
+    (tmp / "link").symlink_to(other)
+    return r"run was trained on other data than data_dir .*link holds now \(data_manifest_fingerprint differ", \
+        "point data_dir at the data the run started on"
+
+
+RUN_CASES = {f.__name__: f for f in [run_config_deleted, run_config_unparsable, run_config_not_a_mapping,
+                                     data_symlink_repointed]}
+
+
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_a_damaged_run_directory_exits_2_names_the_file_and_the_fix(case, tmp_path, data, trained_run, capsys):
+    """A run directory with checkpoints whose config.yaml is gone or unreadable, or whose data_dir now holds other
+    data: refused before anything is written (a missing config.yaml used to disable the settings guard, and a
+    re-pointed symlink made a run finish on other data)."""
+    names, fix = RUN_CASES[case](tmp_path, data, trained_run)
+    data_dir = tmp_path / "link" if (tmp_path / "link").exists() else data
+    before = snapshot(tmp_path)
+    code = cli.main(["pretrain", str(pt_yaml(tmp_path, data_dir)), "--set", "train_tokens=1024"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if ": error: " in line]
+    assert len(message) == 1, err
+    assert re.search(names, message[0]) and re.search(fix, message[0]), message[0]
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != "pt.yaml"} == before

@@ -405,3 +405,41 @@ def test_a_kill_during_the_first_start_never_makes_a_later_run_hang(stdlib_data,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "completed"
     assert [p.name for p in lock.parent.iterdir()] == ["lock"]  # nothing was built, the lock never waited on
+
+
+def _cut_after(cfg, at_step: int) -> None:
+    """Train `cfg` (a checkpoint every `at_step` steps) to its end, then leave the run directory as a kill just
+    after step `at_step`'s save leaves it: `latest` at that step, no later checkpoint, no result.json."""
+    pretrain.main(cfg)
+    run_dir = Path(cfg.run_dir)
+    for tag in rundir.tags(run_dir):
+        if rundir.tag_step(tag) > at_step:
+            shutil.rmtree(run_dir / "checkpoints" / tag)
+    (run_dir / "checkpoints" / "latest").write_text(rundir.tag(at_step))
+    (run_dir / "result.json").unlink()
+
+
+def test_a_resume_compares_the_data_not_the_data_dir_string(stdlib_data, tmp_path):
+    """A run started through a symlink resumes when data_dir names the real path of the same data (it used to be
+    refused as a changed data_dir); config.yaml keeps the data identity the run started with."""
+    (tmp_path / "link").symlink_to(stdlib_data)
+    cfg = make_cfg(tmp_path / "link", tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    _cut_after(cfg, 3)
+    started = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]
+    resumed = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    assert pretrain.main(resumed)["steps"] == 6
+    now = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert now["data_dir"] == str(stdlib_data)
+    keys = ("data_manifest_fingerprint", "tokenizer_sha256", "data_tokens", "data_shard_bytes")
+    assert all(now["resolved"][k] == started[k] is not None for k in keys)
+
+
+def test_a_result_json_that_is_not_json_does_not_stop_a_resume(stdlib_data, tmp_path):
+    """result.json damaged in a run with checkpoints: the run resumes from its newest checkpoint and writes it
+    again (it used to end in a JSONDecodeError on every start until someone deleted the file by hand)."""
+    cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    _cut_after(cfg, 3)
+    (tmp_path / "run" / "result.json").write_text('{"status": "comp')
+    result = pretrain.main(cfg)
+    assert result["status"] == "completed" and result["steps"] == 6
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 6
