@@ -31,7 +31,7 @@ import yaml
 
 from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
-from pipeline.data import TrainSamples, data_identity, eval_sequences, read_manifest
+from pipeline.data import TrainSamples, check_batch_fits, data_identity, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed
 from pipeline.evaluate import sharded_eval_loss
 from pipeline.metrics import Tracker, eval_records
@@ -44,6 +44,8 @@ from pipeline.utils import atomic_write_json, atomic_write_text, log
 # Peak dense bf16 FLOP/s by device name (substring match), for MFU; none on CPU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STEP_STOP_GRACE_S = 10.0
+"""A one-rank step still running this long after a stop signal is abandoned (docs: README, "Preemption")."""
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later"; jobs/pretrain.sbatch requeues on it
 
 
@@ -116,6 +118,7 @@ class Trainer:
         self.diverged: Optional[str] = None  # why, when the run diverged
         self.saved_step = 0  # the step of the newest checkpoint (loaded or saved)
         self.stop_signal: Optional[int] = None  # set by the stop-signal handler (STOP_SIGNALS)
+        self._signal_time = 0.0  # time.monotonic() of the first stop signal
         # Ranks must agree on the step they stop at, or their checkpoint saves would not line up. A flag is
         # all-reduced over a gloo group on the host, asynchronously: launched after step t, read after step t + 1,
         # so the round trip overlaps a step (no GPU sync, no wait) and a stop lands one step later.
@@ -158,6 +161,8 @@ class Trainer:
                                         self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)
         for micro in batch.split(self.cfg.micro_batch):
+            if self._step_overdue():
+                raise StepAbandoned()
             loss, _ = forward_loss(self.engine, micro.to(self.dist.device, non_blocking=True))
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # only steps the optimizer at the accumulation boundary
@@ -193,8 +198,16 @@ class Trainer:
         gets the default action (the process ends at once), for a user who does not want to wait."""
         if self.stop_signal is None:
             self.stop_signal = signum  # the first one names the reason
+            self._signal_time = time.monotonic()
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+
+    def _step_overdue(self) -> bool:
+        """A stop signal came STEP_STOP_GRACE_S ago and the step still runs (a huge batch, a slow host): a Slurm
+        grace period would end in SIGKILL before the step and its save. Only with one rank: ranks that left an
+        accumulation at different micro-batches would wait on each other's reductions."""
+        return (self.stop_signal is not None and self.dist.world_size == 1
+                and time.monotonic() - self._signal_time > STEP_STOP_GRACE_S)
 
     def _signalled(self) -> bool:
         """True on every rank, at the same step, once any rank got a stop signal: each step reads the vote launched
@@ -468,20 +481,27 @@ class Trainer:
                 self._settle_vote()
                 if reason != "diverged" and self.saved_step != self.step:
                     self.save_checkpoint(self.step)  # the last step, whatever ended the run (not a diverged one)
+        except StepAbandoned:  # nothing saved: the newest checkpoint is complete, and the run resumes from it
+            reason = "abandoned"
         finally:
             self.tracker.close()
         return self.result(reason)
 
     def result(self, reason: str) -> dict:
-        status = {"diverged": "diverged", "preempted": rundir.PREEMPTED}.get(reason, "completed")
+        status = {"diverged": "diverged", "preempted": rundir.PREEMPTED,
+                  "abandoned": rundir.PREEMPTED}.get(reason, "completed")
         why = {"diverged": self.diverged, "targets": "every target reached", "budget": "token budget trained",
                "preempted": f"stopped by {_signal_name(self.stop_signal)} after step {self.step}; starting the run "
-                            f"again resumes from that checkpoint"}[reason]
+                            f"again resumes from that checkpoint",
+               "abandoned": f"stopped by {_signal_name(self.stop_signal)} during step {self.step + 1}, which still "
+                            f"ran {STEP_STOP_GRACE_S:g} s later and was abandoned; starting the run again resumes "
+                            f"from the checkpoint of step {self.saved_step}"}[reason]
+        steps = self.saved_step if reason == "abandoned" else self.step
         result = {
             "status": status,
             "reason": why,
-            "steps": self.step,
-            "tokens": self.step * self.tokens_per_step,
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
             "total_steps": self.total_steps,
             "wall_seconds": round(self.elapsed + self._run_seconds(), 3),
             "final": {eval_key(k): v for k, v in self.last_eval.items()},
@@ -491,9 +511,13 @@ class Trainer:
         }
         if self.dist.is_main:
             atomic_write_json(self.run_dir / rundir.RESULT, result)
-        if reason == "preempted" and self.dist.is_main:
+        if status == rundir.PREEMPTED and self.dist.is_main:
             log.warning("%s: %s", self.run_dir, why)
         return result
+
+
+class StepAbandoned(Exception):
+    """Raised inside a step that outlived STEP_STOP_GRACE_S after a stop signal; `run` ends the run without a save."""
 
 
 def _signal_name(signum: Optional[int]) -> str:
@@ -613,6 +637,7 @@ def main(cfg: PretrainConfig) -> dict:
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available())
     manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
+    check_batch_fits(cfg.data_dir, manifest, cfg.model.seq_len, cfg.global_batch_seqs)
     data = data_identity(cfg.data_dir, manifest)
     done = _finished(cfg, data)
     if done is not None:  # the cheap way out, before any process group or lock

@@ -396,6 +396,19 @@ def unknown_nested_key(tmp, data, other):
             r"pretrain\.optimizer\.betas is not a known key", r"did you mean pretrain\.optimizer\.beta")
 
 
+def batch_larger_than_budget(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "global_batch_seqs=1000000000"],
+            r"pretrain\.global_batch_seqs 1000000000 x model\.seq_len 64 .* more than pretrain\.train_tokens \(4,096\)",
+            "lower global_batch_seqs to at most 64 or raise train_tokens")
+
+
+def batch_larger_than_data(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "global_batch_seqs=1000000", "--set",
+             "train_tokens=1000000000"],
+            r"pretrain\.global_batch_seqs 1000000 is more than the [\d,]+ sequences .* train split of .*data",
+            "lower global_batch_seqs, or add documents")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
     yaml_syntax, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
     set_without_equals, set_empty_key_part, set_into_a_list, set_wrong_type, max_documents_one,
@@ -408,7 +421,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     bin_idx_dtype_mismatch, vocab_larger_than_shard_dtype, missing_manifest, manifest_broken_json,
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
-    set_section_to_scalar, unknown_nested_key,
+    set_section_to_scalar, unknown_nested_key, batch_larger_than_budget, batch_larger_than_data,
 ]}
 
 

@@ -443,3 +443,35 @@ def test_a_result_json_that_is_not_json_does_not_stop_a_resume(stdlib_data, tmp_
     result = pretrain.main(cfg)
     assert result["status"] == "completed" and result["steps"] == 6
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 6
+
+
+def test_a_stop_signal_ends_a_long_step_in_bounded_time(stdlib_data, tmp_path):
+    """A step of 8192 micro-batches (about a minute here): SIGTERM used to wait for the whole step and its save,
+    past any Slurm grace period. The step is abandoned STEP_STOP_GRACE_S after the signal; nothing half is saved,
+    and result.json says the run resumes from its newest checkpoint (none yet: step 0)."""
+    import threading
+
+    batch = 8192
+    cfg = make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=batch, micro_batch_seqs=1,
+                   train_tokens=batch * SEQ * 2, ewa={"taus": []}, eval={"every_steps": 1000})
+    proc = subprocess.Popen(cli("pretrain", str(write_cfg(cfg, tmp_path / "run.yaml"))), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started, lines = threading.Event(), []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "steps of" in line:  # the run's first log line: training starts
+                started.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(120), "".join(lines)[-2000:]
+    time.sleep(1)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=180)
+    exit_s = time.time() - signalled
+    assert proc.returncode == pretrain.EXIT_PREEMPTED, "".join(lines)[-2000:]
+    assert exit_s < pretrain.STEP_STOP_GRACE_S + 15
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "preempted" and result["steps"] == 0 and "abandoned" in result["reason"]
+    assert not rundir.tags(tmp_path / "run")  # no checkpoint of half a step
