@@ -198,9 +198,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read config {path}: {e.strerror}; check the path") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-    loader = _UniqueKeyLoader(text)
-    loader.name = str(path)
+    loader = None
     try:
+        loader = _UniqueKeyLoader(text)  # its reader refuses control characters (a NUL byte) here already
+        loader.name = str(path)
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -209,10 +210,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
                    if e.context and e.context_mark and e.problem_mark else "")
         raise ConfigError(f"{where}: not valid YAML ({started}{e.problem or e.context}): fix the YAML "
                           f"there") from None
+    except yaml.reader.ReaderError as e:  # a control character: no mark, only an offset into the text
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise ConfigError(f"{path}:{line}:{column}: not valid YAML (control character {chr(e.character)!r} is not "
+                          f"allowed): remove it") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}): fix the YAML") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}): fix the YAML") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -414,7 +421,10 @@ class ModelConfig:
         """`model: NAME` or `model: {preset: NAME, ...}` -> the preset's fields, overridden by those given."""
         if isinstance(data, str):
             data = {"preset": data}
-        if isinstance(data, dict) and data.get("preset") is not None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key} must be a preset name ({', '.join(MODEL_PRESETS)}) or a mapping of model "
+                              f"fields: got {data!r}")
+        if data.get("preset") is not None:
             name = str(data["preset"])
             if name not in MODEL_PRESETS:
                 raise ConfigError(f"{key}.preset must be one of {', '.join(MODEL_PRESETS)}: got {name!r}")

@@ -82,6 +82,11 @@ def yaml_duplicate_key(tmp, data, other):
     return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml:4: val_fraction is given twice", "keep one"
 
 
+def yaml_nul_byte(tmp, data, other):
+    (tmp / "pre.yaml").write_bytes(b"inputs: [stdlib]\x00\noutput_dir: out\n")
+    return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml:1:17: not valid YAML \(control character", "remove it"
+
+
 def yaml_not_utf8(tmp, data, other):
     (tmp / "pre.yaml").write_bytes(b"inputs: [stdlib]\noutput_dir: caf\xe9\n")
     return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml is not UTF-8 text", "save it as UTF-8"
@@ -409,8 +414,23 @@ def batch_larger_than_data(tmp, data, other):
             "lower global_batch_seqs, or add documents")
 
 
+# ------------------------------------------------------------------------------------------------ study
+
+
+def study_cfg(tmp: Path, data: Path, settings: str) -> Path:
+    path = tmp / "study.yaml"
+    path.write_text(f"name: s\ndata: {data}\nbatch_sizes: [4, 8, 16]\nsettings: {settings}\n")
+    return path
+
+
+def study_model_a_number(tmp, data, other):
+    return (["study", str(study_cfg(tmp, data, "[{model: 5, train_tokens: 100000}]")), "--out", str(tmp / "s")],
+            r"study\.settings\[0\]\.model must be a preset name \(.*tiny.*\) or a mapping of model fields: got 5",
+            "preset name")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
-    yaml_syntax, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
+    yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
     set_without_equals, set_empty_key_part, set_into_a_list, set_wrong_type, max_documents_one,
     output_dir_is_a_file, output_dir_parent_is_a_file, output_dir_foreign, finished_dataset_other_settings,
     glob_matches_nothing, stdlib_typo, directory_without_documents, hf_without_name, jsonl_not_an_object,
@@ -422,6 +442,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
     set_section_to_scalar, unknown_nested_key, batch_larger_than_budget, batch_larger_than_data,
+    study_model_a_number,
 ]}
 
 
