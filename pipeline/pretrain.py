@@ -320,9 +320,29 @@ class Trainer:
         Every rank saves, a barrier, then rank 0 writes complete.json (the file sizes) and `latest`
         (rundir.mark_complete): a save cut short leaves an incomplete tag directory that resume skips.
         """
+        tag_dir = self.checkpoint_dir / rundir.tag(step)
+        try:
+            self._save(step, tag_dir)
+        except (OSError, RuntimeError) as e:  # torch.save on a full disk: "enforce fail at inline_container.cc"
+            raise self._save_failed(tag_dir, e) from None
+        self.saved_step = step
+
+    def _save_failed(self, tag_dir: Path, error: Exception) -> rundir.CheckpointError:
+        """The message for a save that failed (a full disk, most often): what happened, and that nothing complete
+        is lost. With one rank the half-written tag is removed at once, to give its space back."""
+        if self.dist.world_size == 1:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        free_mb = shutil.disk_usage(self.checkpoint_dir).free / 2**20
+        since = (f"its newest complete checkpoint (step {self.saved_step})" if self.saved_step
+                 else "step 0 (no checkpoint was complete yet)")
+        return rundir.CheckpointError(
+            f"saving checkpoint {tag_dir} failed ({str(error).splitlines()[0][:200]}); {free_mb:.0f} MiB free on its "
+            f"file system: free disk space (or lower checkpoint.keep) and run the same command again: it resumes "
+            f"from {since}")
+
+    def _save(self, step: int, tag_dir: Path) -> None:
         import torch.distributed as dist
 
-        tag_dir = self.checkpoint_dir / rundir.tag(step)
         tag_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main or self.zero_stage == 3:  # ZeRO-3: each rank holds a shard of the averages
             path = rundir.ewa_file(tag_dir, self.dist.rank)
@@ -342,7 +362,6 @@ class Trainer:
             for old in rolling[:-self.cfg.checkpoint.keep]:
                 shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
             log.info("checkpoint %s", tag_dir)
-        self.saved_step = step
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint; True if the run continues from one.

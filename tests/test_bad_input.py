@@ -602,3 +602,47 @@ def test_a_damaged_run_directory_exits_2_names_the_file_and_the_fix(case, tmp_pa
     assert len(message) == 1, err
     assert re.search(names, message[0]) and re.search(fix, message[0]), message[0]
     assert {k: v for k, v in snapshot(tmp_path).items() if k != "pt.yaml"} == before
+
+
+# ------------------------------------------------------------------------------------------------ where outputs go
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs remounted ro): root ignores file modes, so chmod cannot make one."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "pretrain", "study", "evaluate"])
+def test_a_read_only_output_exits_2_naming_the_path(stage, tmp_path, data, trained_run, read_only_dir, capsys):
+    """Each stage used to end in a PermissionError/OSError traceback on a read-only output directory."""
+    out = read_only_dir / "out"
+    argv = {"preprocess": ["preprocess", str(pre_yaml(tmp_path, ["stdlib"], "max_documents: 50\n")), "--set",
+                           f"output_dir={out}"],
+            "pretrain": ["pretrain", str(pt_yaml(tmp_path, data)), "--set", f"run_dir={out}"],
+            "study": ["study", str(study_cfg(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+                      str(out)],
+            "evaluate": ["evaluate", str(trained_run), "--out", str(out / "eval.json")]}[stage]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if ": error: " in line]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert re.search(rf"cannot write {read_only_dir}.*Read-only file system; make that directory writable", err)
+
+
+def test_a_study_out_that_is_a_file_exits_2(tmp_path, data, capsys):
+    (tmp_path / "afile").write_text("keep")
+    code = cli.main(["study", str(study_cfg(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+                     str(tmp_path / "afile")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"cannot write .*afile: Not a directory; a file stands where a directory", err)
+    assert (tmp_path / "afile").read_text() == "keep"

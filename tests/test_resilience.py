@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -475,3 +476,29 @@ def test_a_stop_signal_ends_a_long_step_in_bounded_time(stdlib_data, tmp_path):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "preempted" and result["steps"] == 0 and "abandoned" in result["reason"]
     assert not rundir.tags(tmp_path / "run")  # no checkpoint of half a step
+
+
+def test_a_full_disk_during_a_checkpoint_save_names_it_and_loses_nothing(stdlib_data, tmp_path):
+    """A 12 MiB file system holds one checkpoint of the tiny model (~8 MiB), not two: the second save fails. It
+    used to end in torch's "enforce fail at inline_container.cc" traceback; now exit 2 says what happened and the
+    fix, `latest` stays on the complete checkpoint, and once there is room the same command finishes the run."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        cfg = make_cfg(stdlib_data, mnt / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 2, "keep": 3})
+        yaml_path = write_cfg(cfg, tmp_path / "run.yaml")
+        proc = subprocess.run(cli("pretrain", str(yaml_path)), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert re.search(r"saving checkpoint .*step00000004 failed .*MiB free on its file system: free disk space "
+                         r".* resumes from its newest complete checkpoint \(step 2\)", proc.stderr), proc.stderr[-2000:]
+        assert (mnt / "run" / "checkpoints" / "latest").read_text().strip() == rundir.tag(2)
+        assert rundir.checkpoint_problem(mnt / "run" / "checkpoints" / rundir.tag(2)) is None
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        run_subprocess(cli("pretrain", str(yaml_path)))
+        assert json.loads((mnt / "run" / "result.json").read_text())["steps"] == 6
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
