@@ -311,7 +311,7 @@ def status_table(study_dir: Path) -> str:
         raise StudyError(f"{study_dir} has no runs/ (not a study directory, or not started)")
     rows, counts = [], {}
     for path in paths:
-        cfg = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").exists() else {}
+        cfg = _readable_run(path)
         result = read_result(path)
         status = run_status(path, result)
         counts[status] = counts.get(status, 0) + 1
@@ -328,3 +328,25 @@ def status_table(study_dir: Path) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return "\n".join(lines + [f"{len(paths)} runs: {summary}"])
+
+
+def _readable_run(path: Path) -> dict:
+    """run.yaml of a run directory (empty if not written yet), after checking that it and result.json parse: a
+    damaged one is named with its fix (exit 2), not shown as a traceback or as a run that failed."""
+    result = path / rundir.RESULT
+    try:
+        if result.exists():
+            json.loads(result.read_bytes())
+    except (ValueError, OSError) as e:
+        raise StudyError(f"{result} cannot be read ({str(e).splitlines()[0]}): run the study command again; the run "
+                         f"resumes from its newest checkpoint and writes it again") from None
+    run_yaml = path / "run.yaml"
+    try:
+        cfg = yaml.safe_load(run_yaml.read_bytes()) if run_yaml.exists() else {}
+    except (yaml.YAMLError, OSError) as e:
+        raise StudyError(f"{run_yaml} cannot be read ({str(e).splitlines()[0]}): run the study command again, "
+                         f"which writes every run.yaml from the study config") from None
+    if not isinstance(cfg, dict):
+        raise StudyError(f"{run_yaml} is not a mapping of settings: run the study command again, which writes "
+                         f"every run.yaml from the study config")
+    return cfg

@@ -417,20 +417,21 @@ def batch_larger_than_data(tmp, data, other):
 # ------------------------------------------------------------------------------------------------ study
 
 
-def study_cfg(tmp: Path, data: Path, settings: str) -> Path:
+def study_config_file(tmp: Path, data: Path, settings: str) -> Path:
     path = tmp / "study.yaml"
     path.write_text(f"name: s\ndata: {data}\nbatch_sizes: [4, 8, 16]\nsettings: {settings}\n")
     return path
 
 
 def study_model_a_number(tmp, data, other):
-    return (["study", str(study_cfg(tmp, data, "[{model: 5, train_tokens: 100000}]")), "--out", str(tmp / "s")],
+    return (["study", str(study_config_file(tmp, data, "[{model: 5, train_tokens: 100000}]")), "--out", str(tmp / "s")],
             r"study\.settings\[0\]\.model must be a preset name \(.*tiny.*\) or a mapping of model fields: got 5",
             "preset name")
 
 
 CASES: dict[str, Case] = {f.__name__: f for f in [
-    yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
+    yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config,
+    directory_as_config,
     set_without_equals, set_empty_key_part, set_into_a_list, set_wrong_type, max_documents_one,
     output_dir_is_a_file, output_dir_parent_is_a_file, output_dir_foreign, finished_dataset_other_settings,
     glob_matches_nothing, stdlib_typo, directory_without_documents, hf_without_name, jsonl_not_an_object,
@@ -628,7 +629,7 @@ def test_a_read_only_output_exits_2_naming_the_path(stage, tmp_path, data, train
     argv = {"preprocess": ["preprocess", str(pre_yaml(tmp_path, ["stdlib"], "max_documents: 50\n")), "--set",
                            f"output_dir={out}"],
             "pretrain": ["pretrain", str(pt_yaml(tmp_path, data)), "--set", f"run_dir={out}"],
-            "study": ["study", str(study_cfg(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+            "study": ["study", str(study_config_file(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
                       str(out)],
             "evaluate": ["evaluate", str(trained_run), "--out", str(out / "eval.json")]}[stage]
     code = cli.main(argv)
@@ -641,8 +642,34 @@ def test_a_read_only_output_exits_2_naming_the_path(stage, tmp_path, data, train
 
 def test_a_study_out_that_is_a_file_exits_2(tmp_path, data, capsys):
     (tmp_path / "afile").write_text("keep")
-    code = cli.main(["study", str(study_cfg(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+    code = cli.main(["study", str(study_config_file(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
                      str(tmp_path / "afile")])
     err = capsys.readouterr().err
     assert code == 2 and re.search(r"cannot write .*afile: Not a directory; a file stands where a directory", err)
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def _planned_study(tmp: Path) -> Path:
+    from pipeline import study
+    from test_study import study_cfg
+
+    runs = study.plan(study_cfg(batch_sizes=[4, 8, 16]), tmp / "s", tmp / "s" / "data")
+    study.write_run_inputs(runs, tmp / "s")
+    return tmp / "s" / "runs" / runs[0].name
+
+
+@pytest.mark.parametrize("damage, names, fix", [
+    (lambda run: (run / "run.yaml").write_text("global_batch_seqs: [4\n"), r"run\.yaml cannot be read",
+     "writes every run.yaml from the study config"),
+    (lambda run: (run / "run.yaml").write_bytes(b"a: 1\x00\n"), r"run\.yaml cannot be read",
+     "writes every run.yaml"),
+    (lambda run: (run / "result.json").write_text('{"status": "comp'), r"result\.json cannot be read",
+     "resumes from its newest checkpoint"),
+], ids=["run.yaml syntax", "run.yaml NUL byte", "result.json cut"])
+def test_status_of_a_damaged_run_file_exits_2_naming_it(damage, names, fix, tmp_path, capsys):
+    """`cbs status` used to end in a YAML traceback, or show a cut result.json as "failed" with exit 0."""
+    damage(_planned_study(tmp_path))
+    code = cli.main(["status", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.search(names, err) and re.search(fix, err) and "Traceback" not in err, err
