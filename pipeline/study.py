@@ -93,7 +93,9 @@ def preprocess_config(cfg: StudyConfig, study_dir: Path, data_dir: Path, write: 
     there yet; a dry run shows it); None when study.data names a preprocessed directory."""
     if isinstance(cfg.data, str):
         if not (data_dir / "manifest.json").is_file():
-            raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no manifest.json)")
+            raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no manifest.json): run "
+                             f"`cbs preprocess` first and give its output_dir, or make study.data a preprocess "
+                             f"config (mapping) for the study to run it")
         return None
     data = {**cfg.data, "output_dir": str(data_dir)}
     from_dict(PreprocessConfig, data, "study.data")  # refused now, before anything is submitted
@@ -290,6 +292,7 @@ def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", paral
         if executor == "slurm":
             run_phases(cfg, runs, study_dir, data_dir, ex, dry_run=True)
         return 0
+    preprocess_config(cfg, study_dir, data_dir, write=False)  # a missing data directory: refused before study.yaml
     claim_study_dir(cfg, study_dir, force)
     set_aside_stale(runs, study_dir, force)
     started = time.time()

@@ -429,6 +429,13 @@ def study_model_a_number(tmp, data, other):
             "preset name")
 
 
+def study_data_missing(tmp, data, other):
+    """Refused, but study.yaml used to be written first: the corrected command was then refused as "another study"."""
+    return (["study", str(study_config_file(tmp, tmp / "nowhere", "[{model: tiny, train_tokens: 100000}]")), "--out",
+             str(tmp / "s")], r"study\.data .*nowhere is not a preprocessed data directory",
+            "run `cbs preprocess` first")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
     yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config,
     directory_as_config,
@@ -443,7 +450,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
     set_section_to_scalar, unknown_nested_key, batch_larger_than_budget, batch_larger_than_data,
-    study_model_a_number,
+    study_model_a_number, study_data_missing,
 ]}
 
 
