@@ -378,6 +378,8 @@ BAD_INPUTS = {
     "zero gpus": ("fit", _csv_input(GOOD_CSV, "--gpus", "0"), ["--gpus must be >= 1"]),
     "zero seq len": ("fit", _csv_input(GOOD_CSV, "--seq-len", "0"), ["--seq-len must be >= 1"]),
     "bad target kind": ("fit", _csv_input(GOOD_CSV, "--target-kind", "x"), ["invalid choice"]),
+    "steps 1e308": ("fit", _csv_input(CSV_HEADER + "s,1000,2000,64,1e308\n" + GOOD_ROWS.split("\n", 1)[1]),
+                    ["in.csv, line 2", "steps must be a positive number below 1e+18", "check its unit"]),
     "foreign out dir": ("fit", _foreign_out, ["precious.txt", "did not write", "choose another"]),
     "paper beside a copied cbs.csv": ("fit", _paper_beside_a_copied_cbs_csv,
                                       ["did not write (figures/fig1.pdf, paper.tex)", "move those files"]),
@@ -449,6 +451,15 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_csv_with_a_utf8_bom_reads(tmp_path, capsys):
+    """A spreadsheet's "CSV UTF-8" starts with a BOM: it was read into the first column's name ("missing
+    column(s) setting")."""
+    (tmp_path / "in.csv").write_bytes("\ufeff".encode() + GOOD_CSV.encode())
+    rc, _, err = run_fit(capsys, tmp_path / "in.csv", "--out", tmp_path / "out", "--bootstrap", "0")
+    assert rc == 0, err
+    assert [r["setting"] for r in read_csv(tmp_path / "out" / "cbs.csv")] == ["s"]
 
 
 def test_help_returns_0(capsys):
