@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import types
 import typing
@@ -478,6 +479,9 @@ class OptimizerConfig:
     """Clip the global gradient norm to this; 0 disables."""
 
     def validate(self, p: str) -> None:
+        for name in ("lr", "eps", "weight_decay", "grad_clip"):  # .inf passes `> 0` and trains NaN weights
+            _check(math.isfinite(getattr(self, name)), f"{p}.{name} must be a finite number: got "
+                                                        f"{getattr(self, name)}")
         _check(self.lr > 0, f"{p}.lr must be > 0: got {self.lr}")
         for name in ("beta1", "beta2"):
             _check(0 <= getattr(self, name) < 1, f"{p}.{name} must be in [0, 1): got {getattr(self, name)}")

@@ -401,6 +401,12 @@ def unknown_nested_key(tmp, data, other):
             r"pretrain\.optimizer\.betas is not a known key", r"did you mean pretrain\.optimizer\.beta")
 
 
+def lr_infinite(tmp, data, other):
+    """`lr: .inf` passed `lr > 0`: the run trained NaN weights and wrote a bare NaN into result.json."""
+    return (["pretrain", str(pt_yaml(tmp, data, "optimizer: {lr: .inf}\n"))], r"pretrain\.optimizer\.lr",
+            "must be a finite number: got inf")
+
+
 def batch_larger_than_budget(tmp, data, other):
     return (["pretrain", str(pt_yaml(tmp, data)), "--set", "global_batch_seqs=1000000000"],
             r"pretrain\.global_batch_seqs 1000000000 x model\.seq_len 64 .* more than pretrain\.train_tokens \(4,096\)",
@@ -449,7 +455,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     bin_idx_dtype_mismatch, vocab_larger_than_shard_dtype, missing_manifest, manifest_broken_json,
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
-    set_section_to_scalar, unknown_nested_key, batch_larger_than_budget, batch_larger_than_data,
+    set_section_to_scalar, unknown_nested_key, batch_larger_than_budget, batch_larger_than_data, lr_infinite,
     study_model_a_number, study_data_missing,
 ]}
 
