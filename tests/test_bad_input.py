@@ -442,6 +442,18 @@ def study_data_missing(tmp, data, other):
             "run `cbs preprocess` first")
 
 
+def study_slurm_out_with_percent(tmp, data, other):
+    """sbatch expands %j in the log paths: the jobs wrote elsewhere than the study directory."""
+    return (["study", str(study_config_file(tmp, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+             str(tmp / "s%j"), "--executor", "slurm"], r"--out '.*s%j' contains '%'", "choose another --out")
+
+
+def study_slurm_out_with_newline(tmp, data, other):
+    """A newline in the path split the runs file that the array tasks read line by line."""
+    return (["study", str(study_config_file(tmp, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+             str(tmp / "s\nt"), "--executor", "slurm"], r"--out '.*s\\nt' contains '\\n'", "choose another --out")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
     yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config,
     directory_as_config,
@@ -456,7 +468,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
     set_section_to_scalar, unknown_nested_key, batch_larger_than_budget, batch_larger_than_data, lr_infinite,
-    study_model_a_number, study_data_missing,
+    study_model_a_number, study_data_missing, study_slurm_out_with_percent, study_slurm_out_with_newline,
 ]}
 
 
