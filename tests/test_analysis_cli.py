@@ -697,3 +697,24 @@ def test_chinchilla_design_says_d_and_n_cannot_be_separated(tmp_path, capsys):
     assert "off the fitted design" not in text  # D = 20 N, as fitted
     assert forecast_main(args + ["--model-params", "1e8"]) == 0  # D = 100 N
     assert "off the fitted design" in capsys.readouterr().out
+
+
+def test_a_fit_of_many_settings_says_what_it_does_and_caps_the_figures(tmp_path, capsys, monkeypatch):
+    """A fit of 12,500 settings printed nothing for minutes and drew a PNG per setting (1,255 PNGs for 10k rows).
+    The caps are lowered here so that the test stays fast; the code paths are the ones a large fit takes."""
+    import analysis.cli
+    import analysis.figures
+
+    monkeypatch.setattr(analysis.figures, "MAX_SETTING_FIGURES", 4)
+    monkeypatch.setattr(analysis.cli, "PROGRESS_SETTINGS", 5)
+    (tmp_path / "in.csv").write_text(CSV_HEADER + "".join(
+        f"s{i},1000,{2000 + i},{b},{100 * (1 + 40 / b) * (1.02 if b % 3 else 0.98):.3f}\n"
+        for i in range(12) for b in (16, 32, 64, 128)))
+    rc, stdout, err = run_fit(capsys, tmp_path / "in.csv", "--out", tmp_path / "out", "--bootstrap", "0")
+    assert rc == 0, err
+    assert "fitting 12 settings (48 batch points" in err and "fitted; rendering" in err
+    steps_pngs = [p for p in (tmp_path / "out" / "figures").glob("steps_*.png") if p.name != "steps_normalized.png"]
+    assert len(steps_pngs) == 4
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "8 more setting(s) without a figure of their own" in report
+    assert len(read_csv(tmp_path / "out" / "cbs.csv")) == 12  # every setting still fitted
