@@ -351,7 +351,8 @@ class Trainer:
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
-                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state()}}
+                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "loss_window": self._loss_window()}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
                                     save_latest=False)
         dist.barrier()
@@ -438,6 +439,17 @@ class Trainer:
                               f"{stage}, which shards the optimizer state per rank; resume with {ranks} rank(s) "
                               f"(this launch has {self.dist.world_size}), or start a new run_dir")
 
+    def _loss_window(self) -> list:
+        """[sum, count] of the train losses since the last log, the sum averaged over ranks (rank 0's client state
+        is what every rank loads): a resume off the log grid then logs the mean over the whole window, as the
+        uninterrupted run does, not over the steps since the resume only."""
+        import torch.distributed as dist
+
+        window = self._loss_sum.detach().clone()
+        if self.dist.world_size > 1:
+            dist.all_reduce(window, op=dist.ReduceOp.SUM)
+        return [window.item() / self.dist.world_size, self._loss_count]
+
     def _load(self, name: str) -> Optional[str]:
         """Load one checkpoint into the engine, EWA and our state; the reason if it failed on this rank."""
         tag_dir = self.checkpoint_dir / name
@@ -459,6 +471,8 @@ class Trainer:
             self.targets.replay(eval_records(self.run_dir), self.tokens_per_step, until_step=self.step)
         self.elapsed = state["elapsed"]
         self.noise.load_state_dict(state.get("noise_scale", self.noise.state_dict()))
+        window_sum, self._loss_count = state.get("loss_window", [0.0, 0])  # older checkpoints: the window restarts
+        self._loss_sum.fill_(window_sum)
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)

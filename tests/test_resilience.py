@@ -416,6 +416,7 @@ def _cut_after(cfg, at_step: int) -> None:
     for tag in rundir.tags(run_dir):
         if rundir.tag_step(tag) > at_step:
             shutil.rmtree(run_dir / "checkpoints" / tag)
+    assert rundir.tag(at_step) in rundir.tags(run_dir), "checkpoint.keep pruned the step to cut at"
     (run_dir / "checkpoints" / "latest").write_text(rundir.tag(at_step))
     (run_dir / "result.json").unlink()
 
@@ -502,3 +503,15 @@ def test_a_full_disk_during_a_checkpoint_save_names_it_and_loses_nothing(stdlib_
         assert json.loads((mnt / "run" / "result.json").read_text())["steps"] == 6
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_resume_off_the_log_grid_logs_the_whole_window(stdlib_data, tmp_path):
+    """Logged every 5 steps, resumed from step 3: the train loss at step 5 is the mean of steps 2-5, as in the
+    uninterrupted run (it used to average steps 4-5 only)."""
+    cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 10, log={"every_steps": 5},
+                   checkpoint={"every_steps": 3, "keep": 4})
+    _cut_after(cfg, 3)
+    whole = series(tmp_path / "run", "train/loss")  # the uninterrupted run's, still in metrics.jsonl
+    assert sorted(whole) == [1, 5, 10]
+    pretrain.main(cfg)
+    assert series(tmp_path / "run", "train/loss") == pytest.approx(whole, rel=1e-6)
