@@ -532,7 +532,8 @@ def test_pretrain_split_shorter_than_one_sequence_writes_nothing(tmp_path, data,
     cfg = pt_yaml(tmp_path, data)
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", str(cfg), "--set",
-                           f"model.seq_len={tokens}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           f"model.seq_len={tokens}", "--set", f"train_tokens={8 * tokens}"],  # a budget of 1 step
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert re.search(rf"{split} split of .*data has {tokens} tokens: fewer than one sequence", proc.stderr)
     assert snapshot(tmp_path) == before  # no run_dir, no result.json of a run that never started
