@@ -46,7 +46,7 @@ def read_csv_lines(path, what: str, not_found: str = "no such file") -> list[lis
     """Every line of a CSV file as cells; InputError `{what}: {not_found}` when it is missing, `{what}: cannot
     read as CSV` when it is unreadable (permissions, not UTF-8, a malformed quote)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM is not in the header
             return list(csv.reader(f))
     except FileNotFoundError:
         raise InputError(f"{what}: {not_found}") from None

@@ -207,14 +207,28 @@ def _fit(argv: list[str]) -> int:
         if value is not None:
             raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")
     table = load_steps(args.input, args.target_kind)
+    _progress(table, args.bootstrap, start)
     reader = MetricsReader()  # one pass over each run's metrics.jsonl for the throughput and the noise scale
     throughput = _throughput(args, table, reader)
     fit = fit_study(table, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL, args.overheads,
                     throughput, args.gpus, args.seq_len, reader)
+    _progress(table, args.bootstrap, start, "fitted; rendering the tables, report and figures")
     files = render_outputs(fit)
     _write(out, files)
     print("\n".join(_summary(fit, out, len(files), time.perf_counter() - start)))
     return 0
+
+
+PROGRESS_SETTINGS = 100
+"""A fit of more settings than this says on stderr what it is doing (a fit of 12,500 settings takes minutes)."""
+
+
+def _progress(table: StepsTable, bootstrap: int, start: float, done: str = "") -> None:
+    n = len(table.settings())
+    if n <= PROGRESS_SETTINGS:
+        return
+    what = done or f"fitting {n:,} settings ({len(table.points):,} batch points, {bootstrap} bootstrap resamples each)"
+    print(f"cbs fit: {what} [{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
 
 
 def fit_main(argv: list[str] | None = None) -> int:

@@ -327,11 +327,22 @@ def law_figure_variables(cbs_laws: dict[str, PowerLaw]) -> list[str]:
     return [v for v in ("tokens", "model_params", "compute") if v in cbs_laws]
 
 
+MAX_SETTING_FIGURES = 200
+"""Per-setting S(B) figures drawn at most (the first settings in cbs.csv's order): a fit of 10,000 settings drew
+a PNG each (1,255 PNGs, most of its 196 s) that nobody opens one by one; every setting stays in the tables."""
+
+
+def setting_figures(estimates: list[CbsEstimate]) -> list[CbsEstimate]:
+    """The settings that get their own figures/steps_<setting>.png."""
+    return estimates[:MAX_SETTING_FIGURES]
+
+
 def study_figures(table: StepsTable, estimates: list[CbsEstimate], cbs_laws: dict[str, PowerLaw],
                   noise_laws: dict[str, PowerLaw], overhead: float, b_simple: dict[str, BSimple] | None = None):
     """Relative path -> matplotlib Figure, every figure of a sweep study's fit."""
     paths = figure_names(table)
-    figs = {paths[e.setting.name]: figure_steps(e, table.points_of(e.setting.name), overhead) for e in estimates}
+    figs = {paths[e.setting.name]: figure_steps(e, table.points_of(e.setting.name), overhead)
+            for e in setting_figures(estimates)}
     figs["figures/steps_normalized.png"] = figure_normalized(table)
     for v in law_figure_variables(cbs_laws):
         figs[f"figures/cbs_vs_{v}.png"] = figure_law(cbs_laws[v], noise_laws.get(v), estimates)

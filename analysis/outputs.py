@@ -41,8 +41,13 @@ STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "ce
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
 TIME_COLUMNS = ["setting", "batch_size", "gpus", "steps", "tokens_to_target", "tokens_per_s", "hours",
                 "gpu_hours", "throughput", "fastest"]
-OUTPUT_MARKERS = ("scaling.json", "cbs.csv", "cbs_curve.csv")
-"""A directory holding one of these is a previous `cbs fit` output and may be replaced."""
+FIT_MARKER = ".cbs-fit.json"
+"""Written into every fit output: the relative paths of the files that fit wrote. A directory is replaced only if
+it holds this marker and nothing else than those files."""
+LEGACY_FILES = ("steps.csv", "cbs.csv", "degradation.csv", "time_to_target.csv", "scaling.json", "report.md",
+                "cbs_curve.csv", "branches.csv")
+"""What a fit wrote before the marker existed (besides figures/*.png): a directory of only these, holding one of
+scaling.json, cbs.csv or cbs_curve.csv, is a previous fit's output (a study made before the marker re-fits)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,14 +164,36 @@ def render_outputs(fit: StudyFit) -> dict[str, bytes]:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """OUT_DIR may be absent, empty, or a previous `cbs fit` output (which is replaced); anything else is refused."""
+    """OUT_DIR may be absent, empty, or a previous `cbs fit` output holding only what that fit wrote (it is
+    replaced); anything else is refused, naming files the fit did not write. A fit once replaced any directory
+    holding a cbs.csv, and a paper draft beside a copied cbs.csv went with it."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise InputError(f"--out {out_dir}: exists and is not a directory; choose another path")
-    if any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in OUTPUT_MARKERS):
-        raise InputError(f"--out {out_dir}: exists and is not a `cbs fit` output directory; choose another or "
-                         "remove it")
+    present = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if not p.is_dir())
+    if not present:
+        return
+    foreign = [p for p in present if p != FIT_MARKER and p not in _fit_files(out_dir)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"--out {out_dir}: holds files that `cbs fit` did not write ({shown}), and a fit replaces "
+                         f"the whole directory; choose another --out, or move those files elsewhere")
+
+
+def _fit_files(out_dir: Path) -> set[str]:
+    """The files a previous fit wrote into out_dir, as its marker lists them; for an output written before the
+    marker, the names a fit writes (only if it holds a fit's main table). Empty for anything else."""
+    marker = out_dir / FIT_MARKER
+    if marker.is_file():
+        try:
+            listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            listed = None
+        return set(listed) if isinstance(listed, list) and all(isinstance(f, str) for f in listed) else set()
+    if not any((out_dir / m).is_file() for m in ("scaling.json", "cbs.csv", "cbs_curve.csv")):
+        return set()
+    return set(LEGACY_FILES) | {str(p.relative_to(out_dir)) for p in out_dir.glob("figures/*.png")}
 
 
 def _umask() -> int:
@@ -200,7 +227,7 @@ def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
     old = out_dir.parent / f".{out_dir.name}.old-{owner}-{secrets.token_hex(4)}"
     moved_aside = False
     try:
-        for rel, data in files.items():
+        for rel, data in {**files, FIT_MARKER: _marker(files)}.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
@@ -215,6 +242,10 @@ def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
         raise
     if moved_aside:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _marker(files: dict[str, bytes]) -> bytes:
+    return (json.dumps({"written_by": "cbs fit", "files": sorted(files)}, indent=1) + "\n").encode()
 
 
 def _remove_stale_stages(out_dir: Path) -> None:

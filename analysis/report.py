@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from analysis.cost import cheapest, device_word, fastest, hours_text
-from analysis.figures import figure_names, has_b_simple_figure, has_degradation_figure, law_figure_variables
+from analysis.figures import (figure_names, has_b_simple_figure, has_degradation_figure, law_figure_variables,
+                              setting_figures)
 from analysis.laws import JOINT, SYMBOLS, PowerLaw
 from analysis.noise_scale import NEAR
 from analysis.steps import StepsTable
@@ -323,7 +324,11 @@ def _figure_lines(fit: StudyFit) -> list[str]:
         lines.append("![degradation range](figures/degradation.png)")
     if has_b_simple_figure(fit.estimates, fit.b_simple):
         lines.append("![B_simple vs the fit](figures/b_simple.png)")
-    lines += ["", *(f"- {e.setting.name}: ![{e.setting.name}]({paths[e.setting.name]})" for e in fit.estimates)]
+    drawn = setting_figures(fit.estimates)
+    lines += ["", *(f"- {e.setting.name}: ![{e.setting.name}]({paths[e.setting.name]})" for e in drawn)]
+    if len(drawn) < len(fit.estimates):
+        lines.append(f"- ... {len(fit.estimates) - len(drawn)} more setting(s) without a figure of their own (the "
+                     f"first {len(drawn)} are drawn): their S(B) is in steps.csv, their fit in cbs.csv")
     return lines + [""]
 
 

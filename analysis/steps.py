@@ -241,6 +241,11 @@ def as_float(value: Any) -> float | None:
     return None
 
 
+MAX_INPUT = 1e18
+"""No step count, token count, parameter count, batch or throughput of a real run comes near it; a value above it
+(1e308 from a unit slip) overflows the fit's arithmetic into NaN."""
+
+
 def positive_number(value: Any, what: str) -> float:
     if isinstance(value, bool):
         raise InputError(f"{what} must be a positive number: got {value!r}")
@@ -250,6 +255,8 @@ def positive_number(value: Any, what: str) -> float:
         raise InputError(f"{what} must be a positive number: got {value!r}") from None
     if not math.isfinite(x) or x <= 0:
         raise InputError(f"{what} must be a positive number: got {value!r}")
+    if x > MAX_INPUT:
+        raise InputError(f"{what} must be a positive number below {MAX_INPUT:g}: got {value!r}; check its unit")
     return x
 
 

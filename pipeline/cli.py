@@ -10,6 +10,7 @@ stopped by Ctrl-C or SIGTERM, 141 the reader of the output went away (`cbs ... |
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -184,9 +185,29 @@ def _main(argv: list[str] | None) -> int:
             CheckpointError, RunDirBusy) as e:
         print(f"cbs {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        fix = _write_fix(e)
+        if fix is None:
+            raise
+        print(f"cbs {args.stage}: error: cannot write {e.filename or 'the output'}: {e.strerror}; {fix}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cbs {args.stage}: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _write_fix(e: OSError) -> str | None:
+    """The fix for an output path that cannot be written (read-only, full, a file where a directory goes); None for
+    any other OSError, which stays a traceback (a bug to report, not bad input)."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make that directory writable, or choose another output path"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("free disk space (or choose another output path) and run the same command again: complete outputs "
+                "and checkpoints are kept, and a run resumes from its newest complete checkpoint")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return "a file stands where a directory is needed (or the reverse): choose another output path"
+    return None
 
 
 if __name__ == "__main__":

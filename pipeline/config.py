@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import types
 import typing
@@ -218,9 +219,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"cannot read config {path}: {e.strerror}; check the path") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-    loader = _UniqueKeyLoader(text)
-    loader.name = str(path)
+    loader = None
     try:
+        loader = _UniqueKeyLoader(text)  # its reader refuses control characters (a NUL byte) here already
+        loader.name = str(path)
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -229,10 +231,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
                    if e.context and e.context_mark and e.problem_mark else "")
         raise ConfigError(f"{where}: not valid YAML ({started}{e.problem or e.context}): fix the YAML "
                           f"there") from None
+    except yaml.reader.ReaderError as e:  # a control character: no mark, only an offset into the text
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise ConfigError(f"{path}:{line}:{column}: not valid YAML (control character {chr(e.character)!r} is not "
+                          f"allowed): remove it") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}): fix the YAML") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}): fix the YAML") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -434,7 +442,10 @@ class ModelConfig:
         """`model: NAME` or `model: {preset: NAME, ...}` -> the preset's fields, overridden by those given."""
         if isinstance(data, str):
             data = {"preset": data}
-        if isinstance(data, dict) and data.get("preset") is not None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key} must be a preset name ({', '.join(MODEL_PRESETS)}) or a mapping of model "
+                              f"fields: got {data!r}")
+        if data.get("preset") is not None:
             name = str(data["preset"])
             if name not in MODEL_PRESETS:
                 raise ConfigError(f"{key}.preset must be one of {', '.join(MODEL_PRESETS)}: got {name!r}")
@@ -488,6 +499,9 @@ class OptimizerConfig:
     """Clip the global gradient norm to this; 0 disables."""
 
     def validate(self, p: str) -> None:
+        for name in ("lr", "eps", "weight_decay", "grad_clip"):  # .inf passes `> 0` and trains NaN weights
+            _check(math.isfinite(getattr(self, name)), f"{p}.{name} must be a finite number: got "
+                                                        f"{getattr(self, name)}")
         _check(self.lr > 0, f"{p}.lr must be > 0: got {self.lr}")
         for name in ("beta1", "beta2"):
             _check(0 <= getattr(self, name) < 1, f"{p}.{name} must be in [0, 1): got {getattr(self, name)}")
@@ -702,6 +716,11 @@ class PretrainConfig:
         _check(self.micro_batch_seqs is None or self.micro_batch_seqs >= 1,
                f"{p}.micro_batch_seqs must be >= 1: got {self.micro_batch_seqs}")
         _check(self.train_tokens >= 1, f"{p}.train_tokens must be >= 1: got {self.train_tokens}")
+        _check(self.tokens_per_step <= self.train_tokens,
+               f"{p}.global_batch_seqs {self.global_batch_seqs} x model.seq_len {self.model.seq_len} = "
+               f"{self.tokens_per_step:,} tokens per step is more than {p}.train_tokens ({self.train_tokens:,}): "
+               f"one step would train past the budget; lower global_batch_seqs to at most "
+               f"{max(self.train_tokens // self.model.seq_len, 1)} or raise train_tokens")
         for i, t in enumerate(self.targets):
             _check(t > 0, f"{p}.targets[{i}] must be a loss > 0: got {t}")
         _check(not self.stop_at_targets or self.targets, f"{p}.stop_at_targets needs {p}.targets")

@@ -128,6 +128,31 @@ def read_manifest(data_dir: str | Path, seq_len: Optional[int] = None,
     return manifest
 
 
+def check_batch_fits(data_dir: str | Path, manifest: dict, seq_len: int, global_batch_seqs: int) -> None:
+    """One global batch must not hold more sequences than the train split: a larger one repeats sequences within
+    a step (and materialises an unbounded batch in memory) instead of measuring a larger batch."""
+    per_epoch = (manifest["tokens"]["train"] - 1) // seq_len
+    if global_batch_seqs > per_epoch:
+        raise DataError(f"pretrain.global_batch_seqs {global_batch_seqs} is more than the {per_epoch:,} sequences of "
+                        f"model.seq_len {seq_len} in the train split of {data_dir}: one batch would repeat data; "
+                        f"lower global_batch_seqs, or add documents to the corpus")
+
+
+def data_identity(data_dir: str | Path, manifest: dict) -> dict:
+    """What makes a data directory the data a run trained on, whatever path names it: the manifest's fingerprint
+    (preprocess settings and sources), the tokenizer's sha256, the tokens per split and each shard's size in
+    bytes. A run resumed on data that differs in any of them would train its remaining steps on other
+    sequences; a symlink re-pointed between a preemption and a resume changes them, the real path of the same
+    data does not. Keys as stored under config.yaml's `resolved`."""
+    return {
+        "data_manifest_fingerprint": manifest.get("fingerprint"),
+        "tokenizer_sha256": manifest["tokenizer"].get("sha256"),
+        "data_tokens": {split: manifest["tokens"][split] for split in SPLITS},
+        "data_shard_bytes": {f"{split}.{ext}": (Path(data_dir) / f"{split}.{ext}").stat().st_size
+                             for split in SPLITS for ext in ("bin", "idx")},
+    }
+
+
 def _load_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
     if not data_dir.is_dir():

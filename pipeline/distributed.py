@@ -63,6 +63,8 @@ def init_distributed(seed: int) -> Dist:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if device.type == "cpu":
+            skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)
     # only the process group needed them: children (sbatch jobs, study runs) must not inherit a rendezvous that
@@ -78,6 +80,21 @@ def init_distributed(seed: int) -> Dist:
 
     seed_model_parallel(seed)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its `deepspeed_shm_comm` op when the process group is created on the CPU.
+
+    DeepSpeed's TorchBackend builds that op (~1 min of C++) under a file lock in the shared
+    ~/.cache/torch_extensions whenever the op counts as compatible. A process killed during the build leaves the
+    lock behind, and every later process on the host then waits on it forever with no output. Training never uses
+    the op: only `inference_all_reduce` (DeepSpeed inference's tensor parallelism) does, and it falls back to the
+    gloo all_reduce without it; our gradients go through torch.distributed (gloo) either way. Marking the op
+    incompatible in DeepSpeed's own table (`deepspeed.ops.__compatible_ops__`, cached per process and read by
+    `build_shm_op`) removes the build, its compiler requirement and its lock."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown_distributed() -> None:

@@ -31,7 +31,7 @@ import yaml
 
 from pipeline import rundir
 from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
-from pipeline.data import TrainSamples, eval_sequences, read_manifest
+from pipeline.data import TrainSamples, check_batch_fits, data_identity, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
 from pipeline.evaluate import sharded_eval_loss
 from pipeline.metrics import Tracker, eval_records, run_identity
@@ -44,6 +44,8 @@ from pipeline.utils import atomic_write_json, atomic_write_text, log
 # Peak dense bf16 FLOP/s by device name (substring match), for MFU; none on CPU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STEP_STOP_GRACE_S = 10.0
+"""A one-rank step still running this long after a stop signal is abandoned (docs: README, "Preemption")."""
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later"; jobs/pretrain.sbatch requeues on it
 
 
@@ -79,12 +81,14 @@ class Hook:
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, dist: Dist, manifest: Optional[dict] = None):
+    def __init__(self, cfg: PretrainConfig, dist: Dist, manifest: Optional[dict] = None,
+                 data: Optional[dict] = None):
         import deepspeed
 
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run_dir)
         self.manifest = manifest or read_manifest(cfg.data_dir, cfg.model.seq_len)
+        self.data = data or data_identity(cfg.data_dir, self.manifest)
         self.ds_config = deepspeed_config(cfg, dist.world_size, dist.cuda)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -114,6 +118,7 @@ class Trainer:
         self.diverged: Optional[str] = None  # why, when the run diverged
         self.saved_step = 0  # the step of the newest checkpoint (loaded or saved)
         self.stop_signal: Optional[int] = None  # set by the stop-signal handler (STOP_SIGNALS)
+        self._signal_time = 0.0  # time.monotonic() of the first stop signal
         # Ranks must agree on the step they stop at, or their checkpoint saves would not line up. A flag is
         # all-reduced over a gloo group on the host, asynchronously: launched after step t, read after step t + 1,
         # so the round trip overlaps a step (no GPU sync, no wait) and a stop lands one step later.
@@ -156,6 +161,8 @@ class Trainer:
                                         self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)
         for micro in batch.split(self.cfg.micro_batch):
+            if self._step_overdue():
+                raise StepAbandoned()
             loss, _ = forward_loss(self.engine, micro.to(self.dist.device, non_blocking=True))
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # only steps the optimizer at the accumulation boundary
@@ -191,8 +198,16 @@ class Trainer:
         gets the default action (the process ends at once), for a user who does not want to wait."""
         if self.stop_signal is None:
             self.stop_signal = signum  # the first one names the reason
+            self._signal_time = time.monotonic()
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+
+    def _step_overdue(self) -> bool:
+        """A stop signal came STEP_STOP_GRACE_S ago and the step still runs (a huge batch, a slow host): a Slurm
+        grace period would end in SIGKILL before the step and its save. Only with one rank: ranks that left an
+        accumulation at different micro-batches would wait on each other's reductions."""
+        return (self.stop_signal is not None and self.dist.world_size == 1
+                and time.monotonic() - self._signal_time > STEP_STOP_GRACE_S)
 
     def _signalled(self) -> bool:
         """True on every rank, at the same step, once any rank got a stop signal: each step reads the vote launched
@@ -305,9 +320,29 @@ class Trainer:
         Every rank saves, a barrier, then rank 0 writes complete.json (the file sizes) and `latest`
         (rundir.mark_complete): a save cut short leaves an incomplete tag directory that resume skips.
         """
+        tag_dir = self.checkpoint_dir / rundir.tag(step)
+        try:
+            self._save(step, tag_dir)
+        except (OSError, RuntimeError) as e:  # torch.save on a full disk: "enforce fail at inline_container.cc"
+            raise self._save_failed(tag_dir, e) from None
+        self.saved_step = step
+
+    def _save_failed(self, tag_dir: Path, error: Exception) -> rundir.CheckpointError:
+        """The message for a save that failed (a full disk, most often): what happened, and that nothing complete
+        is lost. With one rank the half-written tag is removed at once, to give its space back."""
+        if self.dist.world_size == 1:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        free_mb = shutil.disk_usage(self.checkpoint_dir).free / 2**20
+        since = (f"its newest complete checkpoint (step {self.saved_step})" if self.saved_step
+                 else "step 0 (no checkpoint was complete yet)")
+        return rundir.CheckpointError(
+            f"saving checkpoint {tag_dir} failed ({str(error).splitlines()[0][:200]}); {free_mb:.0f} MiB free on its "
+            f"file system: free disk space (or lower checkpoint.keep) and run the same command again: it resumes "
+            f"from {since}")
+
+    def _save(self, step: int, tag_dir: Path) -> None:
         import torch.distributed as dist
 
-        tag_dir = self.checkpoint_dir / rundir.tag(step)
         tag_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main or self.zero_stage == 3:  # ZeRO-3: each rank holds a shard of the averages
             path = rundir.ewa_file(tag_dir, self.dist.rank)
@@ -316,7 +351,8 @@ class Trainer:
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
-                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state()}}
+                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "loss_window": self._loss_window()}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
                                     save_latest=False)
         dist.barrier()
@@ -327,7 +363,6 @@ class Trainer:
             for old in rolling[:-self.cfg.checkpoint.keep]:
                 shutil.rmtree(self.checkpoint_dir / old, ignore_errors=True)
             log.info("checkpoint %s", tag_dir)
-        self.saved_step = step
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint; True if the run continues from one.
@@ -404,6 +439,17 @@ class Trainer:
                               f"{stage}, which shards the optimizer state per rank; resume with {ranks} rank(s) "
                               f"(this launch has {self.dist.world_size}), or start a new run_dir")
 
+    def _loss_window(self) -> list:
+        """[sum, count] of the train losses since the last log, the sum averaged over ranks (rank 0's client state
+        is what every rank loads): a resume off the log grid then logs the mean over the whole window, as the
+        uninterrupted run does, not over the steps since the resume only."""
+        import torch.distributed as dist
+
+        window = self._loss_sum.detach().clone()
+        if self.dist.world_size > 1:
+            dist.all_reduce(window, op=dist.ReduceOp.SUM)
+        return [window.item() / self.dist.world_size, self._loss_count]
+
     def _load(self, name: str) -> Optional[str]:
         """Load one checkpoint into the engine, EWA and our state; the reason if it failed on this rank."""
         tag_dir = self.checkpoint_dir / name
@@ -425,6 +471,8 @@ class Trainer:
             self.targets.replay(eval_records(self.run_dir), self.tokens_per_step, until_step=self.step)
         self.elapsed = state["elapsed"]
         self.noise.load_state_dict(state.get("noise_scale", self.noise.state_dict()))
+        window_sum, self._loss_count = state.get("loss_window", [0.0, 0])  # older checkpoints: the window restarts
+        self._loss_sum.fill_(window_sum)
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
@@ -467,20 +515,27 @@ class Trainer:
                 self._settle_vote()
                 if reason != "diverged" and self.saved_step != self.step:
                     self.save_checkpoint(self.step)  # the last step, whatever ended the run (not a diverged one)
+        except StepAbandoned:  # nothing saved: the newest checkpoint is complete, and the run resumes from it
+            reason = "abandoned"
         finally:
             self.tracker.close()
         return self.result(reason)
 
     def result(self, reason: str) -> dict:
-        status = {"diverged": "diverged", "preempted": rundir.PREEMPTED}.get(reason, "completed")
+        status = {"diverged": "diverged", "preempted": rundir.PREEMPTED,
+                  "abandoned": rundir.PREEMPTED}.get(reason, "completed")
         why = {"diverged": self.diverged, "targets": "every target reached", "budget": "token budget trained",
                "preempted": f"stopped by {_signal_name(self.stop_signal)} after step {self.step}; starting the run "
-                            f"again resumes from that checkpoint"}[reason]
+                            f"again resumes from that checkpoint",
+               "abandoned": f"stopped by {_signal_name(self.stop_signal)} during step {self.step + 1}, which still "
+                            f"ran {STEP_STOP_GRACE_S:g} s later and was abandoned; starting the run again resumes "
+                            f"from the checkpoint of step {self.saved_step}"}[reason]
+        steps = self.saved_step if reason == "abandoned" else self.step
         result = {
             "status": status,
             "reason": why,
-            "steps": self.step,
-            "tokens": self.step * self.tokens_per_step,
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
             "total_steps": self.total_steps,
             "wall_seconds": round(self.elapsed + self._run_seconds(), 3),
             "final": {eval_key(k): v for k, v in self.last_eval.items()},
@@ -490,9 +545,13 @@ class Trainer:
         }
         if self.dist.is_main:
             atomic_write_json(self.run_dir / rundir.RESULT, result)
-        if reason == "preempted" and self.dist.is_main:
+        if status == rundir.PREEMPTED and self.dist.is_main:
             log.warning("%s: %s", self.run_dir, why)
         return result
+
+
+class StepAbandoned(Exception):
+    """Raised inside a step that outlived STEP_STOP_GRACE_S after a stop signal; `run` ends the run without a save."""
 
 
 def _signal_name(signum: Optional[int]) -> str:
@@ -516,30 +575,72 @@ def _stop_signals(handler):
 # ---------------------------------------------------------------------------------------------------- entry
 
 
-def _check_run_dir(cfg: PretrainConfig) -> Optional[dict]:
-    """Refuse to mix runs: a run_dir with checkpoints must hold the same run. Returns a finished result, if any."""
+def _check_run_dir(cfg: PretrainConfig, data: dict) -> Optional[dict]:
+    """Refuse to mix runs: a run_dir with checkpoints must hold the same run, trained on the same data (`data`:
+    data_identity of cfg.data_dir). Returns a finished result, if any."""
     run_dir = Path(cfg.run_dir)
-    saved = run_dir / rundir.CONFIG
     has_checkpoints = rundir.has_checkpoints(run_dir)
     if has_checkpoints and cfg.resume is Resume.never:
         raise ConfigError(f"{run_dir} already holds checkpoints and pretrain.resume is never: choose a new "
                           f"run_dir, or set resume: auto to continue it")
-    if saved.is_file() and has_checkpoints:
-        changed = rundir.changed_settings(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if has_checkpoints:
+        saved = _saved_config(run_dir)
+        changed = [k for k in rundir.changed_settings(saved, to_dict(cfg)) if k != "data_dir"]
         if changed:
             raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): it cannot "
                               f"be resumed with this config; choose a new run_dir")
-    result = run_dir / rundir.RESULT
-    if result.is_file() and has_checkpoints and cfg.resume is Resume.auto:
-        done = json.loads(result.read_text())
-        if done.get("status") in rundir.FINISHED and done.get("steps") is not None:
-            return done
+        _check_same_data(cfg, saved.get("resolved") or {}, data)
+    return _finished_result(run_dir) if has_checkpoints and cfg.resume is Resume.auto else None
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """config.yaml of a run directory that holds checkpoints: without it the settings guard has nothing to compare
+    with, so a missing or unreadable one is refused, never taken as "no settings"."""
+    path = run_dir / rundir.CONFIG
+    keep = (f"restore it (from a backup or a copy of this run) to resume, or choose a new run_dir (or move "
+            f"{run_dir / rundir.CHECKPOINTS} away) to start afresh")
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing but {run_dir / rundir.CHECKPOINTS} holds a run: its settings cannot be "
+                          f"checked against this config; {keep}")
+    try:
+        saved = yaml.safe_load(path.read_bytes())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} cannot be read ({str(e).splitlines()[0]}): {keep}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a mapping of settings: {keep}")
+    return saved
+
+
+def _check_same_data(cfg: PretrainConfig, resolved: dict, data: dict) -> None:
+    """The data a run resumes on must be the data it started on, compared by content (data_identity), never by
+    the data_dir string. Keys an older config.yaml lacks are not compared."""
+    differ = [k for k, v in data.items() if k in resolved and resolved[k] != v]
+    if differ:
+        raise ConfigError(f"{cfg.run_dir} was trained on other data than data_dir {cfg.data_dir} holds now "
+                          f"({', '.join(differ)} differ from {Path(cfg.run_dir) / rundir.CONFIG}): point data_dir "
+                          f"at the data the run started on, or choose a new run_dir")
+
+
+def _finished_result(run_dir: Path) -> Optional[dict]:
+    """result.json of a finished run. One that is not JSON (damaged by hand or by the disk; cbs writes it
+    atomically) does not stop a run with checkpoints: the run resumes from its newest checkpoint and writes it
+    again."""
+    path = run_dir / rundir.RESULT
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s is not JSON (%s): resuming from the newest checkpoint, which writes it again", path, e)
+        return None
+    if isinstance(done, dict) and done.get("status") in rundir.FINISHED and done.get("steps") is not None:
+        return done
     return None
 
 
-def _finished(cfg: PretrainConfig) -> Optional[dict]:
+def _finished(cfg: PretrainConfig, data: dict) -> Optional[dict]:
     """result.json of a run that already finished in run_dir (after checking run_dir holds this run)."""
-    done = _check_run_dir(cfg)
+    done = _check_run_dir(cfg, data)
     if done is not None:
         log.info("%s already finished (%s at step %d); nothing to do", cfg.run_dir, done["status"], done["steps"])
     return done
@@ -553,12 +654,14 @@ def _write_config(trainer: Trainer) -> None:
         "gradient_accumulation_steps": trainer.grad_accum, "micro_batch_seqs": cfg.micro_batch,
         "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps,
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
-        "data_manifest_fingerprint": trainer.manifest.get("fingerprint"),
-        "tokenizer_sha256": trainer.manifest["tokenizer"].get("sha256"),
+        **trainer.data,
         "data_offset_seqs": trainer.samples.offset_seqs,
         "eval_sequences": len(trainer.eval_set), "device": str(trainer.dist.device),
         "precision": "bf16" if trainer.ds_config["bf16"]["enabled"] else "fp32",
     }
+    if rundir.has_checkpoints(trainer.run_dir):  # a resume: the data the run started on stays on record
+        started = _saved_config(trainer.run_dir).get("resolved") or {}
+        data["resolved"].update({k: started[k] for k in trainer.data if k in started})
     atomic_write_text(trainer.run_dir / rundir.CONFIG, yaml.safe_dump(data, sort_keys=False))
 
 
@@ -568,7 +671,9 @@ def main(cfg: PretrainConfig) -> dict:
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), uses_cuda())
     manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
-    done = _finished(cfg)
+    check_batch_fits(cfg.data_dir, manifest, cfg.model.seq_len, cfg.global_batch_seqs)
+    data = data_identity(cfg.data_dir, manifest)
+    done = _finished(cfg, data)
     if done is not None:  # the cheap way out, before any process group or lock
         return done
     dist = init_distributed(cfg.seed)
@@ -579,12 +684,12 @@ def main(cfg: PretrainConfig) -> dict:
         # looks again: a predecessor it waited for (a run still saving) may have finished the run meanwhile
         with rundir.exclusive(cfg.run_dir) if dist.is_main else contextlib.nullcontext():
             torch.distributed.barrier()
-            done = _finished(cfg)
+            done = _finished(cfg, data)
             if done is not None:
                 return done
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                trainer = Trainer(cfg, dist, manifest)
+                trainer = Trainer(cfg, dist, manifest, data)
             if dist.is_main:
                 _write_config(trainer)
             return trainer.run()

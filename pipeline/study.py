@@ -98,7 +98,9 @@ def preprocess_config(cfg: StudyConfig, study_dir: Path, data_dir: Path, write: 
     there yet; a dry run shows it); None when study.data names a preprocessed directory."""
     if isinstance(cfg.data, str):
         if not (data_dir / "manifest.json").is_file():
-            raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no manifest.json)")
+            raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no manifest.json): run "
+                             f"`cbs preprocess` first and give its output_dir, or make study.data a preprocess "
+                             f"config (mapping) for the study to run it")
         return None
     data = {**cfg.data, "output_dir": str(data_dir)}
     from_dict(PreprocessConfig, data, "study.data")  # refused now, before anything is submitted
@@ -361,6 +363,7 @@ def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", paral
         if executor == "slurm":
             run_phases(cfg, runs, study_dir, data_dir, ex, dry_run=True)
         return 0
+    preprocess_config(cfg, study_dir, data_dir, write=False)  # a missing data directory: refused before study.yaml
     claim_study_dir(cfg, study_dir, force)
     set_aside_stale(runs, study_dir, force)
     started = time.time()
@@ -382,7 +385,7 @@ def status_table(study_dir: Path) -> str:
         raise StudyError(f"{study_dir} has no runs/ (not a study directory, or not started)")
     rows, counts, skipped = [], {}, not_needed(Path(study_dir))
     for path in paths:
-        cfg = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").exists() else {}
+        cfg = _readable_run(path)
         result = read_result(path)
         status = NOT_NEEDED if path.name in skipped else run_status(path, result)
         counts[status] = counts.get(status, 0) + 1
@@ -401,3 +404,25 @@ def status_table(study_dir: Path) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return "\n".join(lines + [f"{len(paths)} runs: {summary}"])
+
+
+def _readable_run(path: Path) -> dict:
+    """run.yaml of a run directory (empty if not written yet), after checking that it and result.json parse: a
+    damaged one is named with its fix (exit 2), not shown as a traceback or as a run that failed."""
+    result = path / rundir.RESULT
+    try:
+        if result.exists():
+            json.loads(result.read_bytes())
+    except (ValueError, OSError) as e:
+        raise StudyError(f"{result} cannot be read ({str(e).splitlines()[0]}): run the study command again; the run "
+                         f"resumes from its newest checkpoint and writes it again") from None
+    run_yaml = path / "run.yaml"
+    try:
+        cfg = yaml.safe_load(run_yaml.read_bytes()) if run_yaml.exists() else {}
+    except (yaml.YAMLError, OSError) as e:
+        raise StudyError(f"{run_yaml} cannot be read ({str(e).splitlines()[0]}): run the study command again, "
+                         f"which writes every run.yaml from the study config") from None
+    if not isinstance(cfg, dict):
+        raise StudyError(f"{run_yaml} is not a mapping of settings: run the study command again, which writes "
+                         f"every run.yaml from the study config")
+    return cfg

@@ -33,6 +33,10 @@ def resources(fields: dict) -> slurm.SlurmResources:
 
 class SlurmExecutor:
     def __init__(self, name: str, study_dir: Path, fields: dict, dry_run: bool = False):
+        odd = [c for c in ("%", "\n", "\r") if c in str(study_dir)]
+        if odd:  # sbatch expands %j, %x, ... in the log paths it is given; a newline splits the runs file's lines
+            raise ExecutorError(f"--out {str(study_dir)!r} contains {' and '.join(map(repr, odd))}, which Slurm "
+                                f"jobs cannot take in a path; choose another --out for --executor slurm")
         try:
             slurm.require_sbatch()
         except slurm.SlurmError as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import subprocess
@@ -221,9 +223,11 @@ def test_csv_input_and_rerun_replaces_previous_output(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert all(name in report for name in ("D1e+09", "D2e+09", "D4e+09", "short"))
     assert json.loads((out / "scaling.json").read_text())["laws"]["tokens"]["n_points"] == 3
-    (out / "stale.txt").write_text("from an older fit")
+    marker = json.loads((out / ".cbs-fit.json").read_text())  # a figure an older fit wrote, of a setting now gone
+    (out / "figures" / "gone.png").write_bytes(b"png")
+    (out / ".cbs-fit.json").write_text(json.dumps({**marker, "files": marker["files"] + ["figures/gone.png"]}))
     assert run_fit(capsys, out / "steps.csv", "--out", out, "--bootstrap", "0")[0] == 0  # steps.csv reads back
-    assert not (out / "stale.txt").exists() and (out / "report.md").is_file()
+    assert not (out / "figures" / "gone.png").exists() and (out / "report.md").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -281,6 +285,25 @@ def _foreign_out(tmp: Path) -> list[str]:
     (tmp / "in.csv").write_text(GOOD_CSV)
     (tmp / "out").mkdir()
     (tmp / "out" / "precious.txt").write_text("keep me")
+    return [str(tmp / "in.csv")]
+
+
+def _paper_beside_a_copied_cbs_csv(tmp: Path) -> list[str]:
+    """A folder a fit once counted as its own (it holds a cbs.csv) and replaced whole: a draft and its figures."""
+    (tmp / "in.csv").write_text(GOOD_CSV)
+    (tmp / "out" / "figures").mkdir(parents=True)
+    (tmp / "out" / "cbs.csv").write_text("setting,cbs\ns,100\n")
+    (tmp / "out" / "paper.tex").write_text("\\section{Results}")
+    (tmp / "out" / "figures" / "fig1.pdf").write_bytes(b"%PDF")
+    return [str(tmp / "in.csv")]
+
+
+def _fit_output_with_a_note(tmp: Path) -> list[str]:
+    """A real previous fit output (with its marker) into which a user saved a note."""
+    (tmp / "in.csv").write_text(GOOD_CSV)
+    with contextlib.redirect_stdout(io.StringIO()):  # its summary is not the refused fit's output
+        assert fit_main([str(tmp / "in.csv"), "--out", str(tmp / "out"), "--bootstrap", "0"]) == 0
+    (tmp / "out" / "notes.md").write_text("my reading of the fit")
     return [str(tmp / "in.csv")]
 
 
@@ -355,7 +378,12 @@ BAD_INPUTS = {
     "zero gpus": ("fit", _csv_input(GOOD_CSV, "--gpus", "0"), ["--gpus must be >= 1"]),
     "zero seq len": ("fit", _csv_input(GOOD_CSV, "--seq-len", "0"), ["--seq-len must be >= 1"]),
     "bad target kind": ("fit", _csv_input(GOOD_CSV, "--target-kind", "x"), ["invalid choice"]),
-    "foreign out dir": ("fit", _foreign_out, ["not a `cbs fit` output", "choose another"]),
+    "steps 1e308": ("fit", _csv_input(CSV_HEADER + "s,1000,2000,64,1e308\n" + GOOD_ROWS.split("\n", 1)[1]),
+                    ["in.csv, line 2", "steps must be a positive number below 1e+18", "check its unit"]),
+    "foreign out dir": ("fit", _foreign_out, ["precious.txt", "did not write", "choose another"]),
+    "paper beside a copied cbs.csv": ("fit", _paper_beside_a_copied_cbs_csv,
+                                      ["did not write (figures/fig1.pdf, paper.tex)", "move those files"]),
+    "fit output with a user's note": ("fit", _fit_output_with_a_note, ["did not write (notes.md)"]),
     "throughput missing": ("fit", lambda tmp: _csv_input(GOOD_CSV)(tmp) + ["--throughput", str(tmp / "no.csv")],
                            ["--throughput", "no.csv", "no such file"]),
     "throughput column": ("fit", _throughput_input("batch_size,tokens_per_s\n64,1e5\n"),
@@ -407,7 +435,7 @@ BAD_INPUTS = {
 def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
     prog, make, expected = BAD_INPUTS[case]
     argv = make(tmp_path)
-    existed = (tmp_path / "out").exists()
+    out_before = _tree(tmp_path / "out")
     before = sorted(p.name for p in tmp_path.iterdir())
     if prog == "fit":
         rc, stdout, err = run_fit(capsys, "--out", tmp_path / "out", "--bootstrap", "20", *argv)  # argv's flags win
@@ -420,8 +448,20 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
         assert text in err, (text, err)
     assert "Traceback" not in err and stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no staging left behind
-    if existed:
-        assert [p.name for p in (tmp_path / "out").iterdir()] == ["precious.txt"]
+    assert _tree(tmp_path / "out") == out_before  # an existing --out untouched
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_csv_with_a_utf8_bom_reads(tmp_path, capsys):
+    """A spreadsheet's "CSV UTF-8" starts with a BOM: it was read into the first column's name ("missing
+    column(s) setting")."""
+    (tmp_path / "in.csv").write_bytes("\ufeff".encode() + GOOD_CSV.encode())
+    rc, _, err = run_fit(capsys, tmp_path / "in.csv", "--out", tmp_path / "out", "--bootstrap", "0")
+    assert rc == 0, err
+    assert [r["setting"] for r in read_csv(tmp_path / "out" / "cbs.csv")] == ["s"]
 
 
 def test_help_returns_0(capsys):
@@ -716,3 +756,24 @@ def test_chinchilla_design_says_d_and_n_cannot_be_separated(tmp_path, capsys):
     assert "off the fitted design" not in text  # D = 20 N, as fitted
     assert forecast_main(args + ["--model-params", "1e8"]) == 0  # D = 100 N
     assert "off the fitted design" in capsys.readouterr().out
+
+
+def test_a_fit_of_many_settings_says_what_it_does_and_caps_the_figures(tmp_path, capsys, monkeypatch):
+    """A fit of 12,500 settings printed nothing for minutes and drew a PNG per setting (1,255 PNGs for 10k rows).
+    The caps are lowered here so that the test stays fast; the code paths are the ones a large fit takes."""
+    import analysis.cli
+    import analysis.figures
+
+    monkeypatch.setattr(analysis.figures, "MAX_SETTING_FIGURES", 4)
+    monkeypatch.setattr(analysis.cli, "PROGRESS_SETTINGS", 5)
+    (tmp_path / "in.csv").write_text(CSV_HEADER + "".join(
+        f"s{i},1000,{2000 + i},{b},{100 * (1 + 40 / b) * (1.02 if b % 3 else 0.98):.3f}\n"
+        for i in range(12) for b in (16, 32, 64, 128)))
+    rc, stdout, err = run_fit(capsys, tmp_path / "in.csv", "--out", tmp_path / "out", "--bootstrap", "0")
+    assert rc == 0, err
+    assert "fitting 12 settings (48 batch points" in err and "fitted; rendering" in err
+    steps_pngs = [p for p in (tmp_path / "out" / "figures").glob("steps_*.png") if p.name != "steps_normalized.png"]
+    assert len(steps_pngs) == 4
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "8 more setting(s) without a figure of their own" in report
+    assert len(read_csv(tmp_path / "out" / "cbs.csv")) == 12  # every setting still fitted

@@ -82,6 +82,11 @@ def yaml_duplicate_key(tmp, data, other):
     return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml:4: val_fraction is given twice", "keep one"
 
 
+def yaml_nul_byte(tmp, data, other):
+    (tmp / "pre.yaml").write_bytes(b"inputs: [stdlib]\x00\noutput_dir: out\n")
+    return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml:1:17: not valid YAML \(control character", "remove it"
+
+
 def yaml_not_utf8(tmp, data, other):
     (tmp / "pre.yaml").write_bytes(b"inputs: [stdlib]\noutput_dir: caf\xe9\n")
     return ["preprocess", str(tmp / "pre.yaml")], r"pre\.yaml is not UTF-8 text", "save it as UTF-8"
@@ -426,8 +431,62 @@ def study_base_bad_value(tmp, data, other):
             "must be an integer: got 'lots'")
 
 
+def lr_infinite(tmp, data, other):
+    """`lr: .inf` passed `lr > 0`: the run trained NaN weights and wrote a bare NaN into result.json."""
+    return (["pretrain", str(pt_yaml(tmp, data, "optimizer: {lr: .inf}\n"))], r"pretrain\.optimizer\.lr",
+            "must be a finite number: got inf")
+
+
+def batch_larger_than_budget(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "global_batch_seqs=1000000000"],
+            r"pretrain\.global_batch_seqs 1000000000 x model\.seq_len 64 .* more than pretrain\.train_tokens \(4,096\)",
+            "lower global_batch_seqs to at most 64 or raise train_tokens")
+
+
+def batch_larger_than_data(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "global_batch_seqs=1000000", "--set",
+             "train_tokens=1000000000"],
+            r"pretrain\.global_batch_seqs 1000000 is more than the [\d,]+ sequences .* train split of .*data",
+            "lower global_batch_seqs, or add documents")
+
+
+# ------------------------------------------------------------------------------------------------ study
+
+
+def study_config_file(tmp: Path, data: Path, settings: str) -> Path:
+    path = tmp / "study.yaml"
+    path.write_text(f"name: s\ndata: {data}\nbatch_sizes: [4, 8, 16]\nsettings: {settings}\n")
+    return path
+
+
+def study_model_a_number(tmp, data, other):
+    return (["study", str(study_config_file(tmp, data, "[{model: 5, train_tokens: 100000}]")), "--out", str(tmp / "s")],
+            r"study\.settings\[0\]\.model must be a preset name \(.*tiny.*\) or a mapping of model fields: got 5",
+            "preset name")
+
+
+def study_data_missing(tmp, data, other):
+    """Refused, but study.yaml used to be written first: the corrected command was then refused as "another study"."""
+    return (["study", str(study_config_file(tmp, tmp / "nowhere", "[{model: tiny, train_tokens: 100000}]")), "--out",
+             str(tmp / "s")], r"study\.data .*nowhere is not a preprocessed data directory",
+            "run `cbs preprocess` first")
+
+
+def study_slurm_out_with_percent(tmp, data, other):
+    """sbatch expands %j in the log paths: the jobs wrote elsewhere than the study directory."""
+    return (["study", str(study_config_file(tmp, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+             str(tmp / "s%j"), "--executor", "slurm"], r"--out '.*s%j' contains '%'", "choose another --out")
+
+
+def study_slurm_out_with_newline(tmp, data, other):
+    """A newline in the path split the runs file that the array tasks read line by line."""
+    return (["study", str(study_config_file(tmp, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+             str(tmp / "s\nt"), "--executor", "slurm"], r"--out '.*s\\nt' contains '\\n'", "choose another --out")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
-    yaml_syntax, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config, directory_as_config,
+    yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config,
+    directory_as_config,
     set_without_equals, set_empty_key_part, set_into_a_list, set_wrong_type, max_documents_one,
     output_dir_is_a_file, output_dir_parent_is_a_file, output_dir_foreign, finished_dataset_other_settings,
     glob_matches_nothing, stdlib_typo, directory_without_documents, hf_without_name, jsonl_not_an_object,
@@ -439,7 +498,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
     set_section_to_scalar, unknown_nested_key, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
-    study_base_bad_value,
+    study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, lr_infinite,
+    study_model_a_number, study_data_missing, study_slurm_out_with_percent, study_slurm_out_with_newline,
 ]}
 
 
@@ -539,7 +599,8 @@ def test_pretrain_split_shorter_than_one_sequence_writes_nothing(tmp_path, data,
     cfg = pt_yaml(tmp_path, data)
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", str(cfg), "--set",
-                           f"model.seq_len={tokens}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           f"model.seq_len={tokens}", "--set", f"train_tokens={8 * tokens}"],  # a budget of 1 step
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert re.search(rf"{split} split of .*data has {tokens} tokens: fewer than one sequence", proc.stderr)
     assert snapshot(tmp_path) == before  # no run_dir, no result.json of a run that never started
@@ -575,3 +636,133 @@ def test_evaluate_refuses_a_data_dir_of_another_tokenizer(tmp_path, trained_run,
     err = capsys.readouterr().err
     assert code == 2 and "tokenized with another tokenizer" in err, err
     assert not (tmp_path / "eval.json").exists() and snapshot(trained_run) == run_before
+
+
+# ------------------------------------------------------------------------------------------------ a run directory
+
+
+def run_copy(tmp: Path, trained_run: Path) -> Path:
+    return Path(shutil.copytree(trained_run, tmp / "run"))
+
+
+def run_config_deleted(tmp, data, run):
+    (run_copy(tmp, run) / "config.yaml").unlink()
+    return r"run/config\.yaml is missing but .*checkpoints holds a run", "restore it .* or choose a new run_dir"
+
+
+def run_config_unparsable(tmp, data, run):
+    (run_copy(tmp, run) / "config.yaml").write_bytes(b"model: {preset: tiny\n\x00")
+    return r"run/config\.yaml cannot be read", "restore it .* or choose a new run_dir"
+
+
+def run_config_not_a_mapping(tmp, data, run):
+    (run_copy(tmp, run) / "config.yaml").write_text("- 1\n")
+    return r"run/config\.yaml is not a mapping", "restore it"
+
+
+def data_symlink_repointed(tmp, data, run):
+    """The run started on data behind a symlink; the link now points at other data of the same name."""
+    copy = run_copy(tmp, run)
+    (tmp / "link").symlink_to(data)
+    saved = copy / "config.yaml"
+    saved.write_text(saved.read_text().replace(f"data_dir: {data}\n", f"data_dir: {tmp / 'link'}\n"))
+    other = damaged(tmp, data, lambda d: (d / "train.bin").write_bytes(  # same size, other tokens
+        np.roll(np.fromfile(d / "train.bin", dtype=np.uint16), 7).tobytes()))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "f" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (tmp / "link").unlink()
+    (tmp / "link").symlink_to(other)
+    return r"run was trained on other data than data_dir .*link holds now \(data_manifest_fingerprint differ", \
+        "point data_dir at the data the run started on"
+
+
+RUN_CASES = {f.__name__: f for f in [run_config_deleted, run_config_unparsable, run_config_not_a_mapping,
+                                     data_symlink_repointed]}
+
+
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_a_damaged_run_directory_exits_2_names_the_file_and_the_fix(case, tmp_path, data, trained_run, capsys):
+    """A run directory with checkpoints whose config.yaml is gone or unreadable, or whose data_dir now holds other
+    data: refused before anything is written (a missing config.yaml used to disable the settings guard, and a
+    re-pointed symlink made a run finish on other data)."""
+    names, fix = RUN_CASES[case](tmp_path, data, trained_run)
+    data_dir = tmp_path / "link" if (tmp_path / "link").exists() else data
+    before = snapshot(tmp_path)
+    code = cli.main(["pretrain", str(pt_yaml(tmp_path, data_dir)), "--set", "train_tokens=1024"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if ": error: " in line]
+    assert len(message) == 1, err
+    assert re.search(names, message[0]) and re.search(fix, message[0]), message[0]
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != "pt.yaml"} == before
+
+
+# ------------------------------------------------------------------------------------------------ where outputs go
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs remounted ro): root ignores file modes, so chmod cannot make one."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "pretrain", "study", "evaluate"])
+def test_a_read_only_output_exits_2_naming_the_path(stage, tmp_path, data, trained_run, read_only_dir, capsys):
+    """Each stage used to end in a PermissionError/OSError traceback on a read-only output directory."""
+    out = read_only_dir / "out"
+    argv = {"preprocess": ["preprocess", str(pre_yaml(tmp_path, ["stdlib"], "max_documents: 50\n")), "--set",
+                           f"output_dir={out}"],
+            "pretrain": ["pretrain", str(pt_yaml(tmp_path, data)), "--set", f"run_dir={out}"],
+            "study": ["study", str(study_config_file(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+                      str(out)],
+            "evaluate": ["evaluate", str(trained_run), "--out", str(out / "eval.json")]}[stage]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    message = [line for line in err.splitlines() if ": error: " in line]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert re.search(rf"cannot write {read_only_dir}.*Read-only file system; make that directory writable", err)
+
+
+def test_a_study_out_that_is_a_file_exits_2(tmp_path, data, capsys):
+    (tmp_path / "afile").write_text("keep")
+    code = cli.main(["study", str(study_config_file(tmp_path, data, "[{model: tiny, train_tokens: 100000}]")), "--out",
+                     str(tmp_path / "afile")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"cannot write .*afile: Not a directory; a file stands where a directory", err)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def _planned_study(tmp: Path) -> Path:
+    from pipeline import study
+    from test_study import study_cfg
+
+    runs = study.plan(study_cfg(batch_sizes=[4, 8, 16]), tmp / "s", tmp / "s" / "data")
+    study.write_run_inputs(runs, tmp / "s")
+    return tmp / "s" / "runs" / runs[0].name
+
+
+@pytest.mark.parametrize("damage, names, fix", [
+    (lambda run: (run / "run.yaml").write_text("global_batch_seqs: [4\n"), r"run\.yaml cannot be read",
+     "writes every run.yaml from the study config"),
+    (lambda run: (run / "run.yaml").write_bytes(b"a: 1\x00\n"), r"run\.yaml cannot be read",
+     "writes every run.yaml"),
+    (lambda run: (run / "result.json").write_text('{"status": "comp'), r"result\.json cannot be read",
+     "resumes from its newest checkpoint"),
+], ids=["run.yaml syntax", "run.yaml NUL byte", "result.json cut"])
+def test_status_of_a_damaged_run_file_exits_2_naming_it(damage, names, fix, tmp_path, capsys):
+    """`cbs status` used to end in a YAML traceback, or show a cut result.json as "failed" with exit 0."""
+    damage(_planned_study(tmp_path))
+    code = cli.main(["status", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.search(names, err) and re.search(fix, err) and "Traceback" not in err, err

@@ -89,7 +89,7 @@ def test_every_shipped_pretrain_config_and_ds_config_is_accepted_by_deepspeed():
 def test_a_preset_shorthand_can_be_refined_by_overrides(tmp_path):
     from pipeline.config import MODEL_PRESETS, PretrainConfig
 
-    path = write(tmp_path, "data_dir: d\nrun_dir: r\nglobal_batch_seqs: 8\ntrain_tokens: 1000\nmodel: tiny\n")
+    path = write(tmp_path, "data_dir: d\nrun_dir: r\nglobal_batch_seqs: 8\ntrain_tokens: 1000000\nmodel: tiny\n")
     cfg = load_config(PretrainConfig, path, ["model.seq_len=64"])
     assert cfg.model.preset == "tiny" and cfg.model.seq_len == 64
     assert cfg.model.hidden == MODEL_PRESETS["tiny"]["hidden"] and cfg.model.layers == MODEL_PRESETS["tiny"]["layers"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -379,3 +380,138 @@ with rundir.exclusive({str(tmp_path / "run")!r}):
     assert waiter.returncode == 0, err[-2000:]
     assert "already finished" in err
     assert (result.read_bytes(), metrics.read_bytes()) == before
+
+
+def test_a_kill_during_the_first_start_never_makes_a_later_run_hang(stdlib_data, tmp_path):
+    """DeepSpeed used to JIT-build its `deepspeed_shm_comm` op on the CPU at every process-group start, under
+    torch's file lock in the extensions directory: a run killed during that build (~1 min of C++) left the lock,
+    and every later run waited on it forever with no output. A first run is SIGKILLed in its start-up, a stale
+    lock is left where that build would have held it, and the next run must still finish, in bounded time."""
+    extensions = tmp_path / "torch_extensions"
+    env = {**ENV, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    yaml_path = write_cfg(make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 4), tmp_path / "run.yaml")
+    first = subprocess.Popen(cli("pretrain", str(yaml_path)), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    while first.poll() is None and time.time() < deadline and not lock.exists() \
+            and not (tmp_path / "run" / "metrics.jsonl").exists():  # killed in its build or right after start-up
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()  # what the kill leaves when it lands inside the build
+    proc = subprocess.run(cli("pretrain", str(yaml_path)), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "completed"
+    assert [p.name for p in lock.parent.iterdir()] == ["lock"]  # nothing was built, the lock never waited on
+
+
+def _cut_after(cfg, at_step: int) -> None:
+    """Train `cfg` (a checkpoint every `at_step` steps) to its end, then leave the run directory as a kill just
+    after step `at_step`'s save leaves it: `latest` at that step, no later checkpoint, no result.json."""
+    pretrain.main(cfg)
+    run_dir = Path(cfg.run_dir)
+    for tag in rundir.tags(run_dir):
+        if rundir.tag_step(tag) > at_step:
+            shutil.rmtree(run_dir / "checkpoints" / tag)
+    assert rundir.tag(at_step) in rundir.tags(run_dir), "checkpoint.keep pruned the step to cut at"
+    (run_dir / "checkpoints" / "latest").write_text(rundir.tag(at_step))
+    (run_dir / "result.json").unlink()
+
+
+def test_a_resume_compares_the_data_not_the_data_dir_string(stdlib_data, tmp_path):
+    """A run started through a symlink resumes when data_dir names the real path of the same data (it used to be
+    refused as a changed data_dir); config.yaml keeps the data identity the run started with."""
+    (tmp_path / "link").symlink_to(stdlib_data)
+    cfg = make_cfg(tmp_path / "link", tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    _cut_after(cfg, 3)
+    started = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]
+    resumed = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    assert pretrain.main(resumed)["steps"] == 6
+    now = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert now["data_dir"] == str(stdlib_data)
+    keys = ("data_manifest_fingerprint", "tokenizer_sha256", "data_tokens", "data_shard_bytes")
+    assert all(now["resolved"][k] == started[k] is not None for k in keys)
+
+
+def test_a_result_json_that_is_not_json_does_not_stop_a_resume(stdlib_data, tmp_path):
+    """result.json damaged in a run with checkpoints: the run resumes from its newest checkpoint and writes it
+    again (it used to end in a JSONDecodeError on every start until someone deleted the file by hand)."""
+    cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 3})
+    _cut_after(cfg, 3)
+    (tmp_path / "run" / "result.json").write_text('{"status": "comp')
+    result = pretrain.main(cfg)
+    assert result["status"] == "completed" and result["steps"] == 6
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 6
+
+
+def test_a_stop_signal_ends_a_long_step_in_bounded_time(stdlib_data, tmp_path):
+    """A step of 8192 micro-batches (about a minute here): SIGTERM used to wait for the whole step and its save,
+    past any Slurm grace period. The step is abandoned STEP_STOP_GRACE_S after the signal; nothing half is saved,
+    and result.json says the run resumes from its newest checkpoint (none yet: step 0)."""
+    import threading
+
+    batch = 8192
+    cfg = make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=batch, micro_batch_seqs=1,
+                   train_tokens=batch * SEQ * 2, ewa={"taus": []}, eval={"every_steps": 1000})
+    proc = subprocess.Popen(cli("pretrain", str(write_cfg(cfg, tmp_path / "run.yaml"))), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started, lines = threading.Event(), []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "steps of" in line:  # the run's first log line: training starts
+                started.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(120), "".join(lines)[-2000:]
+    time.sleep(1)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=180)
+    exit_s = time.time() - signalled
+    assert proc.returncode == pretrain.EXIT_PREEMPTED, "".join(lines)[-2000:]
+    assert exit_s < pretrain.STEP_STOP_GRACE_S + 15
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "preempted" and result["steps"] == 0 and "abandoned" in result["reason"]
+    assert not rundir.tags(tmp_path / "run")  # no checkpoint of half a step
+
+
+def test_a_full_disk_during_a_checkpoint_save_names_it_and_loses_nothing(stdlib_data, tmp_path):
+    """A 12 MiB file system holds one checkpoint of the tiny model (~8 MiB), not two: the second save fails. It
+    used to end in torch's "enforce fail at inline_container.cc" traceback; now exit 2 says what happened and the
+    fix, `latest` stays on the complete checkpoint, and once there is room the same command finishes the run."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        cfg = make_cfg(stdlib_data, mnt / "run", train_tokens=8 * SEQ * 6, checkpoint={"every_steps": 2, "keep": 3})
+        yaml_path = write_cfg(cfg, tmp_path / "run.yaml")
+        proc = subprocess.run(cli("pretrain", str(yaml_path)), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert re.search(r"saving checkpoint .*step00000004 failed .*MiB free on its file system: free disk space "
+                         r".* resumes from its newest complete checkpoint \(step 2\)", proc.stderr), proc.stderr[-2000:]
+        assert (mnt / "run" / "checkpoints" / "latest").read_text().strip() == rundir.tag(2)
+        assert rundir.checkpoint_problem(mnt / "run" / "checkpoints" / rundir.tag(2)) is None
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        run_subprocess(cli("pretrain", str(yaml_path)))
+        assert json.loads((mnt / "run" / "result.json").read_text())["steps"] == 6
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_resume_off_the_log_grid_logs_the_whole_window(stdlib_data, tmp_path):
+    """Logged every 5 steps, resumed from step 3: the train loss at step 5 is the mean of steps 2-5, as in the
+    uninterrupted run (it used to average steps 4-5 only)."""
+    cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 10, log={"every_steps": 5},
+                   checkpoint={"every_steps": 3, "keep": 4})
+    _cut_after(cfg, 3)
+    whole = series(tmp_path / "run", "train/loss")  # the uninterrupted run's, still in metrics.jsonl
+    assert sorted(whole) == [1, 5, 10]
+    pretrain.main(cfg)
+    assert series(tmp_path / "run", "train/loss") == pytest.approx(whole, rel=1e-6)
