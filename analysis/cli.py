@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from analysis import InputError
+from analysis.batch_schedule import write_schedule_file
 from analysis.branched import check_tolerance, is_branched, read_branched
 from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
 from analysis.branched_report import render_branched_outputs
@@ -227,6 +228,8 @@ def forecast_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", default=None, help="with --curve: the setting to ramp (when the curve has several)")
     p.add_argument("--fixed-batch", type=int, default=None, metavar="B",
                    help="with --ramp: the fixed batch to count saved steps against (default: the ramp's first)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="with --ramp: write the stages as a batch schedule file for pretrain.batch_schedule")
     return p
 
 
@@ -241,7 +244,8 @@ def _check_forecast_args(args: argparse.Namespace) -> None:
 
 def _check_ramp_args(args: argparse.Namespace) -> None:
     if not args.ramp:
-        for flag, value in (("--curve", args.curve), ("--setting", args.setting), ("--fixed-batch", args.fixed_batch)):
+        for flag, value in (("--curve", args.curve), ("--setting", args.setting), ("--fixed-batch", args.fixed_batch),
+                            ("--out", args.out)):
             if value is not None:
                 raise InputError(f"{flag} goes with --ramp")
         if args.scaling is None:
@@ -270,7 +274,11 @@ def _ramp(args: argparse.Namespace) -> list[str]:
         seq_len = sf.seq_len
     seq_len = args.seq_len or seq_len or DEFAULT_SEQ_LEN
     ramp = batch_ramp(curve, args.tokens, args.gpus * args.micro_batch, seq_len, args.fixed_batch)
-    return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
+    lines = describe_ramp(ramp, curve, args.gpus, args.micro_batch)
+    if args.out:
+        write_schedule_file(args.out, ramp.schedule_stages(), {**ramp.planned(), "source": curve.source})
+        lines.append(f"wrote {args.out}: train it with `pretrain.batch_schedule: {args.out}`")
+    return lines
 
 
 def _forecast(argv: list[str]) -> int:
