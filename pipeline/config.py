@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
+from analysis.batch_schedule import BatchSchedule
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or impossible; the message names the key."""
@@ -604,13 +606,17 @@ class PretrainConfig:
     """A directory made by `cbs preprocess` (manifest.json, train/val shards, tokenizer)."""
     run_dir: str
     """Where config.yaml, metrics.jsonl, tb/, checkpoints/ and result.json go."""
-    global_batch_seqs: int
-    """The global batch in sequences: the independent variable of every study. Tokens per step =
-    global_batch_seqs x model.seq_len. Gradient accumulation = global / (micro x data-parallel size)."""
     train_tokens: int
     """Token budget: the run stops after ceil(train_tokens / tokens per step) steps."""
+    global_batch_seqs: Optional[int] = None
+    """The global batch in sequences: the independent variable of every study. Tokens per step =
+    global_batch_seqs x model.seq_len. Gradient accumulation = global / (micro x data-parallel size). Give this or
+    batch_schedule."""
+    batch_schedule: Optional[BatchScheduleConfig] = None
+    """A batch that grows with the tokens seen, instead of global_batch_seqs: a list of stages {batch,
+    until_tokens}, or the path of a file `cbs forecast --ramp --out FILE` wrote (docs/method.md, "Batch ramp")."""
     micro_batch_seqs: Optional[int] = None
-    """Sequences per forward/backward pass on each rank; default min(global_batch_seqs, 8)."""
+    """Sequences per forward/backward pass on each rank; default min(the first global batch, 8)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -645,7 +651,12 @@ class PretrainConfig:
     """Written by `cbs study`: the settings (model, data budget, target) this run serves; passed through."""
 
     def validate(self, p: str) -> None:
-        _check(self.global_batch_seqs >= 1, f"{p}.global_batch_seqs must be >= 1: got {self.global_batch_seqs}")
+        _check((self.global_batch_seqs is None) != (self.batch_schedule is None),
+               f"{p}: give exactly one of global_batch_seqs (a fixed batch) and batch_schedule (a batch ramp)")
+        _check(self.global_batch_seqs is None or self.global_batch_seqs >= 1,
+               f"{p}.global_batch_seqs must be >= 1: got {self.global_batch_seqs}")
+        if self.batch_schedule is not None:
+            self.batch_schedule.check_budget(f"{p}.batch_schedule", self.train_tokens)
         _check(self.micro_batch_seqs is None or self.micro_batch_seqs >= 1,
                f"{p}.micro_batch_seqs must be >= 1: got {self.micro_batch_seqs}")
         _check(self.train_tokens >= 1, f"{p}.train_tokens must be >= 1: got {self.train_tokens}")
@@ -658,15 +669,25 @@ class PretrainConfig:
 
     @property
     def micro_batch(self) -> int:
-        return self.micro_batch_seqs or min(self.global_batch_seqs, 8)
+        return self.micro_batch_seqs or min(self.batches.first_batch, 8)
+
+    @property
+    def batches(self) -> BatchSchedule:
+        """The batch of every step (one stage for a fixed batch): analysis/batch_schedule.py's arithmetic."""
+        if self.batch_schedule is None:
+            return BatchSchedule.fixed(self.global_batch_seqs, self.model.seq_len)
+        return BatchSchedule(self.batch_schedule.parsed(), self.model.seq_len)
 
     @property
     def tokens_per_step(self) -> int:
+        """Of a fixed batch (a ramp has one per stage: see `batches`)."""
+        if self.batch_schedule is not None:
+            raise ValueError("a batch schedule has no single tokens per step; use cfg.batches")
         return self.global_batch_seqs * self.model.seq_len
 
     @property
     def total_steps(self) -> int:
-        return steps_for(self.train_tokens, self.tokens_per_step)
+        return self.batches.total_steps(self.train_tokens)
 
 
 def steps_for(tokens: int, tokens_per_step: int) -> int:
@@ -674,12 +695,13 @@ def steps_for(tokens: int, tokens_per_step: int) -> int:
     return -(-tokens // tokens_per_step)
 
 
-def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int) -> int:
+def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int,
+                          key: str = "global_batch_seqs") -> int:
     """global = micro x data-parallel x accumulation, exactly; anything else is refused before a run starts."""
     per_step = micro_batch_seqs * data_parallel
     if global_batch_seqs % per_step:
         raise ConfigError(
-            f"global_batch_seqs ({global_batch_seqs}) must be divisible by micro_batch_seqs ({micro_batch_seqs}) x "
+            f"{key} ({global_batch_seqs}) must be divisible by micro_batch_seqs ({micro_batch_seqs}) x "
             f"data-parallel size ({data_parallel}) = {per_step}; change one of the three")
     return global_batch_seqs // per_step
 
@@ -762,6 +784,60 @@ class LrScaling(str, enum.Enum):
     linear = "linear"
     """LR x k (SGD's rule)."""
     none = "none"
+
+
+class Beta2Rule(str, enum.Enum):
+    paper = "paper"
+    """Each stage's beta2 is the paper's for its batch (PAPER_BETA2), as a study's runs without hparams.beta2."""
+    fixed = "fixed"
+    """optimizer.beta2 at every stage."""
+
+
+@dataclass
+class BatchScheduleConfig:
+    """`pretrain.batch_schedule`: the global batch grows with the tokens seen (analysis/batch_schedule.py). In YAML
+    a list is short for `{stages: LIST}` and a string for `{file: PATH}`."""
+
+    file: Optional[str] = None
+    """A batch schedule file written by `cbs forecast --ramp --out FILE`."""
+    stages: Optional[list] = None
+    """Stages {batch: B, until_tokens: T}: batch B while fewer than T tokens were seen; the last stage has no
+    until_tokens (it runs to the budget). Batches never decrease."""
+    lr_scaling: LrScaling = LrScaling.sqrt
+    """How a stage at k times the first stage's batch scales optimizer.lr: sqrt (Adam), linear, none."""
+    beta2: Beta2Rule = Beta2Rule.paper
+    """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2)."""
+
+    @classmethod
+    def expand(cls, data: Any, key: str) -> Any:
+        return {"stages": data} if isinstance(data, list) else data
+
+    def validate(self, p: str) -> None:
+        _check((self.file is None) != (self.stages is None),
+               f"{p}: give exactly one of file (a `cbs forecast --ramp --out` file) and stages")
+        self.parsed(p)
+
+    def parsed(self, p: str = "pretrain.batch_schedule", train_tokens: Optional[int] = None) -> list:
+        """The stages, read (from the file) and checked; ConfigError naming the key."""
+        from analysis.batch_schedule import ScheduleError, parse_stages, read_schedule_file
+
+        try:
+            data = read_schedule_file(self.file) if self.file is not None else self.stages
+            return parse_stages(data, train_tokens)
+        except ScheduleError as e:
+            where = f"{p}.file ({self.file})" if self.file is not None else f"{p}.{e.key}"
+            raise ConfigError(f"{where}: {e}") from None
+
+    def check_budget(self, p: str, train_tokens: int) -> None:
+        self.parsed(p, train_tokens)
+
+    def lr_factor(self, batch: int, first_batch: int) -> float:
+        """LR multiplier of a stage at `batch`: (b / b0)^(1/2) for sqrt, b / b0 for linear, 1 for none."""
+        k = batch / first_batch
+        return {LrScaling.sqrt: k ** 0.5, LrScaling.linear: k, LrScaling.none: 1.0}[self.lr_scaling]
+
+    def beta2_at(self, batch: int, fixed: float) -> float:
+        return paper_value(PAPER_BETA2, batch) if self.beta2 is Beta2Rule.paper else fixed
 
 
 @dataclass

@@ -127,9 +127,12 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, cuda: bool) -> dict:
                           f"the pretrain config (global_batch_seqs, micro_batch_seqs, optimizer.*, schedule.*); "
                           f"remove them from the file")
     micro = cfg.micro_batch
-    ds["train_batch_size"] = cfg.global_batch_seqs
+    batches = cfg.batches
+    for i, stage in enumerate(batches.stages if cfg.batch_schedule is not None else ()):
+        gradient_accumulation(stage.batch, micro, world_size, f"pretrain.batch_schedule.stages[{i}].batch")  # each must split
+    ds["train_batch_size"] = batches.first_batch  # the first stage's; Trainer sets each later stage's
     ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = gradient_accumulation(cfg.global_batch_seqs, micro, world_size)
+    ds["gradient_accumulation_steps"] = gradient_accumulation(batches.first_batch, micro, world_size)
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
     for kind in ("bf16", "fp16"):
         if ds.get(kind, {}).get("enabled", "auto") not in ("auto", False):
