@@ -800,7 +800,7 @@ class BatchScheduleConfig:
 
     file: Optional[str] = None
     """A batch schedule file written by `cbs forecast --ramp --out FILE`."""
-    stages: Optional[list] = None
+    stages: Optional[list[Any]] = None
     """Stages {batch: B, until_tokens: T}: batch B while fewer than T tokens were seen; the last stage has no
     until_tokens (it runs to the budget). Batches never decrease."""
     lr_scaling: LrScaling = LrScaling.sqrt
@@ -810,7 +810,9 @@ class BatchScheduleConfig:
 
     @classmethod
     def expand(cls, data: Any, key: str) -> Any:
-        return {"stages": data} if isinstance(data, list) else data
+        if isinstance(data, list):
+            return {"stages": data}
+        return {"file": data} if isinstance(data, str) else data
 
     def validate(self, p: str) -> None:
         _check((self.file is None) != (self.stages is None),
@@ -825,8 +827,8 @@ class BatchScheduleConfig:
             data = read_schedule_file(self.file) if self.file is not None else self.stages
             return parse_stages(data, train_tokens)
         except ScheduleError as e:
-            where = f"{p}.file ({self.file})" if self.file is not None else f"{p}.{e.key}"
-            raise ConfigError(f"{where}: {e}") from None
+            # every message starts with its key (stages[1].batch ...): prefixed, it names the full key
+            raise ConfigError(f"{p}.file ({self.file}): {e}" if self.file is not None else f"{p}.{e}") from None
 
     def check_budget(self, p: str, train_tokens: int) -> None:
         self.parsed(p, train_tokens)
