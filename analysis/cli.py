@@ -24,8 +24,9 @@ from analysis.forecast import (
     DEFAULT_SEQ_LEN, also_lines, batch_plan, choose_law, describe, describe_plan, describe_time_plan, forecast_cbs,
     load_scaling, time_plan,
 )
-from analysis.outputs import check_out_dir, render_outputs, write_outputs
+from analysis.outputs import check_out_dir, csv_bytes, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
+from analysis.ramp_compare import RAMP_COLUMNS, figure_ramp, is_ramp_dir, ramp_report, ramp_rows, read_ramp_runs
 from analysis.run_metrics import MetricsReader
 from analysis.steps import StepsTable, TargetKind, load_steps
 from analysis.study_fit import StudyFit, fit_study, study_warnings
@@ -173,6 +174,17 @@ def _fit_branched(args: argparse.Namespace, out: Path, start: float) -> int:
     return 0
 
 
+def _fit_ramp(args: argparse.Namespace, out: Path) -> int:
+    """A directory with batch-ramp runs: ramp against fixed batches at the target (analysis/ramp_compare.py)."""
+    weights = "raw" if str(getattr(args.target_kind, "value", args.target_kind)) == "raw" else "ewa"
+    cmp = read_ramp_runs(Path(args.input), weights=weights)
+    report = ramp_report(cmp)
+    _write(out, {"ramp.csv": csv_bytes(RAMP_COLUMNS, ramp_rows(cmp)), "report.md": "\n".join(report).encode() + b"\n",
+                 "figures/ramp_loss.png": figure_ramp(cmp)})
+    print("\n".join(report[:len(cmp.runs) + 4]) + f"\nwrote {out}")
+    return 0
+
+
 def _fit(argv: list[str]) -> int:
     start = time.perf_counter()
     args = fit_parser().parse_args(argv)
@@ -182,6 +194,8 @@ def _fit(argv: list[str]) -> int:
     check_out_dir(out)  # refuse early, before minutes of fitting; write_outputs checks again
     if Path(args.input).is_dir() and is_branched(Path(args.input)):
         return _fit_branched(args, out, start)
+    if Path(args.input).is_dir() and is_ramp_dir(Path(args.input)):
+        return _fit_ramp(args, out)
     for flag, value in (("--tolerance", args.tolerance), ("--compare", args.compare)):
         if value is not None:
             raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")

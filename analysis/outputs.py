@@ -37,7 +37,7 @@ STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "ce
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
 TIME_COLUMNS = ["setting", "batch_size", "gpus", "steps", "tokens_to_target", "tokens_per_s", "hours",
                 "gpu_hours", "throughput", "fastest"]
-OUTPUT_MARKERS = ("scaling.json", "cbs.csv", "cbs_curve.csv")
+OUTPUT_MARKERS = ("scaling.json", "cbs.csv", "cbs_curve.csv", "ramp.csv")
 """A directory holding one of these is a previous `cbs fit` output and may be replaced."""
 
 
