@@ -729,6 +729,7 @@ STUDY_SETS = {
     "study": "written by the study", "seed": "from seeds", "optimizer.lr": "from hparams.lr",
     "optimizer.beta2": "from hparams.beta2", "ewa.taus": "from hparams.ewa_taus",
     "stop_at_targets": "on for every run but the reference ones", "stop_weights": "ewa, the weights the fit reads",
+    "batch_schedule": "from study.ramp (method: ramp)",
 }
 
 
@@ -776,6 +777,9 @@ class StudyMethod(str, enum.Enum):
     branched = "branched"
     """Merrill et al. 2025: short branches at k x B from checkpoints of one base run give CBS(t) along training
     (docs/method.md, "Branched local CBS")."""
+    ramp = "ramp"
+    """A batch ramp (study.ramp) beside the fixed batches it is compared with, its first and its largest, all to
+    the same target: steps, tokens and wall-clock to the target, the saving predicted against the one measured."""
 
 
 class LrScaling(str, enum.Enum):
@@ -900,6 +904,9 @@ class StudyConfig:
     """sweep (the paper's full runs per batch size) | branched (CBS along training from one base run)."""
     branched: BranchedConfig = field(default_factory=BranchedConfig)
     """Settings of method: branched."""
+    ramp: Optional[BatchScheduleConfig] = None
+    """method: ramp: the batch schedule (stages or a `cbs forecast --ramp --out` file, lr_scaling, beta2) every
+    setting's ramp run trains; batch_sizes are its first and largest batch (the fixed runs)."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -919,8 +926,25 @@ class StudyConfig:
             _check(self.targets.losses is None and (self.targets.reference is None or self.targets.reference.batch
                                                     in (None, min(self.batch_sizes))),
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
+        if self.method is StudyMethod.ramp:
+            self._validate_ramp(p)
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             _check(node is None, f"{p}.base.{dotted} is set by the study for each run ({where}): remove it from base")
+
+    def _validate_ramp(self, p: str) -> None:
+        _check(self.ramp is not None, f"{p}.ramp is required with method ramp: give its stages (or a file of "
+                                      f"`cbs forecast --ramp --out`)")
+        stages = self.ramp.parsed(f"{p}.ramp")
+        want = sorted({stages[0].batch, stages[-1].batch})
+        _check(sorted(self.batch_sizes) == want, f"{p}.batch_sizes must be the ramp's first and largest batch "
+                                                 f"{want} (the fixed runs it is compared with): got {self.batch_sizes}")
+        _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1,
+               f"{p}.hparams: method ramp compares one recipe: give one lr (and at most one beta2)")
+        _check(self.hparams.beta2 is None or self.ramp.beta2 is Beta2Rule.fixed,
+               f"{p}.ramp.beta2 is paper but hparams.beta2 is given: set ramp.beta2: fixed (the ramp then keeps "
+               f"hparams.beta2, as the fixed runs do), or remove hparams.beta2")
+        _check(self.ramp.beta2 is Beta2Rule.paper or self.hparams.beta2 is not None,
+               f"{p}.ramp.beta2 is fixed: give the beta2 in hparams.beta2 (the fixed runs use it too)")
