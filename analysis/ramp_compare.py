@@ -65,9 +65,9 @@ class RampComparison:
     def saving(self, run: RampRun) -> tuple[float | None, float | None]:
         """(measured, predicted) steps saved by `run` against the fixed run at the first batch."""
         f = self.first
-        if f is None or f.steps is None or f.tokens is None or run.steps is None:
+        if f is None or f.steps is None or f.tokens is None:
             return None, None
-        measured = 1 - run.steps / f.steps
+        measured = None if run.steps is None else 1 - run.steps / f.steps
         b0_steps = f.tokens / (f.schedule.first_batch * f.schedule.seq_len)
         return measured, 1 - run.schedule.steps_for(f.tokens) / b0_steps
 
@@ -115,17 +115,21 @@ def _metrics(path: Path) -> list[dict]:
     return out
 
 
-def seconds_to(tokens: float, lines: list[dict]) -> float | None:
-    """Training seconds to `tokens` from the throughput of each log window (module docstring)."""
-    total, prev = 0.0, 0
+def seconds_to(tokens: float, lines: list[dict], trained: float | None = None) -> float | None:
+    """Training seconds to `tokens` from the throughput of each log window (module docstring). Past the last
+    log line (a run that stopped at the target between logs) the last window's throughput is carried on, up to
+    the tokens the run trained (`trained`); None beyond them."""
+    total, prev, speed = 0.0, 0, None
     for m in lines:
-        speed = m.get("perf/tokens_per_s")
-        if not isinstance(speed, (int, float)) or speed <= 0:
+        speed_now = m.get("perf/tokens_per_s")
+        if not isinstance(speed_now, (int, float)) or speed_now <= 0:
             continue
-        span = m["tokens"] - prev
+        speed = speed_now
         if m["tokens"] >= tokens:
             return total + (tokens - prev) / speed
-        total, prev = total + span / speed, m["tokens"]
+        total, prev = total + (m["tokens"] - prev) / speed, m["tokens"]
+    if speed is not None and trained is not None and tokens <= trained:
+        return total + (tokens - prev) / speed
     return None
 
 
@@ -153,12 +157,14 @@ def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa"
     runs = []
     for r in found:
         result, lines = read_json(r / "result.json"), _metrics(r / "metrics.jsonl")
+        trained = result.get("tokens") if isinstance(result.get("tokens"), (int, float)) else None
         crossing = _crossing(result, target, weights)
         steps = crossing.get("step_interp", crossing["step"]) if crossing else None
         tokens = crossing.get("tokens_interp", crossing["tokens"]) if crossing else None
         runs.append(RampRun(r.name, _schedule(configs[r], r / "config.yaml"),
                             configs[r].get("batch_schedule") is not None, target, steps, tokens,
-                            seconds_to(tokens, lines) if tokens is not None else None, _curve(lines, weights)))
+                            seconds_to(tokens, lines, trained) if tokens is not None else None,
+                            _curve(lines, weights)))
     ramps = [r for r in runs if r.ramp]
     if not ramps:
         raise InputError(f"{runs_dir}: no run with a batch_schedule to compare")
@@ -184,8 +190,9 @@ def ramp_report(cmp: RampComparison) -> list[str]:
              "(measured / predicted) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in cmp.runs:
         measured, predicted = cmp.saving(r)
-        saved = "" if measured is None else f"{100 * measured:.1f}%" + (
+        saved = ("not reached" if measured is None else f"{100 * measured:.1f}%") + (
             f" / {100 * predicted:.1f}%" if r.ramp and predicted is not None else "")
+        saved = "" if predicted is None else saved
         lines.append(f"| {r.name} | {r.batches} | {_num(r.steps)} | {_num(r.tokens)} | "
                      f"{_num(r.seconds, 1)} | {saved} |")
     lines += ["", "Steps and tokens to the target are interpolated on each run's eval curve; seconds are training "

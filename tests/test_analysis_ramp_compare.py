@@ -57,6 +57,9 @@ def test_steps_tokens_seconds_and_savings_worked_by_hand(tmp_path):
 def test_seconds_to_a_count_inside_the_first_window():
     assert seconds_to(500, [{"tokens": 1000, "perf/tokens_per_s": 50.0}]) == pytest.approx(10.0)
     assert seconds_to(5000, [{"tokens": 1000, "perf/tokens_per_s": 50.0}]) is None  # past the log
+    # a run that stopped at the target between two logs: the last throughput carried on up to what it trained
+    assert seconds_to(1500, [{"tokens": 1000, "perf/tokens_per_s": 50.0}], trained=1600) == pytest.approx(30.0)
+    assert seconds_to(1700, [{"tokens": 1000, "perf/tokens_per_s": 50.0}], trained=1600) is None
 
 
 def test_cbs_fit_writes_the_table_report_and_figure(tmp_path, capsys):
