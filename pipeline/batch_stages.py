@@ -16,6 +16,7 @@ A fixed batch is the one-stage schedule: k = 1, the configured beta2, nothing ch
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from pipeline.config import PretrainConfig, gradient_accumulation
@@ -62,3 +63,36 @@ class BatchStages:
                  "lr_factor": self.cfg.batch_schedule.lr_factor(s.batch, b.first_batch),
                  "beta2": self.cfg.batch_schedule.beta2_at(s.batch, self.cfg.optimizer.beta2)}
                 for i, s in enumerate(b.stages)]
+
+
+class AdaptiveRamp:
+    """`batch_schedule.adaptive: noise_scale`: the stages are decided during training. At a log step where the
+    noise scale was measured, with B_simple the logged estimate (bias-corrected EMA, noise.py) and f the stated
+    `noise_factor`, the batch moves to the highest rung b of the ladder with b <= f B_simple, if that is above the
+    batch now; never down. A decision after step s makes step s + 1 the first of the new stage (a stage that ends
+    at the tokens seen after s). Decisions go into checkpoints, so a resumed run has the same schedule; the
+    metrics log each one (`batch_decision`)."""
+
+    def __init__(self, cfg: PretrainConfig):
+        schedule = cfg.batch_schedule
+        self.ladder, self.factor, self.seq_len = list(schedule.ladder), schedule.noise_factor, cfg.model.seq_len
+        self.decisions: list[dict] = []
+
+    def schedule(self):
+        from analysis.batch_schedule import BatchSchedule, Stage
+
+        stages, batch = [], self.ladder[0]
+        for d in self.decisions:
+            stages.append(Stage(batch, d["tokens"]))
+            batch = d["batch"]
+        return BatchSchedule(stages + [Stage(batch)], self.seq_len)
+
+    def decide(self, step: int, tokens: int, b_simple: Optional[float], batch: int) -> Optional[dict]:
+        """The decision after `step` steps (`tokens` seen) at `batch`, or None."""
+        if b_simple is None or not math.isfinite(b_simple):
+            return None
+        reach = [b for b in self.ladder if b <= self.factor * b_simple]
+        if not reach or reach[-1] <= batch:
+            return None
+        self.decisions.append({"step": step, "tokens": tokens, "batch": reach[-1], "b_simple": b_simple})
+        return self.decisions[-1]

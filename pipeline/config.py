@@ -790,6 +790,9 @@ class LrScaling(str, enum.Enum):
     none = "none"
 
 
+ADAPTIVE_SIGNALS = ("noise_scale",)
+
+
 class Beta2Rule(str, enum.Enum):
     paper = "paper"
     """Each stage's beta2 is the paper's for its batch (PAPER_BETA2), as a study's runs without hparams.beta2."""
@@ -811,6 +814,15 @@ class BatchScheduleConfig:
     """How a stage at k times the first stage's batch scales optimizer.lr: sqrt (Adam), linear, none."""
     beta2: Beta2Rule = Beta2Rule.paper
     """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2)."""
+    adaptive: Optional[str] = None
+    """noise_scale: instead of stages, raise the batch along `ladder` during training, at a log step where
+    noise_factor x the logged B_simple (train/noise_scale) reaches a higher rung (the highest such rung; never
+    down). The decisions are logged (`batch_decision`) and kept in checkpoints."""
+    ladder: Optional[list[int]] = None
+    """adaptive: the batches it may take, increasing; it starts at the first."""
+    noise_factor: float = 1.0
+    """adaptive: the multiple of B_simple compared with the ladder (B_simple estimates the critical batch up to
+    a factor; McCandlish et al. 2018)."""
 
     @classmethod
     def expand(cls, data: Any, key: str) -> Any:
@@ -819,14 +831,32 @@ class BatchScheduleConfig:
         return {"file": data} if isinstance(data, str) else data
 
     def validate(self, p: str) -> None:
-        _check((self.file is None) != (self.stages is None),
-               f"{p}: give exactly one of file (a `cbs forecast --ramp --out` file) and stages")
+        given = [k for k in ("file", "stages", "adaptive") if getattr(self, k) is not None]
+        _check(len(given) == 1, f"{p}: give exactly one of file (a `cbs forecast --ramp --out` file), stages and "
+                                f"adaptive: got {', '.join(given) or 'none'}")
+        if self.adaptive is not None:
+            _check(self.adaptive in ADAPTIVE_SIGNALS, f"{p}.adaptive must be one of {', '.join(ADAPTIVE_SIGNALS)}: "
+                                                      f"got {self.adaptive!r}")
+            ladder = self.ladder or []
+            _check(len(ladder) >= 2 and all(b >= 1 for b in ladder) and ladder == sorted(set(ladder)),
+                   f"{p}.ladder must list >= 2 increasing batches (the first is where training starts): got "
+                   f"{self.ladder}")
+            _check(self.noise_factor > 0, f"{p}.noise_factor must be > 0: got {self.noise_factor}")
+        else:
+            _check(self.ladder is None, f"{p}.ladder goes with adaptive: noise_scale")
         self.parsed(p)
+
+    @property
+    def all_batches(self) -> list[int]:
+        """Every batch the run may train at (each must split into micro-batches on every rank)."""
+        return list(self.ladder) if self.adaptive else [s.batch for s in self.parsed()]
 
     def parsed(self, p: str = "pretrain.batch_schedule", train_tokens: Optional[int] = None) -> list:
         """The stages, read (from the file) and checked; ConfigError naming the key."""
-        from analysis.batch_schedule import ScheduleError, parse_stages, read_schedule_file
+        from analysis.batch_schedule import ScheduleError, Stage, parse_stages, read_schedule_file
 
+        if self.adaptive is not None:  # it starts at the ladder's first rung; the run decides the rest
+            return [Stage(self.ladder[0])]
         try:
             data = read_schedule_file(self.file) if self.file is not None else self.stages
             return parse_stages(data, train_tokens)

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from pipeline import rundir
-from pipeline.batch_stages import BatchStages
+from pipeline.batch_stages import AdaptiveRamp, BatchStages
 from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
 from pipeline.data import TrainSamples, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
@@ -126,12 +126,14 @@ class Trainer:
         self._window = (time.perf_counter(), 0)  # perf window: start time, step at start
         self._loss_sum = torch.zeros((), device=dist.device)
         self._loss_count = 0
-        stage_starts = set(self.batches.start_steps)  # the first step of every stage is logged, with its batch
-        self.log_due = lambda s: s % cfg.log.every_steps == 0 or s in (1, self.total_steps) or s - 1 in stage_starts
+        # the first step of every stage is logged, with its batch
+        self.log_due = lambda s: (s % cfg.log.every_steps == 0 or s in (1, self.total_steps)
+                                  or s - 1 in self.batches.start_steps)
         accum = self.ds_config["gradient_accumulation_steps"]
         self.noise = NoiseScale(self.engine.module.parameters(), cfg.micro_batch, self.batches.first_batch, accum,
                                 dist.device)
         self.stages = BatchStages(cfg, self.engine, self.ewa, self.noise, dist.world_size)
+        self.adaptive = AdaptiveRamp(cfg) if cfg.batch_schedule and cfg.batch_schedule.adaptive else None
         if not self.noise.possible and dist.is_main:
             log.info("train/noise_scale is not measured: it needs >= 2 micro-batches or ranks per step (here one "
                      "micro-batch of %d sequences is the whole step)", cfg.micro_batch)
@@ -198,6 +200,8 @@ class Trainer:
             loss = self.train_step()
             if measure:
                 self.noise.collect(self.engine.get_global_grad_norm(), self.dist.world_size)
+                if self.adaptive is not None:
+                    self._adapt()
             self._loss_sum += loss
             self._loss_count += 1
             for hook in self.hooks:
@@ -208,6 +212,26 @@ class Trainer:
             if self.stop_reason is None and self._signalled():
                 self.stop_reason = "preempted"
         return self.stop_reason or "budget"
+
+    def _adapt(self) -> None:
+        """batch_schedule.adaptive: a decision on the noise scale just measured (every rank holds the same value:
+        it is all-reduced), and the schedule, step count and grids that follow from it."""
+        b_simple = self.noise.metrics().get("train/noise_scale")
+        decision = self.adaptive.decide(self.step, self.tokens_at(self.step), b_simple, self.stages.batch)
+        if decision is None:
+            return
+        self._reschedule()
+        self.tracker.log({"batch_decision": decision["batch"], "batch_decision/b_simple": b_simple}, self.step,
+                         self.tokens_at(self.step))
+        if self.dist.is_main:
+            log.info("step %d: B_simple %.1f x %g reaches batch %d: %d sequences from the next step",
+                     self.step, b_simple, self.adaptive.factor, decision["batch"], decision["batch"])
+
+    def _reschedule(self) -> None:
+        self.batches = self.stages.batches = self.adaptive.schedule()
+        self.total_steps = self.batches.total_steps(self.cfg.train_tokens)
+        self.eval_grid = self.eval_grid_steps()
+        self.kept_steps = self.steps_at(self.cfg.checkpoint.at_tokens)
 
     # ----------------------------------------------------------------------------------------- preemption
 
@@ -343,7 +367,8 @@ class Trainer:
         client = {"cbs": {"step": step, "first_loss": self.first_loss, "last_eval": self.last_eval,
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
-                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state()}}
+                          "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "batch_decisions": self.adaptive.decisions if self.adaptive else []}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
                                     save_latest=False)
         dist.barrier()
@@ -452,6 +477,9 @@ class Trainer:
             self.targets.replay(eval_records(self.run_dir), until_step=self.step)
         self.elapsed = state["elapsed"]
         self.noise.load_state_dict(state.get("noise_scale", self.noise.state_dict()))
+        if self.adaptive is not None:  # the decisions up to the checkpoint: the schedule it trained
+            self.adaptive.decisions = list(state.get("batch_decisions", []))
+            self._reschedule()
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)

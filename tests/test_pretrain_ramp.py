@@ -130,6 +130,10 @@ def test_two_ranks_match_one_rank(stdlib_data, whole, tmp_path, stage):
      r"pretrain\.batch_schedule\.stages\[0\]\.until_tokens \(99999\) is beyond the budget"),
     ({"batch_schedule": [{"batch": 4}], "global_batch_seqs": 8},
      r"exactly one of global_batch_seqs .* and batch_schedule"),
+    ({"batch_schedule": {"adaptive": "gradient_norm", "ladder": [8, 16]}},
+     r"pretrain\.batch_schedule\.adaptive must be one of noise_scale: got 'gradient_norm'"),
+    ({"batch_schedule": {"adaptive": "noise_scale", "ladder": [4, 8]}},
+     r"pretrain\.batch_schedule\.adaptive: noise_scale measures B_simple from >= 2 micro-batches"),
 ])
 def test_bad_schedules_exit_2_naming_the_key(stdlib_data, tmp_path, change, words):
     data = yaml.safe_load(yaml.safe_dump(
@@ -158,6 +162,38 @@ def test_a_schedule_file_is_read_and_a_bad_one_named(stdlib_data, tmp_path):
     (tmp_path / "bad.yaml").write_text("stages: [{batch: 4}]\n")
     with pytest.raises(ConfigError, match=r"pretrain\.batch_schedule\.file \(.*bad\.yaml\): .*cbs-batch-schedule/1"):
         make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=None, batch_schedule=str(tmp_path / "bad.yaml"))
+
+
+ADAPTIVE = {"adaptive": "noise_scale", "ladder": [8, 16, 32], "noise_factor": 0.4}
+
+
+def test_adaptive_ramp_follows_its_rule_and_resumes_with_the_same_decisions(stdlib_data, tmp_path):
+    """B_simple x 0.4 reaching a higher rung of 8, 16, 32 moves the batch there from the next step; a run stopped
+    by SIGTERM after the first decision and restarted makes the same decisions and logs the same curve."""
+    def cfg(name):
+        return write_cfg(make_cfg(stdlib_data, tmp_path / name, global_batch_seqs=None, batch_schedule=ADAPTIVE,
+                                  train_tokens=8 * SEQ * 30, checkpoint={"every_steps": 3}), tmp_path / f"{name}.yaml")
+
+    run_subprocess(cli("pretrain", str(cfg("whole"))))
+    metrics = read_metrics(tmp_path / "whole")
+    decisions = [m for m in metrics if "batch_decision" in m]
+    noise = series(tmp_path / "whole", "train/noise_scale")
+    batch = series(tmp_path / "whole", "batch_seqs")
+    assert decisions, "no decision: the test needs B_simple x 0.4 to pass 16 on this data"
+    current = 8
+    for step in sorted(noise):  # the rule, replayed on the logged B_simple
+        reach = max((b for b in (8, 16, 32) if b <= 0.4 * noise[step]), default=8)
+        assert batch[step] == current, step
+        if reach > current:
+            assert [d["batch_decision"] for d in decisions if d["step"] == step] == [reach]
+            current = reach
+    cut_yaml = cfg("cut")
+    first = decisions[0]["step"]
+    code, _, stderr = sigterm_after(cut_yaml, tmp_path / "cut", step=first + 1)
+    assert code == pretrain.EXIT_PREEMPTED, stderr[-2000:]
+    run_subprocess(cli("pretrain", str(cut_yaml)))
+    strip = [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in metrics]
+    assert [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in read_metrics(tmp_path / "cut")] == strip
 
 
 def test_ewa_at_k_times_the_batch_averages_the_same_tokens():
