@@ -80,6 +80,38 @@ def test_the_first_stage_is_the_fixed_batch_run(stdlib_data, whole, tmp_path):
     assert got == {s: ramp[s] for s in range(1, 7)}
 
 
+def test_every_step_is_one_optimizer_step_across_accumulation_changes(stdlib_data, tmp_path):
+    """Accumulation 1 for 3 steps, then 2: DeepSpeed counts micro-steps from the start modulo the accumulation,
+    so after 3 single micro-steps it would step the optimizer after the first micro-batch of a 2-micro-batch
+    step. The Trainer says each step's boundary: its weights after 5 steps are torch AdamW's over the same global
+    batches (as test_step_is_clipped_adamw_and_reports_the_pre_clip_norm checks for a fixed batch)."""
+    from pipeline.distributed import init_distributed
+    from pipeline.model import build_model, forward_loss, seed_model_parallel
+    from pipeline.optim import make_optimizer
+
+    stages = [{"batch": 4, "until_tokens": 3 * 4 * SEQ}, {"batch": 8}]
+    cfg = make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=None, train_tokens=12 * 64 * 16,
+                   batch_schedule={"stages": stages, "lr_scaling": "none", "beta2": "fixed"})
+    trainer = pretrain.Trainer(cfg, init_distributed(cfg.seed))
+    seed_model_parallel(cfg.seed)
+    ref = build_model(cfg.model, trainer.manifest["vocab_size"])
+    ours = list(trainer.engine.module.parameters())
+    start = [p.detach().clone() for p in ours]
+    opt = make_optimizer(ref, cfg.optimizer)
+    for step in range(5):
+        batch = trainer.batches.batch_at(step)
+        seqs = trainer.samples.step_batch(trainer.batches.seqs_before(step), batch, 0, 1)
+        for micro in seqs.split(cfg.micro_batch):
+            (forward_loss(ref, micro)[0] / (batch // cfg.micro_batch)).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.train_step()
+    assert trainer.grad_accum == 2 and trainer.engine.global_steps == 5
+    for p, q, p0 in zip(ours, ref.parameters(), start):  # 1e-3 of each update, as the fixed-batch check
+        assert ((p - p0) - (q - p0)).norm() <= 1e-3 * (p - p0).norm()
+
+
 def test_a_ramp_reads_the_fixed_batch_data_order(stdlib_data):
     from analysis.batch_schedule import BatchSchedule, Stage
 
