@@ -48,6 +48,7 @@ class RampRun:
     seconds: float | None
     curve: list[tuple[int, int, float]] = field(default_factory=list)
     """(step, tokens, eval loss of the weights read) of every eval."""
+    seed: int | None = None
 
     @property
     def batches(self) -> str:
@@ -62,9 +63,16 @@ class RampComparison:
     first: RampRun | None
     """The fixed run at the ramp's first batch (None when absent)."""
 
+    def first_of(self, run: RampRun) -> RampRun | None:
+        """The fixed run at the first batch with `run`'s seed (a study with several seeds pairs them)."""
+        b0 = self.first.schedule.first_batch if self.first else None
+        same = [r for r in self.runs if not r.ramp and r.schedule.first_batch == b0 and r.seed == run.seed
+                and len(r.schedule.stages) == 1]
+        return same[0] if same else self.first
+
     def saving(self, run: RampRun) -> tuple[float | None, float | None]:
-        """(measured, predicted) steps saved by `run` against the fixed run at the first batch."""
-        f = self.first
+        """(measured, predicted) steps saved by `run` against the fixed run at the first batch (same seed)."""
+        f = self.first_of(run)
         if f is None or f.steps is None or f.tokens is None:
             return None, None
         measured = None if run.steps is None else 1 - run.steps / f.steps
@@ -164,7 +172,7 @@ def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa"
         runs.append(RampRun(r.name, _schedule(configs[r], r / "config.yaml"),
                             configs[r].get("batch_schedule") is not None, target, steps, tokens,
                             seconds_to(tokens, lines, trained) if tokens is not None else None,
-                            _curve(lines, weights)))
+                            _curve(lines, weights), configs[r].get("seed")))
     ramps = [r for r in runs if r.ramp]
     if not ramps:
         raise InputError(f"{runs_dir}: no run with a batch_schedule to compare")
@@ -195,6 +203,10 @@ def ramp_report(cmp: RampComparison) -> list[str]:
         saved = "" if predicted is None else saved
         lines.append(f"| {r.name} | {r.batches} | {_num(r.steps)} | {_num(r.tokens)} | "
                      f"{_num(r.seconds, 1)} | {saved} |")
+    savings = [m for m in (cmp.saving(r)[0] for r in cmp.runs if r.ramp) if m is not None]
+    if len(savings) > 1:  # several seeds: the spread of the measured saving
+        lines += ["", f"Measured steps saved over {len(savings)} seeds: mean {100 * sum(savings) / len(savings):.1f}%, "
+                      f"range {100 * min(savings):.1f}% to {100 * max(savings):.1f}%."]
     lines += ["", "Steps and tokens to the target are interpolated on each run's eval curve; seconds are training "
               "time from the logged throughput (evaluations excluded). Predicted: the ramp's schedule over the "
               "tokens the fixed run at its first batch needed (the saving if its loss per token matched); measured "

@@ -71,3 +71,21 @@ def test_cbs_fit_writes_the_table_report_and_figure(tmp_path, capsys):
     report = (tmp_path / "fit" / "report.md").read_text()
     assert "| ramp | 4->8 | 70 | 4,600 | 33.0 | 30.0% / 37.0% |" in report
     assert (tmp_path / "fit" / "figures" / "ramp_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_several_seeds_pair_each_ramp_with_its_seed_and_report_the_spread(tmp_path):
+    stages = [{"batch": 4, "until_tokens": 1000}, {"batch": 8}]
+    ramp = {"batch_schedule": {"stages": stages}, "resolved": {"batch_stages": stages}}
+    for seed, fixed_steps, ramp_steps in ((1, 100, 70), (2, 80, 60)):  # saved 30% and 25%
+        write_run(tmp_path, f"fixed4_s{seed}", {"global_batch_seqs": 4, "seed": seed},
+                  {"step": fixed_steps, "tokens": 40 * fixed_steps}, [])
+        write_run(tmp_path, f"ramp_s{seed}", {**ramp, "seed": seed}, {"step": ramp_steps, "tokens": 5000}, [])
+    cmp = read_ramp_runs(tmp_path)
+    runs = {r.name: r for r in cmp.runs}
+    assert cmp.saving(runs["ramp_s1"])[0] == pytest.approx(0.30) and cmp.saving(runs["ramp_s2"])[0] == \
+        pytest.approx(0.25)
+    # predicted for seed 2 from its own fixed run: 3200 tokens -> 25 + ceil(2200 / 80) = 53 of 80 steps
+    assert cmp.saving(runs["ramp_s2"])[1] == pytest.approx(1 - 53 / 80)
+    from analysis.ramp_compare import ramp_report
+
+    assert "Measured steps saved over 2 seeds: mean 27.5%, range 25.0% to 30.0%." in ramp_report(cmp)

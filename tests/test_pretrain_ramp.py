@@ -1,10 +1,11 @@
 """pretrain with a batch schedule (a batch ramp) on real text, end to end.
 
 One ramp of three stages (batch 4 for 6 steps, 8 for 8, 16 for 6; micro 4): the batch, tokens, LR, noise-scale
-batches and eval grid of every step as the schedule says; its first stage is bitwise the fixed-batch run at the
-first batch; a SIGTERM in the middle of the first stage (the resume crosses a stage change) and another in the
-middle of the second give exactly the uninterrupted curve; 2 ranks under ZeRO 1/2/3 match 1 rank; bad schedules exit
-2 naming the key.
+batches and eval grid of every step as the schedule says (metrics.jsonl and TensorBoard); its first stage is
+bitwise the fixed-batch run at the first batch; every step is one optimizer step over its whole batch across
+accumulation changes; a SIGTERM in the middle of the first stage (the resume crosses a stage change) and another
+in the middle of the second give exactly the uninterrupted curve; 2 ranks under ZeRO 1/2/3 match 1 rank; the
+adaptive ramp follows its rule and resumes with the same decisions; bad schedules exit 2 naming the key.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def test_every_step_trains_the_schedule(whole):
     assert [(s["start_step"], s["steps"], s["gradient_accumulation_steps"]) for s in stages] == \
         [(0, 6, 1), (6, 8, 2), (14, 6, 4)]
     assert series(whole, "eval/loss")[20] < series(whole, "eval/loss")[1] - 1.0  # it learns
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(whole / "tb"))
+    acc.Reload()
+    assert {e.step: e.value for e in acc.Scalars("batch_seqs")} == BATCH_OF_STEP  # TensorBoard has it too
 
 
 def test_the_first_stage_is_the_fixed_batch_run(stdlib_data, whole, tmp_path):
