@@ -26,7 +26,8 @@ from analysis.forecast import (
 )
 from analysis.outputs import check_out_dir, csv_bytes, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
-from analysis.ramp_compare import RAMP_COLUMNS, figure_ramp, is_ramp_dir, ramp_report, ramp_rows, read_ramp_runs
+from analysis.ramp_compare import (RAMP_COLUMNS, figure_ramp, is_ramp_dir, ramp_report, ramp_report_md, ramp_rows,
+                                   read_ramp_targets)
 from analysis.run_metrics import MetricsReader
 from analysis.steps import StepsTable, TargetKind, load_steps
 from analysis.study_fit import StudyFit, fit_study, study_warnings
@@ -177,11 +178,12 @@ def _fit_branched(args: argparse.Namespace, out: Path, start: float) -> int:
 def _fit_ramp(args: argparse.Namespace, out: Path) -> int:
     """A directory with batch-ramp runs: ramp against fixed batches at the target (analysis/ramp_compare.py)."""
     weights = "raw" if str(getattr(args.target_kind, "value", args.target_kind)) == "raw" else "ewa"
-    cmp = read_ramp_runs(Path(args.input), weights=weights)
-    report = ramp_report(cmp)
-    _write(out, {"ramp.csv": csv_bytes(RAMP_COLUMNS, ramp_rows(cmp)), "report.md": "\n".join(report).encode() + b"\n",
-                 "figures/ramp_loss.png": figure_ramp(cmp)})
-    print("\n".join(report[:len(cmp.runs) + 4]) + f"\nwrote {out}")
+    comparisons = read_ramp_targets(Path(args.input), weights=weights)  # one per target (setting)
+    rows = [row for cmp in comparisons for row in ramp_rows(cmp)]
+    _write(out, {"ramp.csv": csv_bytes(RAMP_COLUMNS, rows), "report.md": ramp_report_md(comparisons).encode(),
+                 "figures/ramp_loss.png": figure_ramp(comparisons[0], [c.target for c in comparisons])})
+    print("\n".join(line for cmp in comparisons for line in ramp_report(cmp)[:len(cmp.runs) + 4]) +
+          f"\nwrote {out}")
     return 0
 
 

@@ -181,6 +181,18 @@ def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa"
     return RampComparison(runs, target, weights, first)
 
 
+def read_ramp_targets(path: Path, weights: str = "ewa") -> list[RampComparison]:
+    """One comparison per target loss the runs share (one per setting of a study), the highest (first reached)
+    first."""
+    runs_dir = Path(path) / "runs"
+    configs = [read_yaml(r / "config.yaml") for r in sorted(runs_dir.iterdir()) if (r / "result.json").is_file()
+               and (r / "config.yaml").is_file()]
+    shared = set.intersection(*(set(c.get("targets") or []) for c in configs)) if configs else set()
+    if not shared:
+        raise InputError(f"{runs_dir}: the runs share no target loss; train them with the same `targets`")
+    return [read_ramp_runs(path, t, weights) for t in sorted(shared, reverse=True)]
+
+
 def ramp_rows(cmp: RampComparison) -> list[list]:
     rows = []
     for r in cmp.runs:
@@ -207,20 +219,27 @@ def ramp_report(cmp: RampComparison) -> list[str]:
     if len(savings) > 1:  # several seeds: the spread of the measured saving
         lines += ["", f"Measured steps saved over {len(savings)} seeds: mean {100 * sum(savings) / len(savings):.1f}%, "
                       f"range {100 * min(savings):.1f}% to {100 * max(savings):.1f}%."]
-    lines += ["", "Steps and tokens to the target are interpolated on each run's eval curve; seconds are training "
-              "time from the logged throughput (evaluations excluded). Predicted: the ramp's schedule over the "
-              "tokens the fixed run at its first batch needed (the saving if its loss per token matched); measured "
-              "below predicted means some stage ran above the local CBS.", "",
+    return lines + [""]
+
+
+RAMP_NOTES = ["Steps and tokens to the target are interpolated on each run's eval curve; seconds are training time "
+              "from the logged throughput (evaluations excluded). Predicted: the ramp's schedule over the tokens "
+              "the fixed run at its first batch needed (the saving if its loss per token matched); measured below "
+              "predicted means some stage ran above the local CBS.", "",
               "![loss against steps and tokens](figures/ramp_loss.png)"]
-    return lines
+
+
+def ramp_report_md(comparisons: list[RampComparison]) -> str:
+    """report.md: a table per target, then the notes and the figure."""
+    return "\n".join([line for cmp in comparisons for line in ramp_report(cmp)] + RAMP_NOTES) + "\n"
 
 
 def _num(x: float | None, digits: int = 0) -> str:
     return "not reached" if x is None else f"{x:,.{digits}f}"
 
 
-def figure_ramp(cmp: RampComparison) -> bytes:
-    """Eval loss against optimizer steps and against tokens, ramp and fixed runs, with the target."""
+def figure_ramp(cmp: RampComparison, targets: list[float] | None = None) -> bytes:
+    """Eval loss against optimizer steps and against tokens, ramp and fixed runs, with the target(s)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -237,10 +256,12 @@ def figure_ramp(cmp: RampComparison) -> bytes:
         for ax, x in zip(axes, (steps, tokens)):
             ax.plot(x, loss, style, marker=".", label=f"{'ramp' if r.ramp else 'fixed'} {r.batches}")
     for ax, name in zip(axes, ("optimizer steps", "tokens")):
-        ax.axhline(cmp.target, color="grey", lw=0.8, ls=":")
+        for target in targets or [cmp.target]:
+            ax.axhline(target, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel(f"eval loss ({cmp.weights})")
-    axes[0].legend(fontsize=8)
+    if any(r.curve for r in cmp.runs):
+        axes[0].legend(fontsize=8)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.95, wspace=0.25)
     return png_bytes(fig)

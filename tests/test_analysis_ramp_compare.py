@@ -89,3 +89,22 @@ def test_several_seeds_pair_each_ramp_with_its_seed_and_report_the_spread(tmp_pa
     from analysis.ramp_compare import ramp_report
 
     assert "Measured steps saved over 2 seeds: mean 27.5%, range 25.0% to 30.0%." in ramp_report(cmp)
+
+
+def test_one_table_per_target_a_study_shares(tmp_path):
+    """Two settings (targets 3.0 and 2.5): a table and ramp.csv rows for each, the first reached first."""
+    for name, config in (("fixed4", {"global_batch_seqs": 4}), ("ramp", {"batch_schedule": {"stages": [{"batch": 4}]},
+                                                                      "resolved": {"batch_stages": [{"batch": 4}]}})):
+        run = tmp_path / "study" / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"seq_len": 10}, "targets": [2.5, 3.0],
+                                                         "batch_schedule": None, **config}))
+        targets = [{"loss": loss, "ewa": {"0.9": {"step": step, "tokens": 40 * step}}}
+                   for loss, step in ((2.5, 90), (3.0, 50))]
+        (run / "result.json").write_text(json.dumps({"status": "completed", "targets": targets}))
+    assert fit_main([str(tmp_path / "study"), "--out", str(tmp_path / "fit")]) == 0
+    rows = list(csv.DictReader((tmp_path / "fit" / "ramp.csv").open()))
+    assert [(r["target_loss"], r["run"], r["steps"]) for r in rows] == [
+        ("3", "fixed4", "50"), ("3", "ramp", "50"), ("2.5", "fixed4", "90"), ("2.5", "ramp", "90")]
+    report = (tmp_path / "fit" / "report.md").read_text()
+    assert report.index("target loss 3 ") < report.index("target loss 2.5 ") and report.count("ramp_loss.png") == 1
