@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from pipeline import pretrain
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, to_dict
 from pipeline.data import TrainSamples
 from pipeline.metrics import read_metrics
 from pipeline.optim import EWA
@@ -174,20 +175,14 @@ def test_two_ranks_match_one_rank(stdlib_data, whole, tmp_path, stage):
      r"pretrain\.batch_schedule\.adaptive: noise_scale measures B_simple from >= 2 micro-batches"),
 ])
 def test_bad_schedules_exit_2_naming_the_key(stdlib_data, tmp_path, change, words):
-    data = yaml.safe_load(yaml.safe_dump(
-        {k: v for k, v in _plain_cfg(stdlib_data, tmp_path).items() if k != "global_batch_seqs"}))
+    data = {k: v for k, v in to_dict(make_cfg(stdlib_data, tmp_path / "run", train_tokens=4096)).items()
+            if k != "global_batch_seqs"}
     data.update(change)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     proc = subprocess.run(cli("pretrain", str(path)), capture_output=True, text=True, env=ENV, cwd=ROOT)
-    assert proc.returncode == 2 and __import__("re").search(words, proc.stderr), proc.stderr[-2000:]
+    assert proc.returncode == 2 and re.search(words, proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
-
-
-def _plain_cfg(data, tmp_path) -> dict:
-    from pipeline.config import to_dict
-
-    return to_dict(make_cfg(data, tmp_path / "run", train_tokens=4096))
 
 
 def test_a_schedule_file_is_read_and_a_bad_one_named(stdlib_data, tmp_path):
