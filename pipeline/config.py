@@ -858,8 +858,12 @@ class BatchScheduleConfig:
         if self.adaptive is not None:  # it starts at the ladder's first rung; the run decides the rest
             return [Stage(self.ladder[0])]
         try:
-            data = read_schedule_file(self.file) if self.file is not None else self.stages
-            return parse_stages(data, train_tokens)
+            if self.file is None:
+                return parse_stages(self.stages, train_tokens)
+            # read once per config: `batches` (the micro-batch default, every step's stage) asks often
+            if getattr(self, "_file_stages", None) is None:
+                self._file_stages = read_schedule_file(self.file)
+            return parse_stages(self._file_stages, train_tokens)
         except ScheduleError as e:
             # every message starts with its key (stages[1].batch ...): prefixed, it names the full key
             raise ConfigError(f"{p}.file ({self.file}): {e}" if self.file is not None else f"{p}.{e}") from None
