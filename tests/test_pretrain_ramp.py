@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from pipeline import pretrain
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError, PretrainConfig, from_dict, to_dict
 from pipeline.data import TrainSamples
 from pipeline.metrics import read_metrics
 from pipeline.optim import EWA
@@ -160,7 +160,7 @@ def test_two_ranks_match_one_rank(stdlib_data, whole, tmp_path, stage):
     assert series(tmp_path / "run", "train/noise_scale_batches") == {s: [2, b] for s, b in BATCH_OF_STEP.items()}
 
 
-@pytest.mark.parametrize("change, words", [
+BAD = [
     ({"batch_schedule": [{"batch": 8, "until_tokens": 512}, {"batch": 4}]},
      r"pretrain\.batch_schedule\.stages\[1\]\.batch \(4\) is below"),
     ({"batch_schedule": [{"batch": 4, "until_tokens": 512}, {"batch": 6}]},
@@ -173,16 +173,24 @@ def test_two_ranks_match_one_rank(stdlib_data, whole, tmp_path, stage):
      r"pretrain\.batch_schedule\.adaptive must be one of noise_scale: got 'gradient_norm'"),
     ({"batch_schedule": {"adaptive": "noise_scale", "ladder": [4, 8]}},
      r"pretrain\.batch_schedule\.adaptive: noise_scale measures B_simple from >= 2 micro-batches"),
-])
-def test_bad_schedules_exit_2_naming_the_key(stdlib_data, tmp_path, change, words):
+]
+
+
+@pytest.mark.parametrize("change, words", BAD)
+def test_bad_schedules_are_refused_naming_the_key(stdlib_data, tmp_path, change, words):
+    """Before anything starts (pretrain.main's first checks); the CLI turns each into exit 2 (the last case runs
+    through it)."""
     data = {k: v for k, v in to_dict(make_cfg(stdlib_data, tmp_path / "run", train_tokens=4096)).items()
             if k != "global_batch_seqs"}
     data.update(change)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proc = subprocess.run(cli("pretrain", str(path)), capture_output=True, text=True, env=ENV, cwd=ROOT)
-    assert proc.returncode == 2 and re.search(words, proc.stderr), proc.stderr[-2000:]
+    with pytest.raises(ConfigError, match=words):
+        pretrain.main(from_dict(PretrainConfig, data, "pretrain"))
     assert not (tmp_path / "run").exists()
+    if change == BAD[-1][0]:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(data))
+        proc = subprocess.run(cli("pretrain", str(path)), capture_output=True, text=True, env=ENV, cwd=ROOT)
+        assert proc.returncode == 2 and re.search(words, proc.stderr), proc.stderr[-2000:]
 
 
 def test_a_schedule_file_is_read_and_a_bad_one_named(stdlib_data, tmp_path):
