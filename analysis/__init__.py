@@ -24,6 +24,8 @@ scipy, statsmodels, matplotlib and pyyaml.
     outputs.py    every output file, written as one staged directory
     forecast.py   scaling.json -> CBS forecast for a new budget, a batch plan and a time plan
     ramp.py       CBS(t) (a curve or the D law) -> a batch ramp and the steps it saves
+    batch_schedule.py  a batch schedule's arithmetic (step -> batch, tokens) and file, shared with pretrain
+    ramp_compare.py  ramp and fixed runs at one target: steps, tokens, seconds to it, saving predicted vs measured
     cli.py        `cbs fit` and `cbs forecast`
 """
 

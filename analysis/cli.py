@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from analysis import InputError, parse_count
+from analysis.batch_schedule import write_schedule_file
 from analysis.branched import RuleChoice, check_rule_choice, is_branched, read_branched
 from analysis.branched_fit import BranchedFit, branched_warnings, fit_branched
 from analysis.branched_report import render_branched_outputs
@@ -24,8 +25,10 @@ from analysis.forecast import (
     DEFAULT_OVERHEAD, DEFAULT_SEQ_LEN, Forecast, also_lines, b_noise_gap, batch_plan, choose_law, describe,
     describe_noise, describe_plan, describe_time_plan, forecast_cbs, forecast_from_b_noise, load_scaling, time_plan,
 )
-from analysis.outputs import check_out_dir, render_outputs, write_outputs
+from analysis.outputs import check_out_dir, csv_bytes, render_outputs, write_outputs
 from analysis.ramp import batch_ramp, curve_from_law, describe_ramp, read_curve
+from analysis.ramp_compare import (RAMP_COLUMNS, figure_ramp, is_ramp_dir, ramp_report, ramp_report_md, ramp_rows,
+                                   read_ramp_targets)
 from analysis.run_metrics import MetricsReader
 from analysis.steps import StepsTable, TargetKind, load_steps
 from analysis.study_fit import StudyFit, fit_study, study_warnings
@@ -193,6 +196,18 @@ def _fit_branched(args: argparse.Namespace, out: Path, start: float) -> int:
     return 0
 
 
+def _fit_ramp(args: argparse.Namespace, out: Path) -> int:
+    """A directory with batch-ramp runs: ramp against fixed batches at the target (analysis/ramp_compare.py)."""
+    weights = "raw" if str(getattr(args.target_kind, "value", args.target_kind)) == "raw" else "ewa"
+    comparisons = read_ramp_targets(Path(args.input), weights=weights)  # one per target (setting)
+    rows = [row for cmp in comparisons for row in ramp_rows(cmp)]
+    _write(out, {"ramp.csv": csv_bytes(RAMP_COLUMNS, rows), "report.md": ramp_report_md(comparisons).encode(),
+                 "figures/ramp_loss.png": figure_ramp(comparisons[0], [c.target for c in comparisons])})
+    print("\n".join(line for cmp in comparisons for line in ramp_report(cmp)[:len(cmp.runs) + 4]) +
+          f"\nwrote {out}")
+    return 0
+
+
 def _fit(argv: list[str]) -> int:
     start = time.perf_counter()
     args = fit_parser().parse_args(argv)
@@ -202,6 +217,8 @@ def _fit(argv: list[str]) -> int:
     check_out_dir(out)  # refuse early, before minutes of fitting; write_outputs checks again
     if Path(args.input).is_dir() and is_branched(Path(args.input)):
         return _fit_branched(args, out, start)
+    if Path(args.input).is_dir() and is_ramp_dir(Path(args.input)):
+        return _fit_ramp(args, out)
     for flag, value in (("--tolerance", args.tolerance), ("--rule", args.rule), ("--epsilon", args.epsilon),
                         ("--eval-noise", args.eval_noise), ("--compare", args.compare)):
         if value is not None:
@@ -274,6 +291,8 @@ def forecast_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="text", choices=("text", *FORMATS),
                    help="text (default), or the batch plan / ramp as Megatron-LM flags, torchtitan TOML or "
                         "OLMo-core Python (analysis/export.py)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="with --ramp: write the stages as a batch schedule file for pretrain.batch_schedule")
     return p
 
 
@@ -288,7 +307,8 @@ def _check_forecast_args(args: argparse.Namespace) -> None:
 
 def _check_ramp_args(args: argparse.Namespace) -> None:
     if not args.ramp:
-        for flag, value in (("--curve", args.curve), ("--setting", args.setting), ("--fixed-batch", args.fixed_batch)):
+        for flag, value in (("--curve", args.curve), ("--setting", args.setting), ("--fixed-batch", args.fixed_batch),
+                            ("--out", args.out)):
             if value is not None:
                 raise InputError(f"{flag} goes with --ramp")
         if args.scaling is None:
@@ -317,10 +337,15 @@ def _ramp(args: argparse.Namespace) -> list[str]:
         seq_len = sf.seq_len
     seq_len = args.seq_len or seq_len or DEFAULT_SEQ_LEN
     ramp = batch_ramp(curve, args.tokens, args.gpus * args.micro_batch, seq_len, args.fixed_batch)
-    if args.format != "text":
+    wrote = []
+    if args.out:
+        write_schedule_file(args.out, ramp.schedule_stages(), {**ramp.planned(), "source": curve.source})
+        wrote = [f"wrote {args.out}: train it with `pretrain.batch_schedule: {args.out}`"]
+    if args.format != "text":  # stdout is the export alone; the note goes to stderr
+        print(*wrote, file=sys.stderr)
         return [export(from_ramp(ramp, args.gpus, args.micro_batch, f"batch ramp from CBS(t) of {curve.source}"),
                        args.format).rstrip("\n")]
-    return describe_ramp(ramp, curve, args.gpus, args.micro_batch)
+    return describe_ramp(ramp, curve, args.gpus, args.micro_batch) + wrote
 
 
 def _headline(sf, choice, args: argparse.Namespace) -> tuple[list[str], Forecast]:

@@ -10,9 +10,11 @@ whole number of micro-batches on every GPU):
     raw(t)  = the largest ladder value <= CBS(t)   (u itself when CBS(t) < u: no smaller batch exists)
     b(t)    = min_{s in [t, D]} raw(s)             the largest non-decreasing schedule that stays <= raw
 
-so the batch never decreases and never exceeds CBS(t) (except where even u does). A stage of batch b from t_a to
-t_b tokens takes ceil((t_b - t_a) / (b T)) steps (T tokens per sequence); the fixed batch B_f takes
-ceil(D / (B_f T)). Steps saved = 1 - sum(stage steps) / fixed steps.
+so the batch never decreases and never exceeds CBS(t) (except where even u does). Steps are counted as training
+counts them (analysis/batch_schedule.py: a step is never split, so a stage starts where the one before ended,
+at or just past its planned start); the fixed batch B_f takes ceil(D / (B_f T)). Steps saved = 1 - sum(stage
+steps) / fixed steps. `cbs forecast --ramp --out FILE` writes the stages as the file `pretrain.batch_schedule`
+trains.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis import InputError, csv_dicts, csv_float, read_csv_lines
+from analysis.batch_schedule import BatchSchedule
+from analysis.batch_schedule import Stage as ScheduleStage
 
 CURVE_COLUMNS = ("setting", "tokens", "cbs", "cbs_low", "cbs_high")
 _EPS = 1e-9  # log2 of a CBS exactly on the ladder (16 / 4 = 2^2) must not floor to the rung below
@@ -152,6 +156,16 @@ class Ramp:
         """Fraction of the fixed batch's steps the ramp saves (negative: it takes more)."""
         return 1.0 - self.steps / self.fixed_steps
 
+    def schedule_stages(self) -> list[ScheduleStage]:
+        """The stages as `pretrain.batch_schedule` trains them (boundaries rounded up to whole tokens: exact)."""
+        return [ScheduleStage(s.batch, math.ceil(s.end_tokens)) for s in self.stages[:-1]] + \
+            [ScheduleStage(self.stages[-1].batch)]
+
+    def planned(self) -> dict:
+        """What the plan predicts, for the schedule file's `planned`."""
+        return {"tokens": self.tokens, "seq_len": self.seq_len, "unit": self.unit, "steps": self.steps,
+                "fixed_batch": self.fixed_batch, "fixed_steps": self.fixed_steps, "saved": round(self.saved, 6)}
+
 
 def ladder_floor(cbs: float, unit: int) -> int:
     """The largest u 2^j <= cbs (j >= 0); u when cbs < u."""
@@ -187,12 +201,16 @@ def batch_ramp(curve: CbsCurve, tokens: float, unit: int, seq_len: int, fixed_ba
     batches = raw[:]
     for i in range(len(batches) - 2, -1, -1):  # min over [t, D]: the batch waits where CBS(t) dips later
         batches[i] = min(batches[i], batches[i + 1])
-    stages, start = [], 0.0
+    ends, start = [], 0.0
     for i, (span, b) in enumerate(zip(spans, batches)):
         if i + 1 == len(spans) or batches[i + 1] != b:
-            stages.append(Stage(b, start, span[1], math.ceil((span[1] - start) / (b * seq_len))))
+            ends.append((b, start, span[1]))
             start = span[1]
-    return Ramp(tuple(stages), unit, seq_len, float(tokens), fixed_batch or stages[0].batch, below)
+    schedule = BatchSchedule([ScheduleStage(b, math.ceil(end)) for b, _, end in ends[:-1]] +
+                             [ScheduleStage(ends[-1][0])], seq_len)
+    steps = schedule.stage_steps(math.ceil(tokens))
+    stages = tuple(Stage(b, a, end, n) for (b, a, end), n in zip(ends, steps))
+    return Ramp(stages, unit, seq_len, float(tokens), fixed_batch or stages[0].batch, below)
 
 
 def describe_ramp(ramp: Ramp, curve: CbsCurve, gpus: int, micro_batch: int) -> list[str]:

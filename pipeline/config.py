@@ -25,6 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from analysis import parse_count
+from analysis.batch_schedule import BatchSchedule
 
 
 class ConfigError(ValueError):
@@ -671,13 +672,17 @@ class PretrainConfig:
     """A directory made by `cbs preprocess` (manifest.json, train/val shards, tokenizer)."""
     run_dir: str
     """Where config.yaml, metrics.jsonl, tb/, checkpoints/ and result.json go."""
-    global_batch_seqs: int
-    """The global batch in sequences: the independent variable of every study. Tokens per step =
-    global_batch_seqs x model.seq_len. Gradient accumulation = global / (micro x data-parallel size)."""
     train_tokens: int
     """Token budget: the run stops after ceil(train_tokens / tokens per step) steps."""
+    global_batch_seqs: Optional[int] = None
+    """The global batch in sequences: the independent variable of every study. Tokens per step =
+    global_batch_seqs x model.seq_len. Gradient accumulation = global / (micro x data-parallel size). Give this or
+    batch_schedule."""
+    batch_schedule: Optional[BatchScheduleConfig] = None
+    """A batch that grows with the tokens seen, instead of global_batch_seqs: a list of stages {batch,
+    until_tokens}, or the path of a file `cbs forecast --ramp --out FILE` wrote (docs/method.md, "Batch ramp")."""
     micro_batch_seqs: Optional[int] = None
-    """Sequences per forward/backward pass on each rank; default min(global_batch_seqs, 8)."""
+    """Sequences per forward/backward pass on each rank; default min(the first global batch, 8)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -712,7 +717,12 @@ class PretrainConfig:
     """Written by `cbs study`: the settings (model, data budget, target) this run serves; passed through."""
 
     def validate(self, p: str) -> None:
-        _check(self.global_batch_seqs >= 1, f"{p}.global_batch_seqs must be >= 1: got {self.global_batch_seqs}")
+        _check((self.global_batch_seqs is None) != (self.batch_schedule is None),
+               f"{p}: give exactly one of global_batch_seqs (a fixed batch) and batch_schedule (a batch ramp)")
+        _check(self.global_batch_seqs is None or self.global_batch_seqs >= 1,
+               f"{p}.global_batch_seqs must be >= 1: got {self.global_batch_seqs}")
+        if self.batch_schedule is not None:
+            self.batch_schedule.check_budget(f"{p}.batch_schedule", self.train_tokens)
         _check(self.micro_batch_seqs is None or self.micro_batch_seqs >= 1,
                f"{p}.micro_batch_seqs must be >= 1: got {self.micro_batch_seqs}")
         _check(self.train_tokens >= 1, f"{p}.train_tokens must be >= 1: got {self.train_tokens}")
@@ -730,15 +740,25 @@ class PretrainConfig:
 
     @property
     def micro_batch(self) -> int:
-        return self.micro_batch_seqs or min(self.global_batch_seqs, 8)
+        return self.micro_batch_seqs or min(self.batches.first_batch, 8)
+
+    @property
+    def batches(self) -> BatchSchedule:
+        """The batch of every step (one stage for a fixed batch): analysis/batch_schedule.py's arithmetic."""
+        if self.batch_schedule is None:
+            return BatchSchedule.fixed(self.global_batch_seqs, self.model.seq_len)
+        return BatchSchedule(self.batch_schedule.parsed(), self.model.seq_len)
 
     @property
     def tokens_per_step(self) -> int:
+        """Of a fixed batch (a ramp has one per stage: see `batches`)."""
+        if self.batch_schedule is not None:
+            raise ValueError("a batch schedule has no single tokens per step; use cfg.batches")
         return self.global_batch_seqs * self.model.seq_len
 
     @property
     def total_steps(self) -> int:
-        return steps_for(self.train_tokens, self.tokens_per_step)
+        return self.batches.total_steps(self.train_tokens)
 
 
 def steps_for(tokens: int, tokens_per_step: int) -> int:
@@ -746,12 +766,13 @@ def steps_for(tokens: int, tokens_per_step: int) -> int:
     return -(-tokens // tokens_per_step)
 
 
-def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int) -> int:
+def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int,
+                          key: str = "global_batch_seqs") -> int:
     """global = micro x data-parallel x accumulation, exactly; anything else is refused before a run starts."""
     per_step = micro_batch_seqs * data_parallel
     if global_batch_seqs % per_step:
         raise ConfigError(
-            f"global_batch_seqs ({global_batch_seqs}) must be divisible by micro_batch_seqs ({micro_batch_seqs}) x "
+            f"{key} ({global_batch_seqs}) must be divisible by micro_batch_seqs ({micro_batch_seqs}) x "
             f"data-parallel size ({data_parallel}) = {per_step}; change one of the three")
     return global_batch_seqs // per_step
 
@@ -779,6 +800,7 @@ STUDY_SETS = {
     "study": "written by the study", "seed": "from seeds", "optimizer.lr": "from hparams.lr",
     "optimizer.beta2": "from hparams.beta2", "ewa.taus": "from hparams.ewa_taus",
     "stop_at_targets": "on for every run but the reference ones", "stop_weights": "ewa, the weights the fit reads",
+    "batch_schedule": "from study.ramp (method: ramp)",
 }
 
 
@@ -826,6 +848,9 @@ class StudyMethod(str, enum.Enum):
     branched = "branched"
     """Merrill et al. 2025: short branches at k x B from checkpoints of one base run give CBS(t) along training
     (docs/method.md, "Branched local CBS")."""
+    ramp = "ramp"
+    """A batch ramp (study.ramp) beside the fixed batches it is compared with, its first and its largest, all to
+    the same target: steps, tokens and wall-clock to the target, the saving predicted against the one measured."""
 
 
 class BranchRule(str, enum.Enum):
@@ -842,6 +867,96 @@ class LrScaling(str, enum.Enum):
     linear = "linear"
     """LR x k (SGD's rule)."""
     none = "none"
+
+
+ADAPTIVE_SIGNALS = ("noise_scale",)
+
+
+class Beta2Rule(str, enum.Enum):
+    paper = "paper"
+    """Each stage's beta2 is the paper's for its batch (PAPER_BETA2), as a study's runs without hparams.beta2."""
+    fixed = "fixed"
+    """optimizer.beta2 at every stage."""
+
+
+@dataclass
+class BatchScheduleConfig:
+    """`pretrain.batch_schedule`: the global batch grows with the tokens seen (analysis/batch_schedule.py). In YAML
+    a list is short for `{stages: LIST}` and a string for `{file: PATH}`."""
+
+    file: Optional[str] = None
+    """A batch schedule file written by `cbs forecast --ramp --out FILE`."""
+    stages: Optional[list[Any]] = None
+    """Stages {batch: B, until_tokens: T}: batch B while fewer than T tokens were seen; the last stage has no
+    until_tokens (it runs to the budget). Batches never decrease."""
+    lr_scaling: LrScaling = LrScaling.sqrt
+    """How a stage at k times the first stage's batch scales optimizer.lr: sqrt (Adam), linear, none."""
+    beta2: Beta2Rule = Beta2Rule.paper
+    """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2)."""
+    adaptive: Optional[str] = None
+    """noise_scale: instead of stages, raise the batch along `ladder` during training, at a log step where
+    noise_factor x the logged B_simple (train/noise_scale) reaches a higher rung (the highest such rung; never
+    down). The decisions are logged (`batch_decision`) and kept in checkpoints."""
+    ladder: Optional[list[int]] = None
+    """adaptive: the batches it may take, increasing; it starts at the first."""
+    noise_factor: float = 1.0
+    """adaptive: the multiple of B_simple compared with the ladder (B_simple estimates the critical batch up to
+    a factor; McCandlish et al. 2018)."""
+
+    @classmethod
+    def expand(cls, data: Any, key: str) -> Any:
+        if isinstance(data, list):
+            return {"stages": data}
+        return {"file": data} if isinstance(data, str) else data
+
+    def validate(self, p: str) -> None:
+        given = [k for k in ("file", "stages", "adaptive") if getattr(self, k) is not None]
+        _check(len(given) == 1, f"{p}: give exactly one of file (a `cbs forecast --ramp --out` file), stages and "
+                                f"adaptive: got {', '.join(given) or 'none'}")
+        if self.adaptive is not None:
+            _check(self.adaptive in ADAPTIVE_SIGNALS, f"{p}.adaptive must be one of {', '.join(ADAPTIVE_SIGNALS)}: "
+                                                      f"got {self.adaptive!r}")
+            ladder = self.ladder or []
+            _check(len(ladder) >= 2 and all(b >= 1 for b in ladder) and ladder == sorted(set(ladder)),
+                   f"{p}.ladder must list >= 2 increasing batches (the first is where training starts): got "
+                   f"{self.ladder}")
+            _check(self.noise_factor > 0, f"{p}.noise_factor must be > 0: got {self.noise_factor}")
+        else:
+            _check(self.ladder is None, f"{p}.ladder goes with adaptive: noise_scale")
+        self.parsed(p)
+
+    @property
+    def all_batches(self) -> list[int]:
+        """Every batch the run may train at (each must split into micro-batches on every rank)."""
+        return list(self.ladder) if self.adaptive else [s.batch for s in self.parsed()]
+
+    def parsed(self, p: str = "pretrain.batch_schedule", train_tokens: Optional[int] = None) -> list:
+        """The stages, read (from the file) and checked; ConfigError naming the key."""
+        from analysis.batch_schedule import ScheduleError, Stage, parse_stages, read_schedule_file
+
+        if self.adaptive is not None:  # it starts at the ladder's first rung; the run decides the rest
+            return [Stage(self.ladder[0])]
+        try:
+            if self.file is None:
+                return parse_stages(self.stages, train_tokens)
+            # read once per config: `batches` (the micro-batch default, every step's stage) asks often
+            if getattr(self, "_file_stages", None) is None:
+                self._file_stages = read_schedule_file(self.file)
+            return parse_stages(self._file_stages, train_tokens)
+        except ScheduleError as e:
+            # every message starts with its key (stages[1].batch ...): prefixed, it names the full key
+            raise ConfigError(f"{p}.file ({self.file}): {e}" if self.file is not None else f"{p}.{e}") from None
+
+    def check_budget(self, p: str, train_tokens: int) -> None:
+        self.parsed(p, train_tokens)
+
+    def lr_factor(self, batch: int, first_batch: int) -> float:
+        """LR multiplier of a stage at `batch`: (b / b0)^(1/2) for sqrt, b / b0 for linear, 1 for none."""
+        k = batch / first_batch
+        return {LrScaling.sqrt: k ** 0.5, LrScaling.linear: k, LrScaling.none: 1.0}[self.lr_scaling]
+
+    def beta2_at(self, batch: int, fixed: float) -> float:
+        return paper_value(PAPER_BETA2, batch) if self.beta2 is Beta2Rule.paper else fixed
 
 
 @dataclass
@@ -908,6 +1023,9 @@ class StudyConfig:
     """sweep (the paper's full runs per batch size) | branched (CBS along training from one base run)."""
     branched: BranchedConfig = field(default_factory=BranchedConfig)
     """Settings of method: branched."""
+    ramp: Optional[BatchScheduleConfig] = None
+    """method: ramp: the batch schedule (stages or a `cbs forecast --ramp --out` file, lr_scaling, beta2) every
+    setting's ramp run trains; batch_sizes are its first and largest batch (the fixed runs)."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -927,8 +1045,25 @@ class StudyConfig:
             _check(self.targets.losses is None and (self.targets.reference is None or self.targets.reference.batch
                                                     in (None, min(self.batch_sizes))),
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
+        if self.method is StudyMethod.ramp:
+            self._validate_ramp(p)
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             _check(node is None, f"{p}.base.{dotted} is set by the study for each run ({where}): remove it from base")
+
+    def _validate_ramp(self, p: str) -> None:
+        _check(self.ramp is not None, f"{p}.ramp is required with method ramp: give its stages (or a file of "
+                                      f"`cbs forecast --ramp --out`)")
+        stages = self.ramp.parsed(f"{p}.ramp")
+        want = sorted({stages[0].batch, stages[-1].batch})
+        _check(sorted(self.batch_sizes) == want, f"{p}.batch_sizes must be the ramp's first and largest batch "
+                                                 f"{want} (the fixed runs it is compared with): got {self.batch_sizes}")
+        _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1,
+               f"{p}.hparams: method ramp compares one recipe: give one lr (and at most one beta2)")
+        _check(self.hparams.beta2 is None or self.ramp.beta2 is Beta2Rule.fixed,
+               f"{p}.ramp.beta2 is paper but hparams.beta2 is given: set ramp.beta2: fixed (the ramp then keeps "
+               f"hparams.beta2, as the fixed runs do), or remove hparams.beta2")
+        _check(self.ramp.beta2 is Beta2Rule.paper or self.hparams.beta2 is not None,
+               f"{p}.ramp.beta2 is fixed: give the beta2 in hparams.beta2 (the fixed runs use it too)")

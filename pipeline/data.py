@@ -246,12 +246,15 @@ class TrainSamples:
         window = np.arange(self.seq_len + 1)
         return torch.from_numpy(self.tokens[idx[:, None] + window].astype(np.int64))
 
-    def step_batch(self, step: int, global_batch: int, rank: int, world: int) -> torch.Tensor:
-        """This rank's share of global step `step` (0-based): [global_batch / world, seq_len + 1]."""
+    def step_batch(self, start_seqs: int, global_batch: int, rank: int, world: int) -> torch.Tensor:
+        """This rank's share of the global batch of the step that starts `start_seqs` sequences into the run's
+        stream (BatchSchedule.seqs_before(step); step x batch for a fixed batch): [global_batch / world, seq_len + 1].
+        The global order does not depend on the batch: a ramp reads the same sequences as a fixed batch over the
+        same tokens."""
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not split over {world} ranks")
         per_rank = global_batch // world
-        return self.batch(self.offset_seqs + step * global_batch + rank * per_rank, per_rank)
+        return self.batch(self.offset_seqs + start_seqs + rank * per_rank, per_rank)
 
 
 def eval_sequences(data_dir: str | Path, seq_len: int, eval_tokens: int) -> torch.Tensor:

@@ -144,9 +144,18 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, cuda: bool) -> dict:
                           f"the pretrain config (global_batch_seqs, micro_batch_seqs, optimizer.*, schedule.*); "
                           f"remove them from the file")
     micro = cfg.micro_batch
-    ds["train_batch_size"] = cfg.global_batch_seqs
+    batches = cfg.batches
+    schedule = cfg.batch_schedule
+    if schedule is not None and schedule.adaptive and schedule.ladder[0] <= micro:
+        raise ConfigError(f"pretrain.batch_schedule.adaptive: noise_scale measures B_simple from >= 2 "
+                          f"micro-batches per step: ladder[0] ({schedule.ladder[0]}) must be above micro_batch_seqs "
+                          f"({micro}); lower micro_batch_seqs or raise ladder[0]")
+    for i, batch in enumerate(schedule.all_batches if schedule is not None else ()):  # each must split
+        key = f"ladder[{i}]" if schedule.adaptive else f"stages[{i}].batch"
+        gradient_accumulation(batch, micro, world_size, f"pretrain.batch_schedule.{key}")
+    ds["train_batch_size"] = batches.first_batch  # the first stage's; Trainer sets each later stage's
     ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = gradient_accumulation(cfg.global_batch_seqs, micro, world_size)
+    ds["gradient_accumulation_steps"] = gradient_accumulation(batches.first_batch, micro, world_size)
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
     for kind in ("bf16", "fp16"):
         if ds.get(kind, {}).get("enabled", "auto") not in ("auto", False):

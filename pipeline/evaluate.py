@@ -183,7 +183,7 @@ def main(run_dir: str | Path, checkpoint: str = "latest", eval_tokens: Optional[
             losses[f"ewa/{tau}"] = loss()
     step = rundir.tag_step(tag)
     result = {
-        "run_dir": str(run_dir), "checkpoint": tag, "step": step, "tokens": step * cfg.tokens_per_step,
+        "run_dir": str(run_dir), "checkpoint": tag, "step": step, "tokens": cfg.batches.tokens_before(step),
         "data_dir": str(data_dir), "eval_sequences": len(sequences), "eval_tokens": len(sequences) * cfg.model.seq_len,
         "weights": {k: {"loss": v, "perplexity": math.exp(v) if v < 700 else float("inf")} for k, v in losses.items()},
         "seconds": round(time.perf_counter() - started, 3),

@@ -44,6 +44,11 @@ class NoiseScale:
         self._handles: list = []
         self.state = {"updates": 0, "trace": 0.0, "grad_sq": 0.0, "small": math.nan, "big": math.nan}
 
+    def set_batch(self, global_seqs: int, grad_accum: int) -> None:
+        """A batch ramp's new stage: B_big and the accumulation change; the EMAs go on (each step's estimates of
+        |G|^2 and tr(Sigma) are unbiased at any B_big, so steps at different batches average together)."""
+        self.b_big, self.grad_accum = global_seqs, grad_accum
+
     @property
     def possible(self) -> bool:
         return self.b_big > self.b_small

@@ -66,12 +66,18 @@ class EWA:
     w_tau / (1 - tau^t) after t updates (so that the early average is not pulled towards 0). Averages are fp32
     copies of what this rank holds of each parameter (a ZeRO-3 shard, or the whole tensor), so under ZeRO-3 the
     memory is sharded like the parameters. Costs one fp32 copy of the parameters per tau.
+
+    Under a batch ramp a step at k times the first stage's batch sees k times the tokens, so it decays by tau^k
+    (`scale = k`): the average then spans the same tokens as at the first batch. After steps of scales k_1..k_t the
+    weights sum to 1 - tau^(k_1 + ... + k_t), the bias correction (`tau_steps` = sum k_i; = steps when k = 1).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], taus: Iterable[float]):
         self.params = list(params)
         self.taus = [float(t) for t in taus]
         self.steps = 0
+        self.tau_steps = 0.0
+        self.scale = 1.0
         self.averages = {tau: [torch.zeros_like(local_tensor(p), dtype=torch.float32) for p in self.params]
                          for tau in self.taus}
 
@@ -81,11 +87,12 @@ class EWA:
         for tau, avg in self.averages.items():
             # avg = tau avg + (1 - tau) theta = avg + (1 - tau)(theta - avg): one lerp pass over the averages
             # (read avg and theta, write avg) where a multiply then an add would read and write avg twice
-            torch._foreach_lerp_(avg, current, 1 - tau)
+            torch._foreach_lerp_(avg, current, 1 - tau ** self.scale)
         self.steps += 1
+        self.tau_steps += self.scale
 
     def corrected(self, tau: float) -> list[torch.Tensor]:
-        scale = 1.0 / (1.0 - tau ** self.steps) if self.steps else 0.0
+        scale = 1.0 / (1.0 - tau ** self.tau_steps) if self.steps else 0.0
         return [a * scale for a in self.averages[tau]]
 
     @contextmanager
@@ -102,13 +109,14 @@ class EWA:
                 local_tensor(p).copy_(s)
 
     def state_dict(self) -> dict:
-        return {"taus": self.taus, "steps": self.steps,
+        return {"taus": self.taus, "steps": self.steps, "tau_steps": self.tau_steps,
                 "averages": {str(t): [a.cpu() for a in avg] for t, avg in self.averages.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if [float(t) for t in state["taus"]] != self.taus:
             raise ValueError(f"checkpoint holds EWA taus {state['taus']}, this run has {self.taus}")
         self.steps = int(state["steps"])
+        self.tau_steps = float(state.get("tau_steps", self.steps))  # a checkpoint from before ramps: all k = 1
         for tau in self.taus:
             for a, saved in zip(self.averages[tau], state["averages"][str(tau)]):
                 a.copy_(saved)

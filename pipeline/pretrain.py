@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from pipeline import rundir
+from pipeline.batch_stages import AdaptiveRamp, BatchStages
 from pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
 from pipeline.data import TrainSamples, check_batch_fits, data_identity, eval_sequences, read_manifest
 from pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
@@ -90,10 +91,9 @@ class Trainer:
         self.manifest = manifest or read_manifest(cfg.data_dir, cfg.model.seq_len)
         self.data = data or data_identity(cfg.data_dir, self.manifest)
         self.ds_config = deepspeed_config(cfg, dist.world_size, dist.cuda)
-        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        self.tokens_per_step = cfg.tokens_per_step
-        self.total_steps = cfg.total_steps
+        self.batches = cfg.batches  # the batch of every step (pipeline/batch_stages.py applies it)
+        self.total_steps = self.batches.total_steps(cfg.train_tokens)
         model = build_model(cfg.model, self.manifest["vocab_size"], device=dist.device)
         self.params = param_counts(model, cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, self.manifest["vocab_size"])
@@ -107,8 +107,7 @@ class Trainer:
         self.samples = TrainSamples(cfg.data_dir, cfg.model.seq_len, cfg.seed,
                                     offset_seqs=self.base["tokens"] // cfg.model.seq_len if self.base else 0)
         self.eval_set = eval_sequences(cfg.data_dir, cfg.model.seq_len, cfg.eval.eval_tokens)
-        self.eval_grid = eval_steps(self.total_steps, cfg.eval.every_steps, cfg.eval.growth)
-        self.eval_grid |= self.steps_at(cfg.eval.at_tokens)
+        self.eval_grid = self.eval_grid_steps()
         self.kept_steps = self.steps_at(cfg.checkpoint.at_tokens)  # saved there and never pruned
         self.step = 0
         self.first_loss: Optional[float] = None
@@ -132,9 +131,14 @@ class Trainer:
         self._window = (time.perf_counter(), 0)  # perf window: start time, step at start
         self._loss_sum = torch.zeros((), device=dist.device)
         self._loss_count = 0
-        self.log_due = lambda s: s % cfg.log.every_steps == 0 or s in (1, self.total_steps)
-        self.noise = NoiseScale(self.engine.module.parameters(), cfg.micro_batch, cfg.global_batch_seqs,
-                                self.grad_accum, dist.device)
+        # the first step of every stage is logged, with its batch
+        self.log_due = lambda s: (s % cfg.log.every_steps == 0 or s in (1, self.total_steps)
+                                  or s - 1 in self.batches.start_steps)
+        accum = self.ds_config["gradient_accumulation_steps"]
+        self.noise = NoiseScale(self.engine.module.parameters(), cfg.micro_batch, self.batches.first_batch, accum,
+                                dist.device)
+        self.stages = BatchStages(cfg, self.engine, self.ewa, self.noise, dist.world_size)
+        self.adaptive = AdaptiveRamp(cfg) if cfg.batch_schedule and cfg.batch_schedule.adaptive else None
         if not self.noise.possible and dist.is_main:
             log.info("train/noise_scale is not measured: it needs >= 2 micro-batches or ranks per step (here one "
                      "micro-batch of %d sequences is the whole step)", cfg.micro_batch)
@@ -147,22 +151,44 @@ class Trainer:
 
     def steps_at(self, tokens: list[int]) -> set[int]:
         """The first step that has seen at least each token count (the last step for counts beyond it)."""
-        return {min(steps_for(t, self.tokens_per_step), self.total_steps) for t in tokens}
+        return {min(self.batches.steps_for(t), self.total_steps) for t in tokens}
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens seen after `step` steps."""
+        return self.batches.tokens_before(step)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.stages.grad_accum
+
+    def eval_grid_steps(self) -> set[int]:
+        """eval_steps' grid laid in tokens, at the first stage's batch b0: the steps that first see k b0 T tokens
+        for every k of the grid, so a ramp is evaluated at the tokens a fixed-b0 run is (the same steps for a
+        fixed batch), plus eval.at_tokens and the last step."""
+        tokens_b0 = self.batches.first_batch * self.cfg.model.seq_len
+        grid_b0 = eval_steps(steps_for(self.cfg.train_tokens, tokens_b0), self.cfg.eval.every_steps,
+                             self.cfg.eval.growth)
+        return self.steps_at([k * tokens_b0 for k in grid_b0] + self.cfg.eval.at_tokens) | {self.total_steps}
 
     # ----------------------------------------------------------------------------------------- one step
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch: micro-batches x gradient accumulation on every rank."""
-        lr = lr_at(self.step * self.tokens_per_step, self.cfg.optimizer.lr, self.cfg.train_tokens,
-                   self.cfg.schedule)
+        self.stages.sync(self.step)
+        lr = self.stages.lr_factor * lr_at(self.tokens_at(self.step), self.cfg.optimizer.lr, self.cfg.train_tokens,
+                                           self.cfg.schedule)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.samples.step_batch(self.step, self.cfg.global_batch_seqs, self.dist.rank,
+        batch = self.samples.step_batch(self.batches.seqs_before(self.step), self.stages.batch, self.dist.rank,
                                         self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)
-        for micro in batch.split(self.cfg.micro_batch):
+        micros = batch.split(self.cfg.micro_batch)
+        for i, micro in enumerate(micros):
             if self._step_overdue():
                 raise StepAbandoned()
+            # said, not counted: DeepSpeed counts micro-steps since the start modulo the accumulation, which a
+            # changed accumulation would put out of step
+            self.engine.set_gradient_accumulation_boundary(i + 1 == len(micros))
             loss, _ = forward_loss(self.engine, micro.to(self.dist.device, non_blocking=True))
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
             self.engine.step()  # only steps the optimizer at the accumulation boundary
@@ -174,12 +200,15 @@ class Trainer:
 
     def train(self) -> str:
         while self.step < self.total_steps and self.stop_reason is None:
+            self.stages.sync(self.step)  # before `possible`: a stage's accumulation decides it
             measure = self.noise.possible and self.log_due(self.step + 1)
             if measure:
                 self.noise.arm()
             loss = self.train_step()
             if measure:
                 self.noise.collect(self.engine.get_global_grad_norm(), self.dist.world_size)
+                if self.adaptive is not None:
+                    self._adapt()
             self._loss_sum += loss
             self._loss_count += 1
             for hook in self.hooks:
@@ -190,6 +219,26 @@ class Trainer:
             if self.stop_reason is None and self._signalled():
                 self.stop_reason = "preempted"
         return self.stop_reason or "budget"
+
+    def _adapt(self) -> None:
+        """batch_schedule.adaptive: a decision on the noise scale just measured (every rank holds the same value:
+        it is all-reduced), and the schedule, step count and grids that follow from it."""
+        b_simple = self.noise.metrics().get("train/noise_scale")
+        decision = self.adaptive.decide(self.step, self.tokens_at(self.step), b_simple, self.stages.batch)
+        if decision is None:
+            return
+        self._reschedule()
+        self.tracker.log({"batch_decision": decision["batch"], "batch_decision/b_simple": b_simple}, self.step,
+                         self.tokens_at(self.step))
+        if self.dist.is_main:
+            log.info("step %d: B_simple %.1f x %g reaches batch %d: %d sequences from the next step",
+                     self.step, b_simple, self.adaptive.factor, decision["batch"], decision["batch"])
+
+    def _reschedule(self) -> None:
+        self.batches = self.stages.batches = self.adaptive.schedule()
+        self.total_steps = self.batches.total_steps(self.cfg.train_tokens)
+        self.eval_grid = self.eval_grid_steps()
+        self.kept_steps = self.steps_at(self.cfg.checkpoint.at_tokens)
 
     # ----------------------------------------------------------------------------------------- preemption
 
@@ -247,8 +296,9 @@ class Trainer:
         loss = self._mean_train_loss()
         now = time.perf_counter()
         start, start_step = self._window
-        tokens_per_s = (step - start_step) * self.tokens_per_step / max(now - start, 1e-9)
-        metrics = {"train/loss": loss, "lr": self._lr, "perf/tokens_per_s": tokens_per_s,
+        tokens_per_s = (self.tokens_at(step) - self.tokens_at(start_step)) / max(now - start, 1e-9)
+        metrics = {"train/loss": loss, "lr": self._lr, "batch_seqs": self.batches.batch_at(step - 1),
+                   "perf/tokens_per_s": tokens_per_s,
                    "perf/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size, **self.noise.metrics()}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -257,7 +307,7 @@ class Trainer:
             metrics["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.dist.world_size)
         metrics["perf/memory_gib"] = (torch.cuda.max_memory_allocated(self.dist.device) / 2**30 if self.dist.cuda
                                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        self.tracker.log(metrics, step, step * self.tokens_per_step)
+        self.tracker.log(metrics, step, self.tokens_at(step))
         if self.dist.is_main:
             log.info("step %d/%d  loss %.4f  lr %.3g  %s tok/s", step, self.total_steps, loss, self._lr,
                      f"{tokens_per_s:,.0f}")
@@ -275,10 +325,11 @@ class Trainer:
             with self.ewa.swapped_in(tau):
                 losses[f"ewa/{tau}"] = self.evaluate()
         self.last_eval = losses
-        self.targets.update(step, self.tokens_per_step, losses)
+        self.targets.update(step, self.tokens_at(step), losses)
         metrics = {eval_key(k): v for k, v in losses.items()}
         metrics["perf/eval_seconds"] = time.perf_counter() - started
-        self.tracker.log(metrics, step, step * self.tokens_per_step)
+        metrics["batch_seqs"] = self.batches.batch_at(step - 1)
+        self.tracker.log(metrics, step, self.tokens_at(step))
         if self.dist.is_main:
             log.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         if not math.isfinite(losses["raw"]):
@@ -352,12 +403,13 @@ class Trainer:
                           "targets": self.targets.state_dict(), "elapsed": self.elapsed + self._run_seconds(),
                           "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
                           "noise_scale": self.noise.state_dict(), "torch_rng": torch.get_rng_state(),
-                          "loss_window": self._loss_window()}}
+                          "loss_window": self._loss_window(),
+                          "batch_decisions": self.adaptive.decisions if self.adaptive else []}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name, client_state=client,
                                     save_latest=False)
         dist.barrier()
         if self.dist.is_main:
-            rundir.mark_complete(tag_dir, {"step": step, "tokens": step * self.tokens_per_step,
+            rundir.mark_complete(tag_dir, {"step": step, "tokens": self.tokens_at(step),
                                            "world_size": self.dist.world_size, "zero_stage": self.zero_stage})
             rolling = [t for t in rundir.tags(self.run_dir) if rundir.tag_step(t) not in self.kept_steps]
             for old in rolling[:-self.cfg.checkpoint.keep]:
@@ -468,11 +520,14 @@ class Trainer:
         self.last_eval = state["last_eval"]
         if self.targets.load_state_dict(state["targets"]):  # targets changed since: recompute from the curve
             self.targets = TargetTracker(self.cfg.targets, self.targets.kinds)
-            self.targets.replay(eval_records(self.run_dir), self.tokens_per_step, until_step=self.step)
+            self.targets.replay(eval_records(self.run_dir), until_step=self.step)
         self.elapsed = state["elapsed"]
         self.noise.load_state_dict(state.get("noise_scale", self.noise.state_dict()))
         window_sum, self._loss_count = state.get("loss_window", [0.0, 0])  # older checkpoints: the window restarts
         self._loss_sum.fill_(window_sum)
+        if self.adaptive is not None:  # the decisions up to the checkpoint: the schedule it trained
+            self.adaptive.decisions = list(state.get("batch_decisions", []))
+            self._reschedule()
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
@@ -502,13 +557,15 @@ class Trainer:
                                resume_step=self.step if resumed else None, identity=run_identity(self.cfg),
                                wandb=self.cfg.log.wandb)
         self._window = (time.perf_counter(), self.step)
-        self._lr = lr_at(self.step * self.tokens_per_step, self.cfg.optimizer.lr, self.cfg.train_tokens,
-                         self.cfg.schedule)
+        self.stages.sync(self.step)
+        self._lr = self.stages.lr_factor * lr_at(self.tokens_at(self.step), self.cfg.optimizer.lr,
+                                                 self.cfg.train_tokens, self.cfg.schedule)
         if self.dist.is_main:
-            log.info("%s: %d steps of %d sequences (%d tokens), micro %d x accumulation %d x %d ranks, "
-                     "ZeRO-%d, %s params (N = %s)", self.run_dir, self.total_steps, self.cfg.global_batch_seqs,
-                     self.tokens_per_step, self.cfg.micro_batch, self.grad_accum, self.dist.world_size,
-                     self.zero_stage, f"{self.params['total']:,}", f"{self.params['non_embedding']:,}")
+            log.info("%s: %d steps of %s sequences (%s tokens), micro %d x accumulation %s x %d ranks, "
+                     "ZeRO-%d, %s params (N = %s)", self.run_dir, self.total_steps, _per_stage(self, "batch"),
+                     _per_stage(self, "tokens"), self.cfg.micro_batch, _per_stage(self, "accum"),
+                     self.dist.world_size, self.zero_stage, f"{self.params['total']:,}",
+                     f"{self.params['non_embedding']:,}")
         try:
             with _stop_signals(self._on_signal):
                 reason = self.train()
@@ -535,7 +592,7 @@ class Trainer:
             "status": status,
             "reason": why,
             "steps": steps,
-            "tokens": steps * self.tokens_per_step,
+            "tokens": self.tokens_at(steps),
             "total_steps": self.total_steps,
             "wall_seconds": round(self.elapsed + self._run_seconds(), 3),
             "final": {eval_key(k): v for k, v in self.last_eval.items()},
@@ -552,6 +609,14 @@ class Trainer:
 
 class StepAbandoned(Exception):
     """Raised inside a step that outlived STEP_STOP_GRACE_S after a stop signal; `run` ends the run without a save."""
+
+
+def _per_stage(trainer: Trainer, what: str) -> str:
+    """A fixed batch's number, or a ramp's numbers per stage joined by '->' (for the start line)."""
+    b, T = trainer.batches, trainer.cfg.model.seq_len
+    value = {"batch": lambda s: s.batch, "tokens": lambda s: s.batch * T,
+             "accum": lambda s: s.batch // (trainer.cfg.micro_batch * trainer.dist.world_size)}[what]
+    return "->".join(str(value(s)) for s in b.stages)
 
 
 def _signal_name(signum: Optional[int]) -> str:
@@ -652,7 +717,7 @@ def _write_config(trainer: Trainer) -> None:
     data["resolved"] = {
         "deepspeed": trainer.ds_config, "world_size": trainer.dist.world_size,
         "gradient_accumulation_steps": trainer.grad_accum, "micro_batch_seqs": cfg.micro_batch,
-        "tokens_per_step": trainer.tokens_per_step, "total_steps": trainer.total_steps,
+        "tokens_per_step": None if cfg.batch_schedule else cfg.tokens_per_step, "total_steps": trainer.total_steps,
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
         **trainer.data,
         "data_offset_seqs": trainer.samples.offset_seqs,
@@ -662,6 +727,8 @@ def _write_config(trainer: Trainer) -> None:
     if rundir.has_checkpoints(trainer.run_dir):  # a resume: the data the run started on stays on record
         started = _saved_config(trainer.run_dir).get("resolved") or {}
         data["resolved"].update({k: started[k] for k in trainer.data if k in started})
+    if cfg.batch_schedule is not None:  # the stages as trained (a file's contents too, not only its path)
+        data["resolved"]["batch_stages"] = trainer.stages.describe()
     atomic_write_text(trainer.run_dir / rundir.CONFIG, yaml.safe_dump(data, sort_keys=False))
 
 

@@ -53,6 +53,8 @@ class Run:
     config: dict = field(default_factory=dict)
     branch: Optional[dict] = None
     """method branched: where this branch starts (base run, tokens, step) and its multiplier; None otherwise."""
+    schedule: Optional[dict] = None
+    """method ramp: the ramp run's pretrain batch_schedule (it trains no fixed batch); None otherwise."""
 
 
 def human(n: float) -> str:
@@ -166,12 +168,9 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
     settings = expand_settings(cfg.settings)
     if cfg.method is StudyMethod.branched:
         return plan_branched(cfg, settings, study_dir, data_dir)
-    if cfg.targets.losses:
-        missing = [s.name for s in settings if s.name not in cfg.targets.losses and s.target is None]
-        if missing:
-            raise ConfigError(f"study.targets.losses has no loss for {', '.join(missing)}")
-        for s in settings:
-            s.target = s.target if s.target is not None else float(cfg.targets.losses[s.name])
+    _fill_explicit_targets(cfg, settings)
+    if cfg.method is StudyMethod.ramp:
+        return plan_ramp(cfg, settings, study_dir, data_dir)
     b0 = reference_batch(cfg)
     micro = cfg.base.get("micro_batch_seqs")
     if micro:
@@ -194,6 +193,16 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
         r.config = run_config(cfg, r, study_dir, data_dir)
     check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
     return runs
+
+
+def _fill_explicit_targets(cfg: StudyConfig, settings: list[Setting]) -> None:
+    """study.targets.losses: every setting's target, given; nothing with reference targets."""
+    if cfg.targets.losses:
+        missing = [s.name for s in settings if s.name not in cfg.targets.losses and s.target is None]
+        if missing:
+            raise ConfigError(f"study.targets.losses has no loss for {', '.join(missing)}")
+        for s in settings:
+            s.target = s.target if s.target is not None else float(cfg.targets.losses[s.name])
 
 
 def run_path(study_dir: Path, name: str) -> Path:
@@ -268,7 +277,9 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
             {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
             for s in run.settings]},
     }
-    if run.reference and cfg.method is StudyMethod.sweep:
+    if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
+        over.update(global_batch_seqs=None, batch_schedule=run.schedule)
+    if run.reference and cfg.method in (StudyMethod.sweep, StudyMethod.ramp):
         over["eval"] = {"at_tokens": [s.tokens for s in run.settings]}
     merged = _merge(base, over)
     if "at_tokens" in over.get("eval", {}) and base.get("eval", {}).get("at_tokens"):
@@ -294,6 +305,50 @@ def _blame_base(error: ConfigError, name: str, base: dict, over: dict) -> Config
     if in_base is None or in_over is not None:
         return error
     return ConfigError(message.replace(prefix, "study.base."))
+
+
+# ---------------------------------------------------------------------------------------------------- ramp
+
+
+def plan_ramp(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_dir: Path) -> list[Run]:
+    """Per group of settings (one model) and seed: the fixed run at the ramp's first batch b0 (the reference, when
+    targets come from it), the fixed run at its largest batch (LR x scale(k), EWA tau^k: the ramp's last stage
+    as a whole run) and the ramp run (study.ramp), the last two trained to the target."""
+    from analysis.batch_schedule import stages_to_data
+
+    ramp = cfg.ramp
+    stages = ramp.parsed("study.ramp")
+    b0, top_batch, lr = stages[0].batch, stages[-1].batch, cfg.hparams.lr[0]
+    taus0 = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
+    reference = reference_batch(cfg) is not None
+    runs = []
+    for group in _groups(cfg, settings):
+        top = group[-1].tokens
+        for seed in cfg.seeds:
+            for batch in sorted({b0, top_batch}):
+                k = batch / b0
+                beta2 = ramp.beta2_at(batch, (cfg.hparams.beta2 or [0.0])[0])
+                taus = [round(tau ** k, 6) for tau in taus0]
+                is_ref = reference and batch == b0
+                runs.append(_seeded(cfg, Run(_stem(group[0].model_label, top, batch, lr), group, batch,
+                                             lr * ramp.lr_factor(batch, b0), beta2, taus, seed, is_ref,
+                                             top if is_ref else int(cfg.max_tokens_factor * top))))
+            name = f"m{group[0].model_label}_d{human(top)}_ramp{b0}-{top_batch}_lr{lr:g}"
+            run = Run(name, group, b0, lr, ramp.beta2_at(b0, (cfg.hparams.beta2 or [0.0])[0]), list(taus0), seed,
+                      False, int(cfg.max_tokens_factor * top))
+            run.schedule = {"stages": stages_to_data(stages), "lr_scaling": ramp.lr_scaling.value,
+                            "beta2": ramp.beta2.value}
+            runs.append(_seeded(cfg, run))
+    for r in runs:
+        r.config = run_config(cfg, r, study_dir, data_dir)
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    return runs
+
+
+def _seeded(cfg: StudyConfig, run: Run) -> Run:
+    if len(cfg.seeds) > 1:
+        run.name += f"_s{run.seed}"
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------- branched
@@ -361,7 +416,8 @@ def plan_table(cfg: StudyConfig, runs: list[Run], b0: Optional[int]) -> str:
     lines = [f"study {cfg.name}: {len(runs)} runs"
              + (f"; reference batch B0 = {b0} (targets from its runs)" if b0 else "; explicit targets")]
     for r in runs:
-        lines.append(f"  {r.name}: batch {r.batch}, lr {r.lr:g}, beta2 {r.beta2:g}, taus {r.taus}, "
+        batch = "ramp " + "->".join(str(st["batch"]) for st in r.schedule["stages"]) if r.schedule else r.batch
+        lines.append(f"  {r.name}: batch {batch}, lr {r.lr:g}, beta2 {r.beta2:g}, taus {r.taus}, "
                      f"{human(r.train_tokens)} tokens max, serves {', '.join(s.name for s in r.settings)}"
                      + (" [reference]" if r.reference else ""))
     return "\n".join(lines)

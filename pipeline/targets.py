@@ -45,7 +45,10 @@ class TargetTracker:
         self.crossings: dict[str, list[Optional[dict]]] = {k: [None] * len(self.targets) for k in self.kinds}
         self.previous: dict[str, tuple[int, float]] = {}
 
-    def update(self, step: int, tokens_per_step: int, losses: dict[str, float]) -> None:
+    def update(self, step: int, tokens: int, losses: dict[str, float]) -> None:
+        """The eval losses after `step` steps, which saw `tokens` tokens. A crossing between two evals is
+        interpolated in log-loss, by the same fraction in steps and in tokens (a batch ramp's tokens are not
+        proportional to its steps)."""
         for kind, loss in losses.items():
             if kind not in self.crossings:
                 continue
@@ -54,23 +57,26 @@ class TargetTracker:
             for i, target in enumerate(self.targets):
                 if self.crossings[kind][i] is not None or not (loss <= target):
                     continue
-                interp = float(step)
+                interp, interp_tokens = float(step), float(tokens)
                 if prev is not None and prev[1] > target and loss > 0:
                     frac = (math.log(prev[1]) - math.log(target)) / (math.log(prev[1]) - math.log(loss))
+                    prev_tokens = prev[2] if len(prev) > 2 else prev[0] * tokens / step  # saved before tokens were
                     interp = prev[0] + frac * (step - prev[0])
-                self.crossings[kind][i] = {"step": step, "tokens": step * tokens_per_step,
-                                           "step_interp": round(interp, 4),
-                                           "tokens_interp": round(interp * tokens_per_step, 1)}
+                    interp_tokens = prev_tokens + frac * (tokens - prev_tokens)
+                self.crossings[kind][i] = {"step": step, "tokens": tokens, "step_interp": round(interp, 4),
+                                           "tokens_interp": round(interp_tokens, 1)}
             if math.isfinite(loss):
-                self.previous[kind] = (step, loss)
+                self.previous[kind] = (step, loss, tokens)
 
-    def replay(self, eval_records: Iterable[dict], tokens_per_step: int, until_step: Optional[int] = None) -> None:
-        """Feed logged eval events (metrics.jsonl lines with `eval/loss...` keys), in step order."""
+    def replay(self, eval_records: Iterable[dict], tokens_per_step: Optional[int] = None,
+               until_step: Optional[int] = None) -> None:
+        """Feed logged eval events (metrics.jsonl lines with `eval/loss...` keys), in step order. Each record's
+        tokens are its `tokens` (every metrics.jsonl line has them), else step x tokens_per_step."""
         for record in eval_records:
             if until_step is not None and record["step"] > until_step:
                 break
-            self.update(record["step"], tokens_per_step,
-                        {k: record[eval_key(k)] for k in self.kinds if eval_key(k) in record})
+            tokens = record["tokens"] if "tokens" in record else record["step"] * tokens_per_step
+            self.update(record["step"], tokens, {k: record[eval_key(k)] for k in self.kinds if eval_key(k) in record})
 
     def all_reached(self, weights: str = "any") -> bool:
         """Every target reached by some kind of weights: any kind, `raw`, or `ewa` (any EWA tau)."""

@@ -39,12 +39,13 @@ def test_ramp_on_a_rising_curve():
 def test_a_dip_in_cbs_holds_the_batch_instead_of_lowering_it():
     # (100, 4), (200, 16), (400, 8), (800, 32): CBS = 8 at t = 100 sqrt 2 = 141.42 (slope 2), 16 only at t = 200
     # and again at 400 sqrt 2 = 565.69 (slope 2). The ramp cannot use 16 at t = 200 and drop back to 8: it stays at
-    # 8 from 141.42 to 565.69. Steps: ceil(141.42 / 4) = 36, ceil(424.26 / 8) = 54, ceil(234.31 / 16) = 15,
-    # ceil(200 / 32) = 7; 112 against ceil(1000 / 4) = 250: 55.2% saved
+    # 8 from 141.42 to 565.69. Steps as training counts them (a stage starts where the one before ended; a boundary
+    # u acts as ceil(u)): ceil(142 / 4) = 36 (to 144 tokens), ceil((566 - 144) / 8) = 53 (to 568),
+    # ceil((800 - 568) / 16) = 15 (to 808), ceil((1000 - 808) / 32) = 6; 110 against ceil(1000 / 4) = 250
     curve = curve_from_points([(100, 4), (200, 16), (400, 8), (800, 32)], "hand")
     ramp = batch_ramp(curve, 1000, 4, 1)
-    assert stages(ramp) == [(4, 0, 141.42, 36), (8, 141.42, 565.69, 54), (16, 565.69, 800, 15), (32, 800, 1000, 7)]
-    assert ramp.steps == 112 and ramp.fixed_steps == 250 and ramp.saved == pytest.approx(1 - 112 / 250)
+    assert stages(ramp) == [(4, 0, 141.42, 36), (8, 141.42, 565.69, 53), (16, 565.69, 800, 15), (32, 800, 1000, 6)]
+    assert ramp.steps == 110 and ramp.fixed_steps == 250 and ramp.saved == pytest.approx(1 - 110 / 250)
     for t in np.geomspace(1, 999, 400):  # never above CBS(t), never decreasing
         b = next(s.batch for s in ramp.stages if s.start_tokens <= t < s.end_tokens)
         assert b <= curve.at(t) + 1e-9
@@ -53,11 +54,12 @@ def test_a_dip_in_cbs_holds_the_batch_instead_of_lowering_it():
 
 def test_ramp_from_a_power_law_starts_at_the_unit_below_it():
     # CBS = 0.5 t^0.5 crosses 3, 6, 12, 24 (unit 3) at t = 36, 144, 576, 2304; below 3 until t = 36 the ramp runs
-    # at 3 anyway. T = 7, D = 5000: ceil(144 / 21) = 7, ceil(432 / 42) = 11, ceil(1728 / 84) = 21,
-    # ceil(2696 / 168) = 17: 56 steps against ceil(5000 / 21) = 239
+    # at 3 anyway. T = 7, D = 5000, each stage from where the one before ended: ceil(144 / 21) = 7 (to 147),
+    # ceil((576 - 147) / 42) = 11 (to 609), ceil((2304 - 609) / 84) = 21 (to 2373), ceil((5000 - 2373) / 168) = 16:
+    # 55 steps against ceil(5000 / 21) = 239
     ramp = batch_ramp(curve_from_law(0.5, 0.5, "law"), 5000, 3, 7)
-    assert stages(ramp) == [(3, 0, 144, 7), (6, 144, 576, 11), (12, 576, 2304, 21), (24, 2304, 5000, 17)]
-    assert ramp.below_unit_until == pytest.approx(36) and (ramp.steps, ramp.fixed_steps) == (56, 239)
+    assert stages(ramp) == [(3, 0, 144, 7), (6, 144, 576, 11), (12, 576, 2304, 21), (24, 2304, 5000, 16)]
+    assert ramp.below_unit_until == pytest.approx(36) and (ramp.steps, ramp.fixed_steps) == (55, 239)
 
 
 def test_a_flat_curve_gives_one_stage_and_saves_nothing():
@@ -89,9 +91,9 @@ def test_forecast_ramp_from_the_law_in_d(tmp_path, capsys):
     assert forecast_main(["--ramp", "--scaling", str(tmp_path / "scaling.json"), "--tokens", "5000", "--gpus", "1",
                           "--micro-batch", "3", "--fixed-batch", "6"]) == 0
     out = capsys.readouterr().out
-    assert "stage 4: global batch 24 (accumulation 8) from 2,304 to 5,000 tokens: 17 steps" in out
-    # ceil(5000 / 42) = 120 steps at the fixed batch 6: 1 - 56 / 120 = 53.3%
-    assert "total 56 steps vs 120 at the fixed batch 6: 53.3% fewer steps" in out
+    assert "stage 4: global batch 24 (accumulation 8) from 2,304 to 5,000 tokens: 16 steps" in out
+    # ceil(5000 / 42) = 120 steps at the fixed batch 6: 1 - 55 / 120 = 54.2%
+    assert "total 55 steps vs 120 at the fixed batch 6: 54.2% fewer steps" in out
     assert "CBS(t) < 3 (one micro-batch on every GPU) up to 36 tokens" in out
 
 

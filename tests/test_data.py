@@ -67,17 +67,17 @@ def test_seed_decides_the_order(small_data):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_step_t_reads_positions_t_b_to_t_plus_1_b(small_data):
+def test_a_step_reads_the_positions_after_its_start(small_data):
     seq, batch = 64, 6
     samples = TrainSamples(small_data, seq, seed=5)
     tokens = stream(small_data, "train")
     for step in (0, 1, 17, samples.per_epoch // batch + 1):  # the last one crosses into epoch 1
-        got = samples.step_batch(step, batch, rank=0, world=1)
+        got = samples.step_batch(step * batch, batch, rank=0, world=1)
         assert got.shape == (batch, seq + 1) and got.dtype == torch.int64
         sample_ids = samples.positions(step * batch, batch)
         for row, i in zip(got, sample_ids):
             assert np.array_equal(row.numpy(), tokens[i * seq:i * seq + seq + 1])  # inputs + shifted labels
-    consecutive = torch.cat([samples.step_batch(t, batch, 0, 1) for t in range(5)])
+    consecutive = torch.cat([samples.step_batch(t * batch, batch, 0, 1) for t in range(5)])
     assert torch.equal(consecutive, samples.batch(0, 5 * batch))
 
 
@@ -85,8 +85,8 @@ def test_step_t_reads_positions_t_b_to_t_plus_1_b(small_data):
 def test_ranks_split_each_step_in_order(small_data, world):
     samples = TrainSamples(small_data, 64, seed=11)
     for step in (0, 3, 100):
-        whole = samples.step_batch(step, 16, rank=0, world=1)
-        shares = [samples.step_batch(step, 16, rank=r, world=world) for r in range(world)]
+        whole = samples.step_batch(step * 16, 16, rank=0, world=1)
+        shares = [samples.step_batch(step * 16, 16, rank=r, world=world) for r in range(world)]
         assert all(s.shape[0] == 16 // world for s in shares)
         assert torch.equal(torch.cat(shares), whole)
 

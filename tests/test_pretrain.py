@@ -139,7 +139,7 @@ def test_step_is_clipped_adamw_and_reports_the_pre_clip_norm(stdlib_data, tmp_pa
     for step in range(4):
         for group in opt.param_groups:
             group["lr"] = lr_at(step * cfg.tokens_per_step, cfg.optimizer.lr, cfg.train_tokens, cfg.schedule)
-        for micro in trainer.samples.step_batch(step, cfg.global_batch_seqs, 0, 1).split(cfg.micro_batch):
+        for micro in trainer.samples.step_batch(step * cfg.global_batch_seqs, cfg.global_batch_seqs, 0, 1).split(cfg.micro_batch):
             (forward_loss(ref, micro)[0] / trainer.grad_accum).backward()
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optimizer.grad_clip).item()
         opt.step()

@@ -134,7 +134,7 @@ def test_target_tracking_on_a_known_curve():
     tracker = TargetTracker([3.0, 2.0, 0.5], ["raw", "ewa/0.99"])
     curve = {10: 4.0, 20: 3.2, 30: 2.8, 40: 1.9}  # loss(step)
     for step, loss in curve.items():
-        tracker.update(step, 100, {"raw": loss, "ewa/0.99": loss - 0.5})
+        tracker.update(step, step * 100, {"raw": loss, "ewa/0.99": loss - 0.5})
     out = tracker.to_json()
     raw3 = out[0]["raw"]
     assert raw3["step"] == 30 and raw3["tokens"] == 3000
@@ -145,7 +145,7 @@ def test_target_tracking_on_a_known_curve():
     assert out[1]["raw"]["step"] == 40 and out[1]["ewa"]["0.99"]["step"] == 40
     assert out[2]["raw"] is None and out[2]["ewa"]["0.99"] is None
     assert not tracker.all_reached()
-    tracker.update(50, 100, {"raw": 0.6, "ewa/0.99": 0.4})
+    tracker.update(50, 5000, {"raw": 0.6, "ewa/0.99": 0.4})
     assert tracker.all_reached()  # the last target reached by EWA weights only
     first = TargetTracker([5.0], ["raw"])
     first.update(1, 10, {"raw": 4.0})  # below at the first eval: no earlier point to interpolate from
@@ -154,9 +154,9 @@ def test_target_tracking_on_a_known_curve():
 
 def test_stop_weights_choose_which_crossings_count():
     tracker = TargetTracker([3.0], ["raw", "ewa/0.9", "ewa/0.99"])
-    tracker.update(10, 100, {"raw": 2.9, "ewa/0.9": 3.2, "ewa/0.99": 3.5})
+    tracker.update(10, 1000, {"raw": 2.9, "ewa/0.9": 3.2, "ewa/0.99": 3.5})
     assert tracker.all_reached("any") and tracker.all_reached("raw") and not tracker.all_reached("ewa")
-    tracker.update(20, 100, {"raw": 2.8, "ewa/0.9": 3.1, "ewa/0.99": 2.95})
+    tracker.update(20, 2000, {"raw": 2.8, "ewa/0.9": 3.1, "ewa/0.99": 2.95})
     assert tracker.all_reached("ewa")
     with pytest.raises(ConfigError, match="stop_weights is ewa but pretrain.ewa.taus is empty"):
         cfg(stop_weights="ewa", targets=[3.0], stop_at_targets=True)
@@ -168,7 +168,7 @@ def test_targets_restore_by_value_never_by_position():
     old = TargetTracker([3.0, 2.0], ["raw"])
     curve = [(10, 3.5), (20, 2.9), (30, 2.5)]
     for step, loss in curve:
-        old.update(step, 100, {"raw": loss})
+        old.update(step, step * 100, {"raw": loss})
     new = TargetTracker([2.7, 3.0], ["raw"])  # 3.0 moved to position 1; 2.7 is new
     missing = new.load_state_dict(old.state_dict())
     assert missing == [2.7]
