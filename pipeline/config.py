@@ -726,11 +726,12 @@ class PretrainConfig:
         _check(self.micro_batch_seqs is None or self.micro_batch_seqs >= 1,
                f"{p}.micro_batch_seqs must be >= 1: got {self.micro_batch_seqs}")
         _check(self.train_tokens >= 1, f"{p}.train_tokens must be >= 1: got {self.train_tokens}")
-        _check(self.tokens_per_step <= self.train_tokens,
-               f"{p}.global_batch_seqs {self.global_batch_seqs} x model.seq_len {self.model.seq_len} = "
-               f"{self.tokens_per_step:,} tokens per step is more than {p}.train_tokens ({self.train_tokens:,}): "
-               f"one step would train past the budget; lower global_batch_seqs to at most "
-               f"{max(self.train_tokens // self.model.seq_len, 1)} or raise train_tokens")
+        if self.batch_schedule is None:  # a ramp's stages are checked against the budget by check_budget
+            _check(self.tokens_per_step <= self.train_tokens,
+                   f"{p}.global_batch_seqs {self.global_batch_seqs} x model.seq_len {self.model.seq_len} = "
+                   f"{self.tokens_per_step:,} tokens per step is more than {p}.train_tokens "
+                   f"({self.train_tokens:,}): one step would train past the budget; lower global_batch_seqs to at "
+                   f"most {max(self.train_tokens // self.model.seq_len, 1)} or raise train_tokens")
         for i, t in enumerate(self.targets):
             _check(t > 0, f"{p}.targets[{i}] must be a loss > 0: got {t}")
         _check(not self.stop_at_targets or self.targets, f"{p}.stop_at_targets needs {p}.targets")

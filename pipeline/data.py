@@ -128,14 +128,15 @@ def read_manifest(data_dir: str | Path, seq_len: Optional[int] = None,
     return manifest
 
 
-def check_batch_fits(data_dir: str | Path, manifest: dict, seq_len: int, global_batch_seqs: int) -> None:
+def check_batch_fits(data_dir: str | Path, manifest: dict, seq_len: int, global_batch_seqs: int,
+                     key: str = "pretrain.global_batch_seqs") -> None:
     """One global batch must not hold more sequences than the train split: a larger one repeats sequences within
     a step (and materialises an unbounded batch in memory) instead of measuring a larger batch."""
     per_epoch = (manifest["tokens"]["train"] - 1) // seq_len
-    if global_batch_seqs > per_epoch:
-        raise DataError(f"pretrain.global_batch_seqs {global_batch_seqs} is more than the {per_epoch:,} sequences of "
+    if global_batch_seqs > per_epoch:  # a ramp's largest batch, named by its key
+        raise DataError(f"{key} {global_batch_seqs} is more than the {per_epoch:,} sequences of "
                         f"model.seq_len {seq_len} in the train split of {data_dir}: one batch would repeat data; "
-                        f"lower global_batch_seqs, or add documents to the corpus")
+                        f"lower {key.rsplit('.', 1)[-1]}, or add documents to the corpus")
 
 
 def data_identity(data_dir: str | Path, manifest: dict) -> dict:

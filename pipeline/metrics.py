@@ -52,9 +52,11 @@ def run_identity(cfg) -> RunIdentity:
     """A PretrainConfig's run name (its directory's), study and the hyper-parameters a study varies or fixes."""
     m, o = cfg.model, cfg.optimizer
     study = cfg.study or {}
+    batches = cfg.batches.stages  # a ramp: its first batch, and the whole schedule as text
     hparams = {
-        "global_batch_seqs": cfg.global_batch_seqs, "micro_batch_seqs": cfg.micro_batch,
-        "tokens_per_step": cfg.tokens_per_step, "train_tokens": cfg.train_tokens, "seq_len": m.seq_len,
+        "global_batch_seqs": batches[0].batch, "micro_batch_seqs": cfg.micro_batch,
+        "tokens_per_step": batches[0].batch * m.seq_len, "train_tokens": cfg.train_tokens, "seq_len": m.seq_len,
+        "batch_schedule": "->".join(str(s.batch) for s in batches) if cfg.batch_schedule is not None else "",
         "model": m.preset or f"L{m.layers}d{m.hidden}", "layers": m.layers, "hidden": m.hidden,
         "lr": o.lr, "beta1": o.beta1, "beta2": o.beta2, "weight_decay": o.weight_decay,
         "warmup_tokens": cfg.schedule.warmup_tokens, "schedule": _plain_enum(cfg.schedule.kind),

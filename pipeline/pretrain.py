@@ -738,7 +738,11 @@ def main(cfg: PretrainConfig) -> dict:
     # batch arithmetic and the DeepSpeed file are checked before anything starts or is written
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), uses_cuda())
     manifest = read_manifest(cfg.data_dir, cfg.model.seq_len)  # whole shards, each split >= one sequence long
-    check_batch_fits(cfg.data_dir, manifest, cfg.model.seq_len, cfg.global_batch_seqs)
+    if cfg.batch_schedule is None:
+        check_batch_fits(cfg.data_dir, manifest, cfg.model.seq_len, cfg.global_batch_seqs)
+    else:  # a ramp: its largest batch
+        check_batch_fits(cfg.data_dir, manifest, cfg.model.seq_len, max(cfg.batch_schedule.all_batches),
+                         "pretrain.batch_schedule's largest batch")
     data = data_identity(cfg.data_dir, manifest)
     done = _finished(cfg, data)
     if done is not None:  # the cheap way out, before any process group or lock

@@ -431,6 +431,17 @@ def study_base_bad_value(tmp, data, other):
             "must be an integer: got 'lots'")
 
 
+def ramp_batch_larger_than_data(tmp, data, other):
+    """The data check read global_batch_seqs, which a ramp leaves unset: its largest stage went unchecked."""
+    path = tmp / "pt.yaml"
+    path.write_text(f"data_dir: {data}\nrun_dir: {tmp / 'run'}\nmodel: {{preset: tiny, seq_len: 64}}\n"
+                    f"micro_batch_seqs: 4\ntrain_tokens: 1000000000\n"
+                    f"batch_schedule: {{stages: [{{batch: 8, until_tokens: 4096}}, {{batch: 1000000}}]}}\n")
+    return (["pretrain", str(path)],
+            r"pretrain\.batch_schedule's largest batch 1000000 is more than the [\d,]+ sequences",
+            "or add documents to the corpus")
+
+
 def lr_infinite(tmp, data, other):
     """`lr: .inf` passed `lr > 0`: the run trained NaN weights and wrote a bare NaN into result.json."""
     return (["pretrain", str(pt_yaml(tmp, data, "optimizer: {lr: .inf}\n"))], r"pretrain\.optimizer\.lr",
@@ -498,7 +509,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
     set_section_to_scalar, unknown_nested_key, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
-    study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, lr_infinite,
+    study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, ramp_batch_larger_than_data, lr_infinite,
     study_model_a_number, study_data_missing, study_slurm_out_with_percent, study_slurm_out_with_newline,
 ]}
 
