@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.preprocess import token_dtype
-from pipeline.utils import sha256_file
+from cbs.pipeline.preprocess import token_dtype
+from cbs.pipeline.utils import sha256_file
 
 DOC_TOKENS = 4096  # tokens per document: documents only matter to the index, not to training samples
 

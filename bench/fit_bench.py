@@ -26,11 +26,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from analysis.cli import fit_main  # noqa: E402
-from analysis.cost import ThroughputModel, study_throughput  # noqa: E402
-from analysis.outputs import render_outputs  # noqa: E402
-from analysis.steps import load_steps  # noqa: E402
-from analysis.study_fit import fit_study  # noqa: E402
+from cbs.analysis.cli import fit_main  # noqa: E402
+from cbs.analysis.cost import ThroughputModel, study_throughput  # noqa: E402
+from cbs.analysis.outputs import render_outputs  # noqa: E402
+from cbs.analysis.steps import load_steps  # noqa: E402
+from cbs.analysis.study_fit import fit_study  # noqa: E402
 
 MODELS = {"m85M": 85e6, "m151M": 151e6, "m302M": 302e6, "m604M": 604e6, "m1.2B": 1.2e9}
 BUDGET_MULTIPLIERS = (5, 10, 20, 40)  # D = k N tokens (20 N: Chinchilla)

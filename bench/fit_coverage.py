@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from analysis.fit import critical_batch_size, fit_settings, steps_model  # noqa: E402
-from analysis.laws import fit_laws  # noqa: E402
-from analysis.steps import Setting, StepsPoint  # noqa: E402
+from cbs.analysis.fit import critical_batch_size, fit_settings, steps_model  # noqa: E402
+from cbs.analysis.laws import fit_laws  # noqa: E402
+from cbs.analysis.steps import Setting, StepsPoint  # noqa: E402
 
 A_TRUE, B_TRUE, B0, OVERHEAD = 0.45, 0.10, 64.0, 0.2
 C_TRUE = 1.9e-3  # CBS ~135 .. 760 over the designs: every B_noise (290 .. 3400) inside 64 .. 4096

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from pipeline import preprocess
-from pipeline.config import PreprocessConfig, TokenizerConfig
-from pipeline.corpus import Reader, resolve
+from cbs.pipeline import preprocess
+from cbs.pipeline.config import PreprocessConfig, TokenizerConfig
+from cbs.pipeline.corpus import Reader, resolve
 
 
 def ceiling(model: str, texts: list[str], repeat: int) -> float:

@@ -6,7 +6,7 @@
     python bench/throughput.py --shapes gpt2-small 151M           # GPU: ours eager and compiled beside compiled
                                                                   # plain PyTorch (the default contenders there)
 
-"ours" is the step `cbs pretrain` runs, timed as it runs there: a real `pipeline.pretrain.Trainer` (megatron-core
+"ours" is the step `cbs pretrain` runs, timed as it runs there: a real `cbs.pipeline.pretrain.Trainer` (megatron-core
 GPTModel with SDPA core attention inside a DeepSpeed engine, ZeRO-1 from ds_configs/zero1.json, bf16 on GPU,
 fp32 on CPU, EWA) built on a real run directory, and its own `train_step()`: the batch read from the data
 directory's shards, micro-batch x accumulation, the EWA update. The shards hold random token ids (bench_data.py:
@@ -47,8 +47,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data beside this file
 from bench_data import random_token_data  # noqa: E402
-from pipeline.config import ModelConfig, PretrainConfig, from_dict  # noqa: E402
-from pipeline.model import flops_per_token, padded_vocab  # noqa: E402
+from cbs.pipeline.config import ModelConfig, PretrainConfig, from_dict  # noqa: E402
+from cbs.pipeline.model import flops_per_token, padded_vocab  # noqa: E402
 
 SHAPES = {  # name: (model preset or fields, micro-batch, vocab, CPU threads: None = torch's default)
     "tiny": ("tiny", 16, 4096, None), "cpu-small": ("cpu-small", 8, 4096, None),
@@ -156,7 +156,7 @@ def device_busy_s(step, steps: int = 3) -> float | None:
 def ours(m: ModelConfig, vocab: int, micro: int, accum: int, data_dir: Path, dist, args, compile_: bool):
     """The Trainer's own train_step on a run directory under `data_dir` (nothing is written there until a
     checkpoint, which the bench never reaches)."""
-    from pipeline.pretrain import Trainer
+    from cbs.pipeline.pretrain import Trainer
 
     steps_needed = (args.warmup + args.repeats * args.steps + 1) * 2
     cfg = from_dict(PretrainConfig, {
@@ -261,8 +261,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=None, help="override the shape's micro-batch")
     ap.add_argument("--deepspeed-config", default="zero1.json")
     args = ap.parse_args()
-    from pipeline.distributed import init_distributed
-    from pipeline.pretrain import peak_flops
+    from cbs.pipeline.distributed import init_distributed
+    from cbs.pipeline.pretrain import peak_flops
 
     dist = init_distributed(1234)
     shapes = args.shapes or (["gpt2-small", "151M"] if dist.cuda else ["tiny", "cpu-small"])

@@ -11,7 +11,7 @@
 # rank per GPU: with the deepspeed launcher (a hostfile from the job's node list, `slots=GPUS_PER_NODE`), or with
 # LAUNCHER=torchrun (c10d rendezvous on the first node). On several nodes `srun` runs this script once per node
 # with CBS_NODE_RANK set, and each starts its node's ranks: the deepspeed launcher with --no_ssh --node_rank (no
-# ssh between nodes), or torchrun --nnodes. Otherwise it is one plain `python -m pipeline.cli pretrain ...`; every
+# ssh between nodes), or torchrun --nnodes. Otherwise it is one plain `python -m cbs.pipeline.cli pretrain ...`; every
 # other stage is one plain process too. The config travels as a path, never inline.
 #
 # Stopping (pretrain). SIGUSR1 (jobs/pretrain.sbatch asks Slurm for it before the time limit), SIGTERM (scancel,
@@ -63,7 +63,7 @@ LAUNCHER=${LAUNCHER:-deepspeed}
 MASTER_PORT=${MASTER_PORT:-29500}
 DRY_RUN=${CBS_DRY_RUN:-0}
 HOSTFILE_TEMPLATE=${TMPDIR:-/tmp}/cbs-hostfile.XXXXXX
-EXIT_STOPPED=75  # a run that saved a checkpoint and stopped on a signal (pipeline.pretrain.EXIT_PREEMPTED)
+EXIT_STOPPED=75  # a run that saved a checkpoint and stopped on a signal (cbs.pipeline.pretrain.EXIT_PREEMPTED)
 
 # ---- checks: every one before anything starts ------------------------------------------------------------------
 (($# >= 1)) || die "usage: $0 {preprocess|pretrain|evaluate|fit} ARGS..."
@@ -126,9 +126,9 @@ announce() {  # the log's first line of a launch (its checks passed)
 }
 
 if [[ $STAGE != pretrain ]]; then
-  ((DRY_RUN)) && { show run "$PYTHON" -m pipeline.cli "$STAGE" "$@"; dry_exit; }
+  ((DRY_RUN)) && { show run "$PYTHON" -m cbs.pipeline.cli "$STAGE" "$@"; dry_exit; }
   announce
-  exec "$PYTHON" -m pipeline.cli "$STAGE" "$@"
+  exec "$PYTHON" -m cbs.pipeline.cli "$STAGE" "$@"
 fi
 
 # ---- stopping: pass the first stop signal on, once -------------------------------------------------------------
@@ -261,7 +261,7 @@ maybe_requeue() {
 
 # ---- pretrain, one process --------------------------------------------------------------------------------------
 if ((GPUS_PER_NODE == 0 || GPUS_PER_NODE * NNODES == 1)); then
-  cmd=("$PYTHON" -m pipeline.cli pretrain "$@")
+  cmd=("$PYTHON" -m cbs.pipeline.cli pretrain "$@")
   launch python "${cmd[@]}" && exit 0 || exit $?
 fi
 
@@ -336,7 +336,7 @@ case $LAUNCHER in
   torchrun)
     cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
       --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-cbs}"
-      -m pipeline.cli pretrain "$@")
+      -m cbs.pipeline.cli pretrain "$@")
     launch ranks "${cmd[@]}" && exit 0 || exit $?
     ;;
   deepspeed)
@@ -371,7 +371,7 @@ case $LAUNCHER in
     # --no_local_rank: the rank is in LOCAL_RANK; the flag would land before the stage (cli --local_rank=0 pretrain)
     cmd=("$PYTHON" -m deepspeed.launcher.runner --hostfile="$HOSTFILE" --include="$include" --no_ssh
       --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --no_local_rank
-      --module pipeline.cli pretrain "$@")
+      --module cbs.pipeline.cli pretrain "$@")
     if ((DRY_RUN)); then
       for line in "${hostfile_lines[@]}"; do show hostfile "$line"; done
     fi

@@ -117,7 +117,7 @@ if [ "$DRY" = 1 ]; then
   else
     note "   no $WHEEL_DIR here: scripts/gpu_wheels.sh makes it (a GPU machine without DeepSpeed needs it)"
   fi
-  DS_ACCELERATOR=cpu "$PYTHON" -m pipeline.cli study configs/gpu_check.yaml --out "$WORK/study" --dry-run \
+  DS_ACCELERATOR=cpu "$PYTHON" -m cbs.pipeline.cli study configs/gpu_check.yaml --out "$WORK/study" --dry-run \
     >/dev/null || { echo "gpu-check: configs/gpu_check.yaml does not plan" >&2; exit 1; }
 fi
 
@@ -127,8 +127,8 @@ part setup "$SETUP_S" bash -c setup || { note "gpu-check: setup failed, nothing 
 study() {
   set -e
   rm -rf "$WORK/study"  # a fresh study each time: its minutes are part of what is measured
-  "$PYTHON" -m pipeline.cli study configs/gpu_check.yaml --out "$WORK/study" --parallel 5
-  "$PYTHON" -m pipeline.cli status "$WORK/study"
+  "$PYTHON" -m cbs.pipeline.cli study configs/gpu_check.yaml --out "$WORK/study" --parallel 5
+  "$PYTHON" -m cbs.pipeline.cli status "$WORK/study"
   cp "$WORK/study/fit/report.md" "$OUT/study_report.md"
   tar czf "$OUT/study_fit.tar.gz" -C "$WORK/study" fit
 }

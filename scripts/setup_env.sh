@@ -16,7 +16,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip setuptools wheel
 pip install -q "torch==$TORCH_VERSION"
 # deepspeed's setup.py imports torch: build it against the torch above, ops compiled lazily (none here)
-# (on the CPU none at all: pipeline/distributed.py keeps DeepSpeed from JIT-building deepspeed_shm_comm, whose
+# (on the CPU none at all: cbs/pipeline/distributed.py keeps DeepSpeed from JIT-building deepspeed_shm_comm, whose
 # build lock in ~/.cache/torch_extensions, left by a killed run, made every later run hang)
 DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 pip install -q "megatron-core==$MCORE_VERSION"

@@ -15,7 +15,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def stdlib_texts(n: int, max_chars: int = 20_000) -> list[str]:
     """The first `n` non-empty stdlib sources of at most `max_chars` characters: real code and prose."""
-    from pipeline.corpus import stdlib_files
+    from cbs.pipeline.corpus import stdlib_files
 
     texts = []
     for path in stdlib_files():
@@ -46,8 +46,8 @@ def read_split(data_dir: Path, split: str):
 @pytest.fixture(scope="session")
 def stdlib_data(tmp_path_factory) -> Path:
     """The whole `stdlib` corpus, preprocessed with a small vocabulary (the default corpus, end to end)."""
-    from pipeline import preprocess
-    from pipeline.config import PreprocessConfig, TokenizerConfig
+    from cbs.pipeline import preprocess
+    from cbs.pipeline.config import PreprocessConfig, TokenizerConfig
 
     out = tmp_path_factory.mktemp("stdlib") / "data"
     preprocess.main(PreprocessConfig(inputs=["stdlib"], output_dir=str(out),

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis.branched import local_cbs
-from analysis.cli import fit_main, forecast_main
-from analysis.outputs import CBS_COLUMNS
-from pipeline import study as study_mod
-from pipeline.config import PretrainConfig, StudyConfig, from_dict, to_dict
-from pipeline.metrics import Tracker
+from cbs.analysis.branched import local_cbs
+from cbs.analysis.cli import fit_main, forecast_main
+from cbs.analysis.outputs import CBS_COLUMNS
+from cbs.pipeline import study as study_mod
+from cbs.pipeline.config import PretrainConfig, StudyConfig, from_dict, to_dict
+from cbs.pipeline.metrics import Tracker
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis import run_metrics
-from analysis.cli import fit_main
-from analysis.noise_scale import b_simple_near, ratio_of_sums, read_noise_scale, readings_near, step_estimates
-from pipeline.metrics import Tracker
+from cbs.analysis import run_metrics
+from cbs.analysis.cli import fit_main
+from cbs.analysis.noise_scale import b_simple_near, ratio_of_sums, read_noise_scale, readings_near, step_estimates
+from cbs.pipeline.metrics import Tracker
 
 
 # ------------------------------------------------------------------------------------------ the estimator itself
@@ -34,7 +34,7 @@ def low_rank_readings(rng: np.random.Generator, n: int, rank: int, b_simple: flo
 
 
 def pretrain_logged(grad_sq: np.ndarray, trace: np.ndarray, beta: float = 0.9) -> np.ndarray:
-    """What pretrain logs as train/noise_scale (pipeline/noise.py): the ratio of EMAs, NaN where that of |G|^2
+    """What pretrain logs as train/noise_scale (cbs/pipeline/noise.py): the ratio of EMAs, NaN where that of |G|^2
     is <= 0 (the bias corrections cancel in the ratio)."""
     ema_g = ema_s = 0.0
     out = []

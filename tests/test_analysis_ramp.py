@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.cli import fit_main, forecast_main
-from analysis.laws import fit_scaling_law, law_to_json
-from analysis.ramp import batch_ramp, curve_from_law, curve_from_points, ladder_floor
+from cbs.analysis.cli import fit_main, forecast_main
+from cbs.analysis.laws import fit_scaling_law, law_to_json
+from cbs.analysis.ramp import batch_ramp, curve_from_law, curve_from_points, ladder_floor
 
 CURVE_HEADER = "setting,tokens,cbs,cbs_low,cbs_high,complete,seq_len\n"
 

@@ -1,4 +1,4 @@
-"""`cbs fit` on ramp and fixed runs (analysis/ramp_compare.py), on hand-made run directories whose every number is
+"""`cbs fit` on ramp and fixed runs (cbs/analysis/ramp_compare.py), on hand-made run directories whose every number is
 worked out in the comments: steps, tokens and seconds to the target, measured and predicted saving."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.cli import fit_main
-from analysis.ramp_compare import read_ramp_runs, seconds_to
+from cbs.analysis.cli import fit_main
+from cbs.analysis.ramp_compare import read_ramp_runs, seconds_to
 
 
 def write_run(root: Path, name: str, config: dict, crossing: dict | None, lines: list[dict]) -> None:
@@ -86,7 +86,7 @@ def test_several_seeds_pair_each_ramp_with_its_seed_and_report_the_spread(tmp_pa
         pytest.approx(0.25)
     # predicted for seed 2 from its own fixed run: 3200 tokens -> 25 + ceil(2200 / 80) = 53 of 80 steps
     assert cmp.saving(runs["ramp_s2"])[1] == pytest.approx(1 - 53 / 80)
-    from analysis.ramp_compare import ramp_report
+    from cbs.analysis.ramp_compare import ramp_report
 
     assert "Measured steps saved over 2 seeds: mean 27.5%, range 25.0% to 30.0%." in ramp_report(cmp)
 

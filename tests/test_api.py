@@ -1,4 +1,4 @@
-"""analysis.api, the Python API for notebooks: README's example run as written on a study directory built to the
+"""cbs.analysis.api, the Python API for notebooks: README's example run as written on a study directory built to the
 stage contract, and the API's answers checked against `cbs fit`'s files."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_analysis_cli import BUDGETS, MODELS, make_study
 
-from analysis import InputError
-from analysis.api import cbs_table, export, fit, forecast, ramp
+from cbs.analysis import InputError
+from cbs.analysis.api import cbs_table, export, fit, forecast, ramp
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import stdlib_texts, write_jsonl
-from pipeline import cli
+from cbs.pipeline import cli
 from test_data import make_small_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_data(tmp_path_factory) -> Path:
     """Another dataset (other documents, other tokenizer): the source of foreign shards and tokenizers."""
-    from pipeline.config import TokenizerConfig
+    from cbs.pipeline.config import TokenizerConfig
 
     return make_small_data(tmp_path_factory.mktemp("bad-input-other") / "data", documents=50,
                            tokenizer=TokenizerConfig(vocab_size=380))
@@ -533,7 +533,7 @@ def test_no_traceback_reaches_the_user(tmp_path, data, other_data):
     """The issue's own example, as a user runs it: a truncated train.idx given to `cbs pretrain`."""
     argv, names, fix = truncated_idx(tmp_path, data, other_data)
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "cbs.pipeline.cli", *argv], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "AttributeError" not in proc.stderr
@@ -546,7 +546,7 @@ def test_no_traceback_reaches_the_user(tmp_path, data, other_data):
 
 def test_token_counts_are_read_with_the_suffixes_cbs_prints(tmp_path, data, capsys):
     """`tokens: [300K, 1M]` (as cbs names settings and runs) ended in a traceback; `--set train_tokens=4K` too."""
-    from pipeline.config import PretrainConfig, load_config, parse_tokens
+    from cbs.pipeline.config import PretrainConfig, load_config, parse_tokens
 
     settings = "{generator: fixed_model, model: tiny, tokens: [300K, 1M]}"
     assert cli.main(["study", str(study_yaml(tmp_path, data, settings)), "--out", str(tmp_path / "s"),
@@ -573,7 +573,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, data):
     """`cbs study ... --dry-run | head` ended in a BrokenPipeError traceback (every stage goes through cli.main)."""
     study = study_yaml(tmp_path, data, "{generator: fixed_model, model: tiny, tokens: [300K, 1M, 3M, 10M]}")
     argv = ["study", str(study), "--out", str(tmp_path / "s"), "--dry-run"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "cbs.pipeline.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT)
     proc.stdout.close()  # the reader is gone before the first line is written (python takes a second to start)
     err = proc.stderr.read().decode()
@@ -609,7 +609,7 @@ def test_pretrain_split_shorter_than_one_sequence_writes_nothing(tmp_path, data,
     tokens = json.loads((data / "manifest.json").read_text())["tokens"][split]
     cfg = pt_yaml(tmp_path, data)
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", str(cfg), "--set",
+    proc = subprocess.run([sys.executable, "-m", "cbs.pipeline.cli", "pretrain", str(cfg), "--set",
                            f"model.seq_len={tokens}", "--set", f"train_tokens={8 * tokens}"],  # a budget of 1 step
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -620,8 +620,8 @@ def test_pretrain_split_shorter_than_one_sequence_writes_nothing(tmp_path, data,
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data) -> Path:
     """A 2-step tiny run with its final checkpoint, trained in this process (as tests/test_evaluate.py does)."""
-    from pipeline import pretrain
-    from pipeline.config import PretrainConfig, load_config
+    from cbs.pipeline import pretrain
+    from cbs.pipeline.config import PretrainConfig, load_config
 
     tmp = tmp_path_factory.mktemp("bad-input-run")
     cfg = load_config(PretrainConfig, pt_yaml(tmp, data), ["train_tokens=1024", "eval.eval_tokens=256"])
@@ -754,7 +754,7 @@ def test_a_study_out_that_is_a_file_exits_2(tmp_path, data, capsys):
 
 
 def _planned_study(tmp: Path) -> Path:
-    from pipeline import study
+    from cbs.pipeline import study
     from test_study import study_cfg
 
     runs = study.plan(study_cfg(batch_sizes=[4, 8, 16]), tmp / "s", tmp / "s" / "data")

@@ -1,4 +1,4 @@
-"""The batch schedule's arithmetic (analysis/batch_schedule.py), worked out by hand, against a brute-force
+"""The batch schedule's arithmetic (cbs/analysis/batch_schedule.py), worked out by hand, against a brute-force
 step-by-step count, and its file as `cbs forecast --ramp --out` writes it and pretrain reads it."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from analysis.batch_schedule import (BatchSchedule, ScheduleError, Stage, parse_stages, read_schedule_file,
-                                     write_schedule_file)
-from analysis.cli import forecast_main
+from cbs.analysis.batch_schedule import (BatchSchedule, ScheduleError, Stage, parse_stages, read_schedule_file,
+                                         write_schedule_file)
+from cbs.analysis.cli import forecast_main
 
 
 def brute_force(stages: list[Stage], seq_len: int, steps: int) -> list[tuple[int, int]]:

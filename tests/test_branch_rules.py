@@ -1,4 +1,4 @@
-"""The local-CBS rules of a branched study (analysis/branch_rules.py) on known losses, and against a simulated
+"""The local-CBS rules of a branched study (cbs/analysis/branch_rules.py) on known losses, and against a simulated
 truth with eval noise: the relative chain is biased low, Merrill et al.'s absolute rule with the eval-noise
 allowance is not."""
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.branch_rules import Rule, eval_noise, judge, noise_interval
+from cbs.analysis.branch_rules import Rule, eval_noise, judge, noise_interval
 
 ISSUE_BATCHES = [256, 512, 1024, 2048]
 ISSUE_LOSSES = [3.00, 3.02, 3.05, 3.01]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config,
-                             read_yaml)
+from cbs.pipeline.config import (ConfigError, PreprocessConfig, TokenizerType, apply_overrides, load_config, read_yaml)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,8 +64,8 @@ def test_every_shipped_pretrain_config_and_ds_config_is_accepted_by_deepspeed():
 
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from pipeline.config import PretrainConfig
-    from pipeline.distributed import deepspeed_config
+    from cbs.pipeline.config import PretrainConfig
+    from cbs.pipeline.distributed import deepspeed_config
 
     shipped = sorted((ROOT / "configs").glob("pretrain*.yaml"))
     zero_files = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -87,7 +86,7 @@ def test_every_shipped_pretrain_config_and_ds_config_is_accepted_by_deepspeed():
 
 
 def test_a_preset_shorthand_can_be_refined_by_overrides(tmp_path):
-    from pipeline.config import MODEL_PRESETS, PretrainConfig
+    from cbs.pipeline.config import MODEL_PRESETS, PretrainConfig
 
     path = write(tmp_path, "data_dir: d\nrun_dir: r\nglobal_batch_seqs: 8\ntrain_tokens: 1000000\nmodel: tiny\n")
     cfg = load_config(PretrainConfig, path, ["model.seq_len=64"])

@@ -1,4 +1,4 @@
-"""pipeline/data.py on real shards: index checks vs megatron-core's reader, the global data order (epochs, steps,
+"""cbs/pipeline/data.py on real shards: index checks vs megatron-core's reader, the global data order (epochs, steps,
 ranks), the eval set, and int32 shards of a vocabulary larger than uint16."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import read_split
-from pipeline import preprocess
-from pipeline.config import PreprocessConfig, TokenizerConfig
-from pipeline.data import DataError, TrainSamples, eval_sequences, read_index, read_manifest
+from cbs.pipeline import preprocess
+from cbs.pipeline.config import PreprocessConfig, TokenizerConfig
+from cbs.pipeline.data import DataError, TrainSamples, eval_sequences, read_index, read_manifest
 
 
 def make_small_data(out: Path, documents: int = 80, **kw) -> Path:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pipeline import evaluate, pretrain
+from cbs.pipeline import evaluate, pretrain
 from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, series, torchrun, write_cfg
 
 

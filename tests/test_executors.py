@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from pipeline.executors import (RUN_STAGE, ExecutorError, LocalExecutor, Slot, device_slots, launch_command, slot_env,
-                                visible_gpus)
+from cbs.pipeline.executors import (RUN_STAGE, ExecutorError, LocalExecutor, Slot, device_slots, launch_command,
+                                    slot_env, visible_gpus)
 
 EIGHT = [str(i) for i in range(8)]
 
@@ -51,7 +51,7 @@ def test_impossible_device_plans_are_refused(parallel, per_run, gpus, message):
 
 def test_commands_and_environments():
     one, two, cpu = Slot(0, ("3",)), Slot(1, ("4", "5")), Slot(0)
-    assert launch_command(one, ["pretrain", "r.yaml"], "py") == ["py", "-m", "pipeline.cli", "pretrain", "r.yaml"]
+    assert launch_command(one, ["pretrain", "r.yaml"], "py") == ["py", "-m", "cbs.pipeline.cli", "pretrain", "r.yaml"]
     # several GPUs: through run_stage.sh, which stops ranks without the 30 s SIGKILL torchrun would add
     assert launch_command(two, ["pretrain", "r.yaml"], "py") == ["bash", str(RUN_STAGE), "pretrain", "r.yaml"]
     host = {"DS_ACCELERATOR": "cpu", "RANK": "0", "MASTER_PORT": "1234", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5",

@@ -11,13 +11,13 @@ import tomllib
 
 import pytest
 
-from analysis.cli import forecast_main
-from analysis.export import (
+from cbs.analysis.cli import forecast_main
+from cbs.analysis.export import (
     STAGE_SEPARATOR, from_batch_plan, from_ramp, megatron, megatron_batch, megatron_ramp, olmo_core, torchtitan,
 )
-from analysis.forecast import batch_plan
-from analysis.laws import fit_scaling_law, law_to_json
-from analysis.ramp import batch_ramp, curve_from_law
+from cbs.analysis.forecast import batch_plan
+from cbs.analysis.laws import fit_scaling_law, law_to_json
+from cbs.analysis.ramp import batch_ramp, curve_from_law
 
 # CBS = 0.5 t^0.5, unit 3 (1 GPU x micro-batch 3), T = 7, D = 5000 (tests/test_analysis_ramp.py works it out):
 # stages 3 to 144 tokens (7 steps), 6 to 576 (11), 12 to 2304 (21), 24 to 5000 (17)

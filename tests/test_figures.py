@@ -12,13 +12,13 @@ from test_analysis_branched import make_branched_study
 from test_analysis_cli import BATCHES, BUDGETS, MODELS, make_study, target_loss
 from test_analysis_noise import make_sweep
 
-from analysis.branched import read_branched
-from analysis.branched_figures import branched_figures
-from analysis.branched_fit import fit_branched
-from analysis.cli import fit_main
-from analysis.figures import figure_b_simple, study_figures
-from analysis.steps import load_steps
-from analysis.study_fit import fit_study
+from cbs.analysis.branched import read_branched
+from cbs.analysis.branched_figures import branched_figures
+from cbs.analysis.branched_fit import fit_branched
+from cbs.analysis.cli import fit_main
+from cbs.analysis.figures import figure_b_simple, study_figures
+from cbs.analysis.steps import load_steps
+from cbs.analysis.study_fit import fit_study
 
 
 def shown_ticklabels(axis) -> list:

@@ -1,4 +1,4 @@
-"""Estimators of analysis.fit / forecast / steps on synthetic data with known answers (pure unit tests, < 10 s)."""
+"""Estimators of cbs.analysis.fit / forecast / steps on synthetic data with known answers (pure unit tests, < 10 s)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 from scipy import special
 from scipy.optimize import least_squares, minimize
 
-from analysis.fit import (
+from cbs.analysis.fit import (
     MIN_BATCHES, critical_batch_size, degradation_range, estimate_setting, fit_hyperbola, fit_log_hyperbola,
     setting_rng, steps_model,
 )
-from analysis.laws import fit_scaling_law, law_from_json, law_to_json
-from analysis.forecast import batch_plan, forecast_cbs
-from analysis.steps import (
+from cbs.analysis.laws import fit_scaling_law, law_from_json, law_to_json
+from cbs.analysis.forecast import batch_plan, forecast_cbs
+from cbs.analysis.steps import (
     Setting, StepsPoint, TargetKind, _Observation, as_float, reduce_observations, steps_to_target,
 )
 

@@ -1,4 +1,4 @@
-"""Time and cost to target (analysis/cost.py) on hand-made numbers, and throughput read from files."""
+"""Time and cost to target (cbs/analysis/cost.py) on hand-made numbers, and throughput read from files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from analysis.cost import (
+from cbs.analysis.cost import (
     ThroughputModel, ThroughputPoint, cheapest, fastest, gpu_counts, hours_to_target, plan_rows,
     read_throughput_csv, run_tokens_per_s, time_rows,
 )

@@ -1,7 +1,7 @@
 """The fit never answers a confident wrong number (issue 18, cases 1-5): one-sided settings and misfits stay out of
 the laws and are listed, intervals stay honest with 3 batches, weighted laws only on trustworthy weights, and a
 reference batch outside the sweep is refused or flagged. Synthetic steps tables with a known law, fed to the real
-fit (`cbs fit X.csv --reference-batch 64`, or analysis.fit.fit_settings)."""
+fit (`cbs fit X.csv --reference-batch 64`, or cbs.analysis.fit.fit_settings)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.cli import fit_main
-from analysis.fit import critical_batch_size, estimate_setting, fit_settings, steps_model
-from analysis.fit_checks import NoiseLevel, lack_of_fit
-from analysis.laws import fit_laws
-from analysis.steps import Setting, StepsPoint
+from cbs.analysis.cli import fit_main
+from cbs.analysis.fit import critical_batch_size, estimate_setting, fit_settings, steps_model
+from cbs.analysis.fit_checks import NoiseLevel, lack_of_fit
+from cbs.analysis.laws import fit_laws
+from cbs.analysis.steps import Setting, StepsPoint
 
 B0, O = 64, 0.2
 BATCHES = 64 * 2 ** np.arange(7)  # 64 .. 4096

@@ -1,4 +1,4 @@
-"""Scaling laws over settings (analysis/laws.py) on synthetic settings with known exponents."""
+"""Scaling laws over settings (cbs/analysis/laws.py) on synthetic settings with known exponents."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from analysis.fit import CbsEstimate, critical_batch_size
-from analysis.fit_checks import NoiseLevel
-from analysis.laws import (
+from cbs.analysis.fit import CbsEstimate, critical_batch_size
+from cbs.analysis.fit_checks import NoiseLevel
+from cbs.analysis.laws import (
     COLLINEAR_R2, collinearity, fit_laws, fit_power_law, law_from_json, law_to_json, log_interval_se,
 )
-from analysis.steps import Setting
+from cbs.analysis.steps import Setting
 
 POOLED = NoiseLevel(0.05, 36)
 """One pooled noise level for every synthetic setting, as fit_settings gives them."""

@@ -24,8 +24,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import rundir
-from pipeline.metrics import read_metrics
+from cbs.pipeline import rundir
+from cbs.pipeline.metrics import read_metrics
 from test_model import VOCAB, build, megatron_process, preset, tokens  # noqa: F401 (autouse: parallel_state)
 from test_pretrain import ROOT, SEQ, cli, make_cfg, series, torchrun, write_cfg
 from test_study import _tiny_study
@@ -46,7 +46,7 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 def test_bf16_step_runs_on_the_flash_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import pipeline.model as M
+    import cbs.pipeline.model as M
 
     cfg = preset("tiny", seq_len=256)
     model = build(cfg, device="cuda", params_dtype=torch.bfloat16)
@@ -105,7 +105,7 @@ def test_bf16_run_on_a_gpu_trains_resumes_exactly_and_evaluates_as_logged(stdlib
 
 def _peak_train_step_bytes(vocab: int, micro: int) -> int:
     """Peak CUDA memory of one forward + backward of the 151M shape in bf16, above what the model holds."""
-    import pipeline.model as M
+    import cbs.pipeline.model as M
 
     cfg = preset("151M")
     M.seed_model_parallel(0)
@@ -128,7 +128,7 @@ def test_peak_memory_of_the_50k_vocabulary_loss_at_the_151M_shape():
     the same body, in units of one fp32 copy of the logits (tokens x padded vocab x 4 bytes). megatron's
     cross entropy keeps the bf16 logits, an fp32 copy and its exp/softmax for the backward: about 3-4 units; a
     loss that materialises more (an extra upcast, a one-hot target) shows up here."""
-    import pipeline.model as M
+    import cbs.pipeline.model as M
 
     micro, seq = 4, preset("151M").seq_len
     extra = _peak_train_step_bytes(50257, micro) - _peak_train_step_bytes(512, micro)
@@ -154,7 +154,7 @@ def test_two_ranks_over_nccl_train_the_one_rank_curve(stdlib_data, tmp_path):
 
 def test_local_study_on_the_gpu_with_runs_sharing_it(stdlib_data, tmp_path):
     out = tmp_path / "s"
-    proc = run([sys.executable, "-m", "pipeline.cli", "study", str(_tiny_study(tmp_path, stdlib_data)),
+    proc = run([sys.executable, "-m", "cbs.pipeline.cli", "study", str(_tiny_study(tmp_path, stdlib_data)),
                 "--out", str(out), "--gpus-per-run", "1", "--parallel", "3"], timeout=600)
     assert "3 run(s) at a time on GPUs" in proc.stdout, proc.stdout[-2000:]
     runs = sorted((out / "runs").iterdir())

@@ -24,8 +24,8 @@ import psutil
 import pytest
 import yaml
 
-from pipeline import rundir
-from pipeline.metrics import read_metrics
+from cbs.pipeline import rundir
+from cbs.pipeline.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_STAGE = ROOT / "jobs" / "run_stage.sh"
@@ -111,7 +111,7 @@ def deepspeed_cmd(launch: Launch) -> list[str]:
     cmd = launcher(launch.run)
     assert cmd[:3] == [PY, "-m", "deepspeed.launcher.runner"], cmd
     assert "--no_ssh" in cmd and "--no_local_rank" in cmd
-    assert cmd[-4:] == ["--module", "pipeline.cli", "pretrain", CONFIG]
+    assert cmd[-4:] == ["--module", "cbs.pipeline.cli", "pretrain", CONFIG]
     assert flag(cmd, "--hostfile").startswith(os.environ.get("TMPDIR", "/tmp") + "/cbs-hostfile.")
     return cmd
 
@@ -125,7 +125,7 @@ def test_eight_gpus_on_one_node_use_the_deepspeed_launcher(tmp_path):
     assert flag(cmd, "--include") == "gpu07:0,1,2,3,4,5,6,7"
     assert flag(cmd, "--hostfile") == f"{tmp_path}/cbs-hostfile.XXXXXX"
     assert (flag(cmd, "--master_addr"), flag(cmd, "--master_port"), flag(cmd, "--node_rank")) == ("gpu07", "29500", "0")
-    assert cmd[-6:] == ["--module", "pipeline.cli", "pretrain", CONFIG, "--set", "seed=3"]
+    assert cmd[-6:] == ["--module", "cbs.pipeline.cli", "pretrain", CONFIG, "--set", "seed=3"]
     # each of the 8 ranks gets its eighth of the node's 64 CPUs; the checkout comes first on the path
     assert launch.env["OMP_NUM_THREADS"] == "8" and launch.env["PYTHONPATH"] == str(ROOT)
     assert not launch.nodes
@@ -182,7 +182,7 @@ def test_two_nodes_with_torchrun_rendezvous_on_the_first_node():
         assert (flag(cmd, "--nnodes"), flag(cmd, "--nproc_per_node")) == ("2", "8")
         assert (flag(cmd, "--rdzv_backend"), flag(cmd, "--rdzv_endpoint"), flag(cmd, "--rdzv_id")) == \
             ("c10d", "gpu07:29622", "4242")
-        assert cmd[-4:] == ["-m", "pipeline.cli", "pretrain", CONFIG]
+        assert cmd[-4:] == ["-m", "cbs.pipeline.cli", "pretrain", CONFIG]
     assert top.nodes[0].run == top.nodes[1].run  # torchrun's rendezvous gives the node ranks
 
 
@@ -197,13 +197,13 @@ def test_one_node_torchrun_needs_no_srun():
                          ids=["by-hand", "slurm-cpu-nodes", "one-gpu"])
 def test_no_gpus_or_one_is_one_plain_process(env):
     launch = launch_of(env)
-    assert launch.run == ["setsid", PY, "-m", "pipeline.cli", "pretrain", CONFIG]
+    assert launch.run == ["setsid", PY, "-m", "cbs.pipeline.cli", "pretrain", CONFIG]
     assert not launch.hostfile and not launch.nodes
 
 
 def test_other_stages_are_one_process():
     launch = launch_of(slurm_job("gpu[07-08]", 2, 8), stage="evaluate")
-    assert launch.run == [PY, "-m", "pipeline.cli", "evaluate", CONFIG]
+    assert launch.run == [PY, "-m", "cbs.pipeline.cli", "evaluate", CONFIG]
     assert launch.env["OMP_NUM_THREADS"] == "64"  # one process: all the node's CPUs
 
 
@@ -320,7 +320,7 @@ def test_scancel_then_the_time_limit_signal_stop_every_rank_once(launcher, stdli
     try:
         wait_for_step(proc, run, 5, log)
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        assert len([p for p in tree if p.cmdline()[-3:-1] == ["pipeline.cli", "pretrain"]
+        assert len([p for p in tree if p.cmdline()[-3:-1] == ["cbs.pipeline.cli", "pretrain"]
                     and "LOCAL_RANK" in p.environ()]) == 2  # the two ranks, under their launcher
         for p in tree:
             try:

@@ -1,4 +1,4 @@
-"""pipeline/model.py against real megatron-core on CPU: attention maths, builds, counts, learning, determinism."""
+"""cbs/pipeline/model.py against real megatron-core on CPU: attention maths, builds, counts, learning, determinism."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import model as M  # first: it imports megatron-core without its TE/Apex warnings
+from cbs.pipeline import model as M  # first: it imports megatron-core without its TE/Apex warnings
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
-from pipeline.config import MODEL_PRESETS, Activation, ModelConfig, Norm, PositionEmbedding
+from cbs.pipeline.config import MODEL_PRESETS, Activation, ModelConfig, Norm, PositionEmbedding
 
 VOCAB = 500  # padded to 512: the loss at init is ~log(512)
 
@@ -32,7 +32,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 @pytest.fixture(scope="module", autouse=True)
 def megatron_process():
     """What build_model needs in one process: a world-size-1 gloo group on a free local port, megatron's
-    parallel_state at TP = PP = 1. (pipeline/distributed.py does the same for real runs.) Reuses either if
+    parallel_state at TP = PP = 1. (cbs/pipeline/distributed.py does the same for real runs.) Reuses either if
     another fixture already made it, and tears down only what it made."""
     from megatron.core import parallel_state
 
@@ -310,7 +310,7 @@ def test_same_seed_same_initial_weights():
 
 def test_import_is_quiet_about_missing_transformer_engine_and_apex():
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    code = "import warnings; warnings.simplefilter('always'); import pipeline.model"
+    code = "import warnings; warnings.simplefilter('always'); import cbs.pipeline.model"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "not installed" not in out.stderr, out.stderr
 

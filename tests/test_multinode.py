@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from test_launch import LAUNCH_VARS, RUN_STAGE, kill_tree, launch_of
-from pipeline.metrics import read_metrics
+from cbs.pipeline.metrics import read_metrics
 from test_pretrain import SEQ, make_cfg, run_subprocess, series, torchrun, write_cfg
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""The gradient noise scale estimator (pipeline/noise.py) against the exact B_simple of a known problem.
+"""The gradient noise scale estimator (cbs/pipeline/noise.py) against the exact B_simple of a known problem.
 
 Linear regression y = w*.x + e with x ~ N(0, I_d): at fixed weights w the per-example gradient of the squared
 error is g = (w.x - y) x, whose mean G and covariance Sigma are exact population quantities (estimated here on
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from pipeline.noise import NoiseScale
+from cbs.pipeline.noise import NoiseScale
 
 D = 8
 

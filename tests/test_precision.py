@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import evaluate, rundir
-from pipeline.config import ConfigError
-from pipeline.distributed import deepspeed_config
+from cbs.pipeline import evaluate, rundir
+from cbs.pipeline.config import ConfigError
+from cbs.pipeline.distributed import deepspeed_config
 from test_pretrain import SEQ, cli, make_cfg, run_subprocess, series, write_cfg
 from test_resilience import sigterm_after
 

@@ -19,10 +19,10 @@ import pytest
 import sentencepiece as spm
 
 from conftest import read_split, stdlib_texts, write_jsonl
-from pipeline import preprocess
-from pipeline.config import OnError, PreprocessConfig, TokenizerConfig
-from pipeline.corpus import CorpusError, Reader, resolve
-from pipeline.preprocess import PreprocessError, is_val
+from cbs.pipeline import preprocess
+from cbs.pipeline.config import OnError, PreprocessConfig, TokenizerConfig
+from cbs.pipeline.corpus import CorpusError, Reader, resolve
+from cbs.pipeline.preprocess import PreprocessError, is_val
 
 
 def run(inputs, out: Path, vocab: int = 400, **kw) -> dict:
@@ -76,7 +76,7 @@ def test_stdlib_corpus_end_to_end(stdlib_data):
 
 
 def test_manifest_records_tokenizer(stdlib_data):
-    from pipeline.utils import sha256_file
+    from cbs.pipeline.utils import sha256_file
 
     manifest = json.loads((stdlib_data / "manifest.json").read_text())
     assert manifest["tokenizer"]["sha256"] == sha256_file(stdlib_data / "tokenizer.model")
@@ -227,7 +227,7 @@ def test_cli_exit_codes_and_messages(corpus, tmp_path):
     cfg = tmp_path / "pre.yaml"
     cfg.write_text(f"inputs: [{path}]\noutput_dir: {tmp_path / 'out'}\ntokenizer: {{vocab_size: 400}}\n"
                    f"val_fraction: 0.2\n")
-    cbs = [sys.executable, "-m", "pipeline.cli", "preprocess", str(cfg)]
+    cbs = [sys.executable, "-m", "cbs.pipeline.cli", "preprocess", str(cfg)]
     bad = subprocess.run(cbs + ["--set", "val_fraction=0.7"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "preprocess.val_fraction must be in (0, 0.5): got 0.7" in bad.stderr
@@ -272,7 +272,7 @@ def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path
     cfg = tmp_path / "pre.yaml"
     cfg.write_text(f"inputs: [stdlib]\noutput_dir: {out}\ntokenizer: {{vocab_size: 400}}\nval_fraction: 0.05\n"
                    f"max_documents: 300\nworkers: 2\ndocuments_per_task: 8\n")
-    cbs = [sys.executable, "-m", "pipeline.cli", "preprocess", str(cfg)]
+    cbs = [sys.executable, "-m", "cbs.pipeline.cli", "preprocess", str(cfg)]
     started = time.monotonic()
     subprocess.run(cbs, check=True, capture_output=True)
     whole_s = time.monotonic() - started

@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import pretrain
-from pipeline.config import ConfigError, PretrainConfig, from_dict, to_dict
-from pipeline.metrics import read_metrics
+from cbs.pipeline import pretrain
+from cbs.pipeline.config import ConfigError, PretrainConfig, from_dict, to_dict
+from cbs.pipeline.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
@@ -49,12 +49,12 @@ def series(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "cbs.pipeline.cli", *args]
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "pipeline.cli", *args]
+            "-m", "cbs.pipeline.cli", *args]
 
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -124,9 +124,9 @@ def test_step_is_clipped_adamw_and_reports_the_pre_clip_norm(stdlib_data, tmp_pa
     """The engine's step is AdamW (two groups: decay on matrices) on the gradient clipped to optimizer.grad_clip,
     and the norm it reports (log_hook's grad_norm) is the global norm before clipping: checked against torch's
     clip_grad_norm_ + AdamW on the same weights, batches and learning rates, with clipping active every step."""
-    from pipeline.distributed import init_distributed
-    from pipeline.model import build_model, forward_loss, seed_model_parallel
-    from pipeline.optim import lr_at, make_optimizer
+    from cbs.pipeline.distributed import init_distributed
+    from cbs.pipeline.model import build_model, forward_loss, seed_model_parallel
+    from cbs.pipeline.optim import lr_at, make_optimizer
 
     cfg = make_cfg(stdlib_data, tmp_path / "run", optimizer={"lr": 3e-3, "grad_clip": 0.2, "weight_decay": 0.1})
     trainer = pretrain.Trainer(cfg, init_distributed(cfg.seed))
@@ -157,7 +157,7 @@ def test_step_is_clipped_adamw_and_reports_the_pre_clip_norm(stdlib_data, tmp_pa
 def test_compiled_model_trains_the_same_curve(stdlib_data, reference, tmp_path):
     """pretrain.compile: the engine's torch.compile'd model trains the reference's curve (to float rounding), and
     its checkpoints keep the GPTModel's names: `cbs evaluate` (eager) gives the eval losses it logged."""
-    from pipeline import evaluate
+    from cbs.pipeline import evaluate
 
     run_dir = tmp_path / "run"
     cfg = make_cfg(stdlib_data, run_dir, train_tokens=8 * SEQ * 20, compile=True)
@@ -194,7 +194,7 @@ def test_each_rank_tears_its_process_groups_down_before_exit(stdlib_data, tmp_pa
     cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 2, deepspeed_config="zero1.json")
     yaml_path = write_cfg(cfg, tmp_path / "c.yaml")
     script = tmp_path / "stage.py"
-    script.write_text("import sys, torch.distributed as dist\nfrom pipeline import cli\n"
+    script.write_text("import sys, torch.distributed as dist\nfrom cbs.pipeline import cli\n"
                       "code = cli.main(sys.argv[1:])\nprint('left', dist.is_initialized(), code)\n")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = run_subprocess([*launch, "pretrain", str(yaml_path)])

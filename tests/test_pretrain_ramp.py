@@ -19,12 +19,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import pretrain
-from pipeline.config import ConfigError, PretrainConfig, from_dict, to_dict
-from pipeline.data import TrainSamples
-from pipeline.metrics import read_metrics
-from pipeline.optim import EWA
-from pipeline.targets import TargetTracker
+from cbs.pipeline import pretrain
+from cbs.pipeline.config import ConfigError, PretrainConfig, from_dict, to_dict
+from cbs.pipeline.data import TrainSamples
+from cbs.pipeline.metrics import read_metrics
+from cbs.pipeline.optim import EWA
+from cbs.pipeline.targets import TargetTracker
 from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, series, torchrun, write_cfg
 from test_resilience import sigterm_after
 
@@ -92,9 +92,9 @@ def test_every_step_is_one_optimizer_step_across_accumulation_changes(stdlib_dat
     so after 3 single micro-steps it would step the optimizer after the first micro-batch of a 2-micro-batch
     step. The Trainer says each step's boundary: its weights after 5 steps are torch AdamW's over the same global
     batches (as test_step_is_clipped_adamw_and_reports_the_pre_clip_norm checks for a fixed batch)."""
-    from pipeline.distributed import init_distributed
-    from pipeline.model import build_model, forward_loss, seed_model_parallel
-    from pipeline.optim import make_optimizer
+    from cbs.pipeline.distributed import init_distributed
+    from cbs.pipeline.model import build_model, forward_loss, seed_model_parallel
+    from cbs.pipeline.optim import make_optimizer
 
     stages = [{"batch": 4, "until_tokens": 3 * 4 * SEQ}, {"batch": 8}]
     cfg = make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=None, train_tokens=12 * 64 * 16,
@@ -120,7 +120,7 @@ def test_every_step_is_one_optimizer_step_across_accumulation_changes(stdlib_dat
 
 
 def test_a_ramp_reads_the_fixed_batch_data_order(stdlib_data):
-    from analysis.batch_schedule import BatchSchedule, Stage
+    from cbs.analysis.batch_schedule import BatchSchedule, Stage
 
     samples = TrainSamples(stdlib_data, SEQ, seed=7)
     schedule = BatchSchedule([Stage(4, 1536), Stage(8, 5632), Stage(16)], SEQ)
@@ -194,7 +194,7 @@ def test_bad_schedules_are_refused_naming_the_key(stdlib_data, tmp_path, change,
 
 
 def test_a_schedule_file_is_read_and_a_bad_one_named(stdlib_data, tmp_path):
-    from analysis.batch_schedule import Stage, write_schedule_file
+    from cbs.analysis.batch_schedule import Stage, write_schedule_file
 
     write_schedule_file(tmp_path / "ramp.yaml", [Stage(4, 1536), Stage(8)], {"tokens": 4096})
     cfg = make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=None, train_tokens=4096,

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from pipeline.config import (ConfigError, PretrainConfig, ScheduleConfig, ScheduleKind, from_dict,
-                             gradient_accumulation)
-from pipeline.distributed import deepspeed_config
-from pipeline.optim import EWA, lr_at, param_groups
-from pipeline.pretrain import eval_steps
-from pipeline.targets import TargetTracker, crossings_match
+from cbs.pipeline.config import (ConfigError, PretrainConfig, ScheduleConfig, ScheduleKind, from_dict,
+                                 gradient_accumulation)
+from cbs.pipeline.distributed import deepspeed_config
+from cbs.pipeline.optim import EWA, lr_at, param_groups
+from cbs.pipeline.pretrain import eval_steps
+from cbs.pipeline.targets import TargetTracker, crossings_match
 
 
 def cfg(**kw) -> PretrainConfig:

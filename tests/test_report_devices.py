@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 from test_analysis_cli import make_divergence_study
 
-from analysis.cli import fit_main
+from cbs.analysis.cli import fit_main
 
 
 def _set_device(study, device_of) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import pretrain, rundir
-from pipeline.config import ConfigError
-from pipeline.metrics import read_metrics
+from cbs.pipeline import pretrain, rundir
+from cbs.pipeline.config import ConfigError
+from cbs.pipeline.metrics import read_metrics
 from test_pretrain import ENV, ROOT, SEQ, cli, make_cfg, run_subprocess, series, torchrun, write_cfg
 
 STEPS = 40
@@ -173,7 +173,7 @@ def test_one_process_trains_a_run_directory_at_a_time(tmp_path):
     """A second trainer of the same run waits for the first, and is refused if it does not let go; the kernel
     drops the lock of a killed holder at once."""
     holder = subprocess.Popen([sys.executable, "-c", f"""
-from pipeline import rundir
+from cbs.pipeline import rundir
 import time
 with rundir.exclusive({str(tmp_path)!r}):
     print("held", flush=True)
@@ -325,7 +325,7 @@ def test_a_fit_killed_while_writing_leaves_nothing_behind_the_next_one(tmp_path)
     process is gone, and leaves a live one's (a concurrent fit) alone."""
     import socket
 
-    from analysis.cli import fit_main
+    from cbs.analysis.cli import fit_main
 
     table = tmp_path / "steps.csv"
     table.write_text("setting,model_params,tokens,batch_size,steps\n" + "".join(
@@ -361,7 +361,7 @@ def test_a_trainer_that_waited_for_the_lock_finds_the_run_finished_meanwhile(std
     before = result.read_bytes(), metrics.read_bytes()
     hidden = result.rename(tmp_path / "result.hidden")  # as it is while the holder still trains
     holder = subprocess.Popen([sys.executable, "-c", f"""
-from pipeline import rundir
+from cbs.pipeline import rundir
 import sys
 with rundir.exclusive({str(tmp_path / "run")!r}):
     print("held", flush=True)

@@ -1,4 +1,4 @@
-"""The Slurm side on a real one-node Slurm (scripts/slurm_cluster.sh starts it): pipeline.slurm and jobs/*.sbatch.
+"""The Slurm side on a real one-node Slurm (scripts/slurm_cluster.sh starts it): cbs.pipeline.slurm and jobs/*.sbatch.
 
 No mocks: jobs are submitted with sbatch, followed with squeue/scontrol, and run the real stages (preprocess on
 real text, a pretrain job array after it, 2-process pretrain through both launchers of jobs/run_stage.sh).
@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from conftest import stdlib_texts, write_jsonl
-from pipeline import rundir
-from pipeline.metrics import read_metrics
-from pipeline.slurm import SlurmError, SlurmResources, cancel, job_states, require_sbatch, submit, wait
+from cbs.pipeline import rundir
+from cbs.pipeline.metrics import read_metrics
+from cbs.pipeline.slurm import SlurmError, SlurmResources, cancel, job_states, require_sbatch, submit, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import executors, rundir, study, study_plan
-from pipeline.config import ConfigError, PretrainConfig, StudyConfig, from_dict, load_config, to_dict
+from cbs.pipeline import executors, rundir, study, study_plan
+from cbs.pipeline.config import ConfigError, PretrainConfig, StudyConfig, from_dict, load_config, to_dict
 from test_pretrain import ENV, ROOT, cli
 
 BASE = {"micro_batch_seqs": 4, "eval": {"every_steps": 1000, "growth": 1.2, "eval_tokens": 512},
@@ -216,7 +216,7 @@ def test_a_budget_inside_the_warmup_is_refused(tmp_path, caplog):
 def fake_run(path: Path, run: study_plan.Run, evals: list[tuple[int, float]], status: str = "completed",
              targets: list[float] = (), reason: str = "token budget trained") -> None:
     """A run directory as pretrain leaves it: config.yaml, metrics.jsonl (eval lines), result.json."""
-    from pipeline.targets import TargetTracker, weight_kinds
+    from cbs.pipeline.targets import TargetTracker, weight_kinds
 
     path.mkdir(parents=True, exist_ok=True)
     tps = run.batch * run.settings[0].model.seq_len
@@ -371,7 +371,7 @@ class _FinishAsPretrain:
 def test_branches_past_a_points_first_failing_batch_are_never_trained(tmp_path, capsys):
     """Every branch used to be trained although the fit calls those after a failing batch "not needed" (12 of
     the 20 branches of the branched demo); and their console lines said "targets 0/0"."""
-    from analysis.branched import cbs_curve, read_branched
+    from cbs.analysis.branched import cbs_curve, read_branched
     from test_analysis_branched import OUTCOMES, make_branched_study, study_config
 
     runs = study.plan(study_config(), tmp_path, tmp_path / "data")
@@ -409,7 +409,7 @@ def test_branches_past_a_points_first_failing_batch_are_never_trained(tmp_path, 
 
 def test_status_shows_the_steps_and_tokens_a_running_run_has_logged(tmp_path):
     """Mid-run, `cbs status` showed empty steps and tokens while metrics.jsonl was at step 350."""
-    from pipeline.metrics import Tracker
+    from cbs.pipeline.metrics import Tracker
 
     runs = study.plan(study_cfg(), tmp_path, tmp_path / "data")
     study.write_run_inputs(runs, tmp_path)
@@ -459,8 +459,8 @@ def test_a_study_stopped_before_its_runs_trained_claims_no_checkpoint(stdlib_dat
 def test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use(tmp_path):
     """The ETA appeared only once a run had finished ("ETA 0.0 min" at the end); and it must not spread one
     run's remaining time over slots that have nothing to run."""
-    from pipeline.metrics import Tracker
-    from pipeline.progress import RunWatch, study_eta_s
+    from cbs.pipeline.metrics import Tracker
+    from cbs.pipeline.progress import RunWatch, study_eta_s
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resolved": {"total_steps": 100}}))
     tracker = Tracker(tmp_path, tensorboard=False)
@@ -487,8 +487,8 @@ def test_a_phase_eta_comes_from_the_running_runs_speed_and_the_slots_it_can_use(
 
 def test_runs_of_a_slurm_array_show_progress_once_they_log(tmp_path):
     """On Slurm the console only counted task states; it now shows each running task's progress too."""
-    from pipeline.metrics import Tracker
-    from pipeline.progress import LogWatcher
+    from cbs.pipeline.metrics import Tracker
+    from cbs.pipeline.progress import LogWatcher
 
     runs = {name: tmp_path / name for name in ("queued", "running", "finished")}
     for name, path in runs.items():

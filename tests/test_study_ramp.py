@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import study
-from pipeline.config import ConfigError, PretrainConfig, from_dict
+from cbs.pipeline import study
+from cbs.pipeline.config import ConfigError, PretrainConfig, from_dict
 from test_study import BASE, study_cfg
 
 STAGES = [{"batch": 4, "until_tokens": 8000}, {"batch": 8, "until_tokens": 20000}, {"batch": 16}]

@@ -1,4 +1,4 @@
-"""The trackers behind pipeline/metrics.py's interface: TensorBoard's loss against tokens and hyper-parameters
+"""The trackers behind cbs/pipeline/metrics.py's interface: TensorBoard's loss against tokens and hyper-parameters
 (read back with TensorBoard's own loader), and Weights & Biases offline (read back from the run's .wandb file,
 no network), unit-level and through a real tiny pretrain run."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_pretrain import SEQ, make_cfg
 
-from pipeline import pretrain
-from pipeline.config import ConfigError, PretrainConfig, WandbConfig, WandbMode, from_dict
-from pipeline.metrics import BY_TOKENS, WANDB_ID, RunIdentity, Tracker, loss_key, read_metrics
+from cbs.pipeline import pretrain
+from cbs.pipeline.config import ConfigError, PretrainConfig, WandbConfig, WandbMode, from_dict
+from cbs.pipeline.metrics import BY_TOKENS, WANDB_ID, RunIdentity, Tracker, loss_key, read_metrics
 
 IDENTITY = RunIdentity("m_b8", "study1", {"global_batch_seqs": 8, "lr": 0.003, "model": "tiny"})
 
