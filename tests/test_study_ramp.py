@@ -52,3 +52,15 @@ def test_explicit_targets_stop_every_run_but_the_reference_at_them(tmp_path):
 def test_bad_ramp_studies_name_the_key(change, words):
     with pytest.raises(ConfigError, match=words):
         ramp_cfg(**change)
+
+
+def test_cbs_status_shows_a_ramp_runs_stages_as_its_batch(tmp_path):
+    """The status table read global_batch_seqs, which a ramp run has not: its batch column was empty."""
+    runs = study.plan(ramp_cfg(), tmp_path, tmp_path / "data")
+    study.write_run_inputs(runs, tmp_path)
+    rows = {line.split()[0]: line.split() for line in study.status_table(tmp_path).splitlines()[1:-1]}
+    assert rows["mL2d128_d60K_ramp4-16_lr0.002"][1] == "4->8->16"
+    assert rows["mL2d128_d60K_b16_lr0.002"][1] == "16"
+    order = list(rows)
+    assert order.index("mL2d128_d60K_b4_lr0.002") < order.index("mL2d128_d60K_ramp4-16_lr0.002") < \
+        order.index("mL2d128_d60K_b16_lr0.002")  # sorted by the first batch, then the LR

@@ -396,14 +396,33 @@ def status_table(study_dir: Path) -> str:
             targets = f"{reached}/{total}" if total else "-"
         elif (snap := progress.snapshot(path)) is not None:  # running (or stopped): what it has logged so far
             steps, tokens = f"{snap.step}/{snap.total_steps or '?'}", human(snap.tokens)
-        batch, lr = cfg.get("global_batch_seqs") or 0, (cfg.get("optimizer") or {}).get("lr") or 0
-        rows.append(((batch, lr, path.name), (path.name, str(batch or ""), f"{lr:g}" if lr else "", status, steps,
+        (batch, batch_text), lr = _batch_of(cfg), (cfg.get("optimizer") or {}).get("lr") or 0
+        rows.append(((batch, lr, path.name), (path.name, batch_text, f"{lr:g}" if lr else "", status, steps,
                                               tokens, targets)))
     table = [("run", "batch", "lr", "status", "steps", "tokens", "targets")] + [r for _, r in sorted(rows)]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return "\n".join(lines + [f"{len(paths)} runs: {summary}"])
+
+
+def _batch_of(cfg: dict) -> tuple[int, str]:
+    """A run's batch for the status table, from its run.yaml: (first batch to sort by, text). A batch ramp shows
+    its stages, `8->16->32` (or its ladder, `8..32 adaptive`); a ramp from a file shows `file`."""
+    if cfg.get("global_batch_seqs"):
+        return cfg["global_batch_seqs"], str(cfg["global_batch_seqs"])
+    schedule = cfg.get("batch_schedule")
+    if isinstance(schedule, list):
+        schedule = {"stages": schedule}
+    if not isinstance(schedule, dict):
+        return 0, "file" if schedule else ""
+    stages = [s.get("batch") for s in schedule.get("stages") or [] if isinstance(s, dict)]
+    if stages and all(isinstance(b, int) for b in stages):
+        return stages[0], "->".join(map(str, stages))
+    ladder = schedule.get("ladder") or []
+    if ladder and all(isinstance(b, int) for b in ladder):
+        return ladder[0], f"{ladder[0]}..{ladder[-1]} adaptive"
+    return 0, "file" if schedule.get("file") else ""
 
 
 def _readable_run(path: Path) -> dict:
