@@ -66,3 +66,20 @@ def test_api_bad_input_raises_input_error(study):
     r = ramp(2e10, scaling=study / "fit2" / "scaling.json", gpus=2, micro_batch=3)
     with pytest.raises(InputError, match=r"must equal the ramp's unit 6"):
         export(r, "megatron", gpus=4, micro_batch=3)
+
+
+def test_api_fits_a_branched_study_as_cbs_fit_does(tmp_path):
+    """fit() passed a float where the branched fit takes the rule choice: every branched study crashed."""
+    from test_analysis_branched import make_branched_study
+
+    from cbs.analysis.cli import fit_main
+
+    branched = make_branched_study(tmp_path / "branched")
+    assert fit_main([str(branched), "--out", str(tmp_path / "cli"), "--rule", "relative", "--eval-noise", "0"]) == 0
+    rows = cbs_table(fit(branched, out=tmp_path / "api", rule="relative", eval_noise=0))
+    with open(tmp_path / "cli" / "cbs_curve.csv", newline="") as f:
+        cli_rows = list(csv.DictReader(f))
+    assert rows and [(r["setting"], r["tokens"]) for r in rows] == [(c["setting"], int(c["tokens"])) for c in cli_rows]
+    assert (tmp_path / "api" / "cbs_curve.csv").read_text() == (tmp_path / "cli" / "cbs_curve.csv").read_text()
+    with pytest.raises(InputError, match="--rule must be one of"):
+        fit(branched, rule="median")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbs.analysis import InputError
-from cbs.analysis.branched import check_tolerance, is_branched, read_branched
+from cbs.analysis.branched import RuleChoice, check_rule_choice, is_branched, read_branched
 from cbs.analysis.branched_figures import branched_figures
 from cbs.analysis.branched_fit import BranchedFit, fit_branched
 from cbs.analysis.branched_report import render_branched_outputs
@@ -40,18 +40,23 @@ __all__ = ["fit", "cbs_table", "figures", "forecast", "ramp", "export", "Planned
 
 
 def fit(path: str | Path, out: str | Path | None = None, target_kind: str = "ewa", overhead: float = 0.2,
-        bootstrap: int = 1000, seed: int = 0, tolerance: float | None = None) -> StudyFit | BranchedFit:
+        bootstrap: int = 1000, seed: int = 0, tolerance: float | None = None, rule: str | None = None,
+        epsilon: float | None = None, eval_noise: float | None = None) -> StudyFit | BranchedFit:
     """`cbs fit PATH [--out OUT]`: a study directory (sweep or branched) or a steps CSV; with `out`, also every
     file `cbs fit --out` writes (scaling.json for `forecast`, report.md, figures/). The throughput is the runs'
-    own perf/tokens_per_s (as `cbs fit` without --throughput)."""
+    own perf/tokens_per_s (as `cbs fit` without --throughput). A branched study takes `rule`, `tolerance`,
+    `epsilon` and `eval_noise` as `cbs fit`'s --rule, --tolerance, --epsilon and --eval-noise (None: what the
+    branches recorded; eval noise estimated)."""
     path = Path(path)
     if out is not None:
         check_out_dir(Path(out))  # refused before the fitting, as the CLI does
+    branched_args = {"rule": rule, "tolerance": tolerance, "epsilon": epsilon, "eval_noise": eval_noise}
     if path.is_dir() and is_branched(path):
-        check_tolerance(tolerance)
-        result = fit_branched(read_branched(path, target_kind), tolerance)
-    elif tolerance is not None:
-        raise InputError(f"tolerance is for a branched study (study.method: branched); {path} is not one")
+        choice = check_rule_choice(RuleChoice(rule, tolerance, epsilon, eval_noise))
+        result = fit_branched(read_branched(path, target_kind), choice)
+    elif any(v is not None for v in branched_args.values()):
+        given = ", ".join(k for k, v in branched_args.items() if v is not None)
+        raise InputError(f"{given} is for a branched study (study.method: branched); {path} is not one")
     else:
         table = load_steps(str(path), target_kind)
         reader = MetricsReader()
