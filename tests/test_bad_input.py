@@ -442,6 +442,16 @@ def ramp_batch_larger_than_data(tmp, data, other):
             "or add documents to the corpus")
 
 
+def ramp_first_batch_larger_than_budget(tmp, data, other):
+    """Only the stage boundaries were checked against the budget: a fixed batch this large was refused, a ramp's
+    first stage was not."""
+    path = tmp / "pt.yaml"
+    path.write_text(f"data_dir: {data}\nrun_dir: {tmp / 'run'}\nmodel: {{preset: tiny, seq_len: 64}}\n"
+                    f"micro_batch_seqs: 4\ntrain_tokens: 100\nbatch_schedule: [{{batch: 8}}]\n")
+    return (["pretrain", str(path)], r"pretrain\.batch_schedule's first batch 8 x model\.seq_len 64 = 512 tokens",
+            "lower the first batch or raise train_tokens")
+
+
 def lr_infinite(tmp, data, other):
     """`lr: .inf` passed `lr > 0`: the run trained NaN weights and wrote a bare NaN into result.json."""
     return (["pretrain", str(pt_yaml(tmp, data, "optimizer: {lr: .inf}\n"))], r"pretrain\.optimizer\.lr",
@@ -509,7 +519,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
     set_section_to_scalar, unknown_nested_key, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
-    study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, ramp_batch_larger_than_data, lr_infinite,
+    study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, ramp_batch_larger_than_data,
+    ramp_first_batch_larger_than_budget, lr_infinite,
     study_model_a_number, study_data_missing, study_slurm_out_with_percent, study_slurm_out_with_newline,
 ]}
 

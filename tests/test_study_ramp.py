@@ -48,6 +48,8 @@ def test_explicit_targets_stop_every_run_but_the_reference_at_them(tmp_path):
     ({"hparams": {"lr": [1e-3, 2e-3]}}, r"one lr"),
     ({"hparams": {"lr": [1e-3], "beta2": [0.99]}}, r"ramp\.beta2 is paper but hparams\.beta2 is given"),
     ({"base": {**BASE, "batch_schedule": STAGES}}, r"study\.base\.batch_schedule is set by the study"),
+    ({"ramp": {"adaptive": "noise_scale", "ladder": [4, 16]}}, r"study\.ramp\.adaptive: a ramp study compares a "
+                                                                r"planned schedule"),
 ])
 def test_bad_ramp_studies_name_the_key(change, words):
     with pytest.raises(ConfigError, match=words):

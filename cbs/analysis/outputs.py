@@ -45,9 +45,11 @@ FIT_MARKER = ".cbs-fit.json"
 """Written into every fit output: the relative paths of the files that fit wrote. A directory is replaced only if
 it holds this marker and nothing else than those files."""
 LEGACY_FILES = ("steps.csv", "cbs.csv", "degradation.csv", "time_to_target.csv", "scaling.json", "report.md",
-                "cbs_curve.csv", "branches.csv")
+                "cbs_curve.csv", "branches.csv", "ramp.csv")
 """What a fit wrote before the marker existed (besides figures/*.png): a directory of only these, holding one of
-scaling.json, cbs.csv or cbs_curve.csv, is a previous fit's output (a study made before the marker re-fits)."""
+LEGACY_MAIN_TABLES, is a previous fit's output (a study made before the marker re-fits)."""
+LEGACY_MAIN_TABLES = ("scaling.json", "cbs.csv", "cbs_curve.csv", "ramp.csv")
+"""One per kind of fit (sweep, branched, ramp)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def _fit_files(out_dir: Path) -> set[str]:
         except (ValueError, UnicodeDecodeError, AttributeError):
             listed = None
         return set(listed) if isinstance(listed, list) and all(isinstance(f, str) for f in listed) else set()
-    if not any((out_dir / m).is_file() for m in ("scaling.json", "cbs.csv", "cbs_curve.csv")):
+    if not any((out_dir / m).is_file() for m in LEGACY_MAIN_TABLES):
         return set()
     return set(LEGACY_FILES) | {str(p.relative_to(out_dir)) for p in out_dir.glob("figures/*.png")}
 

@@ -726,7 +726,14 @@ class PretrainConfig:
         _check(self.micro_batch_seqs is None or self.micro_batch_seqs >= 1,
                f"{p}.micro_batch_seqs must be >= 1: got {self.micro_batch_seqs}")
         _check(self.train_tokens >= 1, f"{p}.train_tokens must be >= 1: got {self.train_tokens}")
-        if self.batch_schedule is None:  # a ramp's stages are checked against the budget by check_budget
+        if self.batch_schedule is not None:  # its stage boundaries are checked by check_budget, its first batch here
+            first = self.batch_schedule.all_batches[0]
+            _check(first * self.model.seq_len <= self.train_tokens,
+                   f"{p}.batch_schedule's first batch {first} x model.seq_len {self.model.seq_len} = "
+                   f"{first * self.model.seq_len:,} tokens per step is more than {p}.train_tokens "
+                   f"({self.train_tokens:,}): one step would train past the budget; lower the first batch or raise "
+                   f"train_tokens")
+        else:
             _check(self.tokens_per_step <= self.train_tokens,
                    f"{p}.global_batch_seqs {self.global_batch_seqs} x model.seq_len {self.model.seq_len} = "
                    f"{self.tokens_per_step:,} tokens per step is more than {p}.train_tokens "
@@ -1057,6 +1064,9 @@ class StudyConfig:
     def _validate_ramp(self, p: str) -> None:
         _check(self.ramp is not None, f"{p}.ramp is required with method ramp: give its stages (or a file of "
                                       f"`cbs forecast --ramp --out`)")
+        _check(self.ramp.adaptive is None, f"{p}.ramp.adaptive: a ramp study compares a planned schedule (stages or "
+                                           f"a file) with its fixed batches; train an adaptive ramp as one run "
+                                           f"(pretrain.batch_schedule.adaptive)")
         stages = self.ramp.parsed(f"{p}.ramp")
         want = sorted({stages[0].batch, stages[-1].batch})
         _check(sorted(self.batch_sizes) == want, f"{p}.batch_sizes must be the ramp's first and largest batch "

@@ -12,8 +12,8 @@ Phases (each skips what is already done, so re-running the command resumes a stu
 4. the other runs: trained until every target of their model is reached (or max_tokens_factor x the largest
    budget): one sweep serves every data budget of a model (docs/method.md, "Target loss");
 5. evaluate every finished run's last checkpoint (eval.json); 6. fit -> STUDY_DIR/fit/ (report.md, figures).
-method branched: the base runs, then the branches in waves by batch, none past its point's first failing batch
-(`train_branches`), then fit.
+method branched: the base runs, then the branches in waves by batch, none that the study's branch rule calls not
+needed (`train_branches`), then fit.
 A finished run whose recorded crossings are not those of the frozen targets has them recomputed from its logged
 eval curve, never reused by position.
 
@@ -303,10 +303,11 @@ def next_branches(branches: list[Run], study_dir: Path) -> list[Run]:
 
 
 def train_branches(branches: list[Run], study_dir: Path, executor: Executor, dry_run: bool) -> None:
-    """Train the branches in waves, one batch of every open branch point per wave, until every point's chain has
-    ended (a failing batch) or run out of batches. A sweep of every branch would train the batches above the
-    first failure for nothing (12 of the 20 branches of configs/demo_branched.yaml); waves cost parallelism
-    only between points, never within one (a point's branches depend on each other)."""
+    """Train the branches in waves, one batch of every open branch point per wave, until the study's branch rule
+    has judged every point (docs/method.md, "Branched local CBS"). Under the relative rule a point ends at its
+    first failing batch, and a sweep of every branch would train the batches above it for nothing (12 of the 20
+    branches of configs/demo_branched.yaml with rule: relative); under the absolute rule only a branch that
+    cannot train ends a point. Waves cost parallelism only between points, never within one."""
     tried: set[str] = set()
     wave = 1
     while True:
@@ -319,22 +320,22 @@ def train_branches(branches: list[Run], study_dir: Path, executor: Executor, dry
                        f"branches, wave {wave} (batch {batches}, {len(todo)} branch point(s) still open)")
         if dry_run:
             print("  # ...then, wave after wave, the next batch of every branch point whose losses still pass "
-                  "(none past a point's first failing batch)")
+                  "(none that the branch rule calls not needed)")
             return
         wave += 1
     skipped = not_needed(study_dir)
     if skipped:
-        print(f"branches: {len(skipped)} of {len(branches)} not trained (not needed: each comes after its point's "
-              f"first failing batch, so it cannot change CBS(t))", flush=True)
+        print(f"branches: {len(skipped)} of {len(branches)} not trained (not needed: by the study's branch rule "
+              f"none can change CBS(t))", flush=True)
 
 
 def not_needed(study_dir: Path) -> set[str]:
-    """The branches of a branched study never trained because their point's chain ended at a smaller batch."""
-    if not is_branched(study_dir):
-        return set()
+    """The branches of a branched study never trained because their point's verdicts end at a smaller batch."""
     try:
+        if not is_branched(study_dir):
+            return set()
         curve = cbs_curve(read_branched(study_dir))
-    except InputError:  # nothing finished yet, or a directory the fit will refuse with its own message
+    except InputError:  # nothing finished yet, or a damaged run file: the caller names it with its own message
         return set()
     return {v.run for point in curve if point.complete for v in point.verdicts  # incomplete: they may be needed
             if v.verdict == NOT_NEEDED and run_status(run_path(study_dir, v.run)) == "pending"}
