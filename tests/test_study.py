@@ -505,3 +505,25 @@ def test_runs_of_a_slurm_array_show_progress_once_they_log(tmp_path):
     assert "running: step 5/50, 640 tokens, loss 4.500" in watcher.poll(40.0)[0]
     (runs["running"] / "result.json").write_text(json.dumps({"status": "completed", "steps": 50}))
     assert watcher.poll(60.0) == []
+
+
+def test_a_study_made_before_a_new_config_key_is_resumed_not_refused(tmp_path):
+    """Keys added to the study schema since a study was made (ramp, branched.rule, ...) changed its fingerprint:
+    the re-run of an unchanged study was refused as "another study" unless --force."""
+    import hashlib
+
+    cfg = study_cfg()
+    older = to_dict(cfg)
+    for key in ("ramp", "branched"):  # as a cbs without these keys wrote it
+        older.pop(key, None)
+    stored = {k: v for k, v in older.items() if k != "slurm"}
+    old_fingerprint = hashlib.sha256(json.dumps(stored, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / study.STUDY_FILE).write_text(yaml.safe_dump({"name": cfg.name, "fingerprint": old_fingerprint,
+                                                            "config": older}))
+    study.claim_study_dir(cfg, tmp_path, force=False)  # the same study: accepted
+    other = study_cfg(batch_sizes=[4, 8, 32])
+    (tmp_path / study.STUDY_FILE).write_text(yaml.safe_dump({"name": cfg.name, "fingerprint": old_fingerprint,
+                                                            "config": older}))
+    with pytest.raises(study.StudyError, match="holds another study"):
+        study.claim_study_dir(other, tmp_path, force=False)

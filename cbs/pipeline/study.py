@@ -68,13 +68,23 @@ def _study_fingerprint(cfg: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _same_study(saved_config, fingerprint: str) -> bool:
+    """Whether a study.yaml written by an earlier cbs holds this study: its config read by this cbs (keys added
+    since then take their defaults) has this fingerprint. Without it, every new key with a default would make a
+    study made before it "another study", and its re-run (which should resume) would be refused."""
+    try:
+        return _study_fingerprint(from_dict(StudyConfig, saved_config, "study")) == fingerprint
+    except (ConfigError, TypeError, ValueError, AttributeError):
+        return False
+
+
 def claim_study_dir(cfg: StudyConfig, study_dir: Path, force: bool) -> None:
     """A study directory holds one study: refuse another study's directory unless --force."""
     saved = study_dir / STUDY_FILE
     fingerprint = _study_fingerprint(cfg)
     if saved.is_file():
         old = yaml.safe_load(saved.read_text()) or {}
-        if old.get("fingerprint") != fingerprint and not force:
+        if old.get("fingerprint") != fingerprint and not force and not _same_study(old.get("config"), fingerprint):
             raise StudyError(f"{study_dir} holds another study ({old.get('name', '?')}, made from other settings); "
                              f"use --force to run this study there anyway (finished runs whose settings still "
                              f"match are kept, the others moved to {study_dir / STALE}), or choose another --out")
