@@ -228,6 +228,10 @@ def test_adaptive_ramp_follows_its_rule_and_resumes_with_the_same_decisions(stdl
         if reach > current:
             assert [d["batch_decision"] for d in decisions if d["step"] == step] == [reach]
             current = reach
+    resolved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["resolved"]
+    trained = sorted(set(batch.values()))
+    assert [s["batch"] for s in resolved["batch_stages"]] == trained  # the stages decided, not the first rung alone
+    assert resolved["total_steps"] == max(batch)
     cut_yaml = cfg("cut")
     first = decisions[0]["step"]
     code, _, stderr = sigterm_after(cut_yaml, tmp_path / "cut", step=first + 1)

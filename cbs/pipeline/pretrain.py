@@ -763,7 +763,10 @@ def main(cfg: PretrainConfig) -> dict:
                 trainer = Trainer(cfg, dist, manifest, data)
             if dist.is_main:
                 _write_config(trainer)
-            return trainer.run()
+            result = trainer.run()
+            if dist.is_main and cfg.batch_schedule is not None and cfg.batch_schedule.adaptive:
+                _write_config(trainer)  # the stages its decisions made, and their steps (evaluate and the fit read them)
+            return result
     except (ConfigError, rundir.CheckpointError, rundir.RunDirBusy, KeyboardInterrupt):
         raise
     except Exception as e:
