@@ -217,12 +217,12 @@ def _fit(argv: list[str]) -> int:
     check_out_dir(out)  # refuse early, before minutes of fitting; write_outputs checks again
     if Path(args.input).is_dir() and is_branched(Path(args.input)):
         return _fit_branched(args, out, start)
-    if Path(args.input).is_dir() and is_ramp_dir(Path(args.input)):
-        return _fit_ramp(args, out)
     for flag, value in (("--tolerance", args.tolerance), ("--rule", args.rule), ("--epsilon", args.epsilon),
                         ("--eval-noise", args.eval_noise), ("--compare", args.compare)):
-        if value is not None:
+        if value is not None:  # also for a ramp study, which would ignore them
             raise InputError(f"{flag} is for a branched study (study.method: branched); {args.input} is not one")
+    if Path(args.input).is_dir() and is_ramp_dir(Path(args.input)):
+        return _fit_ramp(args, out)
     table = load_steps(args.input, args.target_kind)
     _progress(table, args.bootstrap, start)
     reader = MetricsReader()  # one pass over each run's metrics.jsonl for the throughput and the noise scale
