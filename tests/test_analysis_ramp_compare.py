@@ -108,3 +108,11 @@ def test_one_table_per_target_a_study_shares(tmp_path):
         ("3", "fixed4", "50"), ("3", "ramp", "50"), ("2.5", "fixed4", "90"), ("2.5", "ramp", "90")]
     report = (tmp_path / "fit" / "report.md").read_text()
     assert report.index("target loss 3 ") < report.index("target loss 2.5 ") and report.count("ramp_loss.png") == 1
+
+
+def test_branched_only_flags_are_refused_on_a_ramp_study(tmp_path, capsys):
+    """--rule, --compare and the like were silently ignored on a ramp study (its fit returned before the check)."""
+    make_study(tmp_path / "study")
+    assert fit_main([str(tmp_path / "study"), "--out", str(tmp_path / "fit"), "--rule", "relative"]) == 2
+    assert "--rule is for a branched study" in capsys.readouterr().err
+    assert not (tmp_path / "fit").exists()
