@@ -194,8 +194,11 @@ def test_each_rank_tears_its_process_groups_down_before_exit(stdlib_data, tmp_pa
     cfg = make_cfg(stdlib_data, tmp_path / "run", train_tokens=8 * SEQ * 2, deepspeed_config="zero1.json")
     yaml_path = write_cfg(cfg, tmp_path / "c.yaml")
     script = tmp_path / "stage.py"
-    script.write_text("import sys, torch.distributed as dist\nfrom cbs.pipeline import cli\n"
-                      "code = cli.main(sys.argv[1:])\nprint('left', dist.is_initialized(), code)\n")
+    # one os.write per rank: a write of a short line to a pipe is atomic, where print's pieces from two ranks
+    # interleaved ("leftleft False 0False 0") and failed the count now and then
+    script.write_text("import os, sys, torch.distributed as dist\nfrom cbs.pipeline import cli\n"
+                      "code = cli.main(sys.argv[1:])\n"
+                      "os.write(1, f'left {dist.is_initialized()} {code}\\n'.encode())\n")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = run_subprocess([*launch, "pretrain", str(yaml_path)])
     assert proc.stdout.count("left False 0") == 2, proc.stdout[-2000:]
