@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 	touch $@
 
-# The main job: a whole CBS study on the embedded default corpus (~7 min on 2 CPU cores): preprocess, 5 runs,
+# The main job: a whole CBS study on the embedded default corpus (~5 min on 2 CPU cores, venv included): preprocess, 5 runs,
 # evaluate, fit. Re-running resumes; `make demo DEMO_OUT=...` puts it elsewhere.
 DEMO_OUT ?= out/demo
 demo: $(STAMP)
