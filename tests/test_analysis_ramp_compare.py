@@ -88,7 +88,9 @@ def test_several_seeds_pair_each_ramp_with_its_seed_and_report_the_spread(tmp_pa
     assert cmp.saving(runs["ramp_s2"])[1] == pytest.approx(1 - 53 / 80)
     from cbs.analysis.ramp_compare import ramp_report
 
-    assert "Measured steps saved over 2 seeds: mean 27.5%, range 25.0% to 30.0%." in ramp_report(cmp)
+    # t_{1, 0.975} = 12.706, s = 0.0354: 27.5% -+ 12.706 x 0.0354 / sqrt(2) = -+ 31.8%
+    assert ("Measured steps saved over 2 seeds: mean 27.5%, range 25.0% to 30.0%, 95% interval of the mean "
+            "-4.3% to 59.3%.") in ramp_report(cmp)
 
 
 def test_one_table_per_target_a_study_shares(tmp_path):
@@ -116,3 +118,14 @@ def test_branched_only_flags_are_refused_on_a_ramp_study(tmp_path, capsys):
     assert fit_main([str(tmp_path / "study"), "--out", str(tmp_path / "fit"), "--rule", "relative"]) == 2
     assert "--rule is for a branched study" in capsys.readouterr().err
     assert not (tmp_path / "fit").exists()
+
+
+def test_the_seed_interval_of_the_mean_covers_at_its_level():
+    """Seeded draws of 4 seeds from N(0.3, 0.05): the 95% t interval covers the true mean in ~95% of them."""
+    import numpy as np
+
+    from cbs.analysis.ramp_compare import seed_interval
+
+    rng = np.random.default_rng(0)
+    covered = [lo <= 0.3 <= hi for lo, hi in (seed_interval(list(rng.normal(0.3, 0.05, 4))) for _ in range(2000))]
+    assert 0.93 <= sum(covered) / len(covered) <= 0.97

@@ -216,10 +216,24 @@ def ramp_report(cmp: RampComparison) -> list[str]:
         lines.append(f"| {r.name} | {r.batches} | {_num(r.steps)} | {_num(r.tokens)} | "
                      f"{_num(r.seconds, 1)} | {saved} |")
     savings = [m for m in (cmp.saving(r)[0] for r in cmp.runs if r.ramp) if m is not None]
-    if len(savings) > 1:  # several seeds: the spread of the measured saving
+    if len(savings) > 1:  # several seeds: the spread of the measured saving, and a t interval of its mean
+        low, high = seed_interval(savings)
         lines += ["", f"Measured steps saved over {len(savings)} seeds: mean {100 * sum(savings) / len(savings):.1f}%, "
-                      f"range {100 * min(savings):.1f}% to {100 * max(savings):.1f}%."]
+                      f"range {100 * min(savings):.1f}% to {100 * max(savings):.1f}%, 95% interval of the mean "
+                      f"{100 * low:.1f}% to {100 * high:.1f}%."]
     return lines + [""]
+
+
+def seed_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of per-seed values: mean -+ t_{n-1, (1+level)/2} s / sqrt(n), s the sample
+    standard deviation (seeds as independent draws of the whole training run; needs n >= 2)."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = t.ppf((1 + level) / 2, n - 1) * sd / n ** 0.5
+    return mean - half, mean + half
 
 
 RAMP_NOTES = ["Steps and tokens to the target are interpolated on each run's eval curve; seconds are training time "
