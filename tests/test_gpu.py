@@ -15,19 +15,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 from cbs.pipeline import rundir
-from cbs.pipeline.metrics import read_metrics
 from test_model import VOCAB, build, megatron_process, preset, tokens  # noqa: F401 (autouse: parallel_state)
 from test_pretrain import ROOT, SEQ, cli, make_cfg, series, torchrun, write_cfg
+from test_resilience import sigterm_after
 from test_study import _tiny_study
 
 pytestmark = [pytest.mark.gpu,
@@ -59,21 +57,6 @@ def test_bf16_step_runs_on_the_flash_kernel():
     assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
 
 
-def _sigterm_after(cfg_yaml, run_dir, step: int) -> None:
-    """Start `cbs pretrain` on the GPU and SIGTERM it once it has logged `step`; it must exit 75 (preempted)."""
-    proc = subprocess.Popen(cli("pretrain", str(cfg_yaml)), env=GPU_ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(m.get("step") == step for m in read_metrics(run_dir)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be signalled"
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 75, stderr[-3000:]
-
-
 def test_bf16_run_on_a_gpu_trains_resumes_exactly_and_evaluates_as_logged(stdlib_data, tmp_path):
     def cfg(name):
         return make_cfg(stdlib_data, tmp_path / name, train_tokens=8 * SEQ * STEPS, targets=[5.8],
@@ -97,7 +80,8 @@ def test_bf16_run_on_a_gpu_trains_resumes_exactly_and_evaluates_as_logged(stdlib
         assert out["weights"][kind]["loss"] == pytest.approx(value, rel=2**-8), kind
 
     cut_yaml = write_cfg(cfg("cut"), tmp_path / "cut.yaml")
-    _sigterm_after(cut_yaml, tmp_path / "cut", step=14)
+    code, _, stderr = sigterm_after(cut_yaml, tmp_path / "cut", step=14, env=GPU_ENV)
+    assert code == 75, stderr[-3000:]
     run(cli("pretrain", str(cut_yaml)))
     for key in ("train/loss", "eval/loss", "eval/loss_ewa/0.9", "grad_norm"):
         assert series(tmp_path / "cut", key) == series(tmp_path / "whole", key), key  # bitwise on the GPU too

@@ -58,9 +58,11 @@ def runs(stdlib_data, tmp_path_factory):
             "exit_s": exit_s, "stderr": stderr}
 
 
-def sigterm_after(cfg_yaml: Path, run_dir: Path, step: int) -> tuple[int, float, str]:
-    """Start `cbs pretrain`, SIGTERM it once it has logged `step`: (exit code, seconds to exit, stderr)."""
-    proc = subprocess.Popen(cli("pretrain", str(cfg_yaml)), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+def sigterm_after(cfg_yaml: Path, run_dir: Path, step: int, env: dict | None = None) -> tuple[int, float, str]:
+    """Start `cbs pretrain` (with `env`, default the CPU tests' ENV), SIGTERM it once it has logged `step`: (exit
+    code, seconds to exit, stderr)."""
+    proc = subprocess.Popen(cli("pretrain", str(cfg_yaml)), env=ENV if env is None else env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
