@@ -1,5 +1,5 @@
 """The figures of `cbs fit` read back from the matplotlib Figures the figure functions return (ticks, labels,
-titles, legends) and from the PNGs `cbs fit` writes: readable at a glance (issue 23)."""
+titles, legends) and from the PNGs `cbs fit` writes: readable at a glance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fit never answers a confident wrong number (issue 18, cases 1-5): one-sided settings and misfits stay out of
+"""The fit never answers a confident wrong number: one-sided settings and misfits stay out of
 the laws and are listed, intervals stay honest with 3 batches, weighted laws only on trustworthy weights, and a
 reference batch outside the sweep is refused or flagged. Synthetic steps tables with a known law, fed to the real
 fit (`cbs fit X.csv --reference-batch 64`, or cbs.analysis.fit.fit_settings)."""

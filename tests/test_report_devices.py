@@ -1,5 +1,5 @@
 """The time/cost section of report.md names the devices the runs trained on: CPU runs are not counted in
-GPU-hours (issue 23)."""
+GPU-hours."""
 
 from __future__ import annotations
 
