@@ -74,7 +74,7 @@ def _plain_enum(v):
 class Tracker:
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
                  resume_step: Optional[int] = None, identity: Optional[RunIdentity] = None, wandb=None):
-        """`wandb`: a WandbConfig (cbs/pipeline/config.py) to also log there; None: not."""
+        """`wandb`: a WandbConfig (cbs/pipeline/config/pretrain.py) to also log there; None: not."""
         self.enabled = enabled
         self._jsonl = self._tb = self._tb_tokens = self._wandb = None
         if not enabled:

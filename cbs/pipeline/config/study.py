@@ -1,0 +1,192 @@
+"""`study` config: settings x batch sizes x hyper-parameters, its methods (sweep, branched, ramp), and the pretrain
+keys a study decides for each run."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cbs.pipeline.config.batch_schedule import BatchScheduleConfig, Beta2Rule, LrScaling
+from cbs.pipeline.config.loader import _check
+
+
+# Pretrain keys a study decides for each run, and where to set them instead; `base` may not hold them.
+STUDY_SETS = {
+    "data_dir": "from study.data", "run_dir": "STUDY_DIR/runs/<run>", "global_batch_seqs": "from batch_sizes",
+    "train_tokens": "from settings and max_tokens_factor", "model": "from settings", "targets": "from targets",
+    "study": "written by the study", "seed": "from seeds", "optimizer.lr": "from hparams.lr",
+    "optimizer.beta2": "from hparams.beta2", "ewa.taus": "from hparams.ewa_taus",
+    "stop_at_targets": "on for every run but the reference ones", "stop_weights": "ewa, the weights the fit reads",
+    "batch_schedule": "from study.ramp (method: ramp)",
+}
+
+
+@dataclass
+class HparamGrid:
+    """Hyper-parameters tried at every batch size; steps-to-target is the minimum over them."""
+
+    lr: list[float] = field(default_factory=lambda: [3.16e-3])
+    """Peak learning rates."""
+    beta2: Optional[list[float]] = None
+    """AdamW beta2 values; default: the paper's per-batch value (docs/method.md table)."""
+    ewa_taus: Optional[list[float]] = None
+    """EWA decays kept at once in every run (the best is used); default: the paper's per-batch tau. Short CPU
+    runs want smaller taus (0.98-0.995) than the paper's long runs (0.99-0.9995)."""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.lr) and all(x > 0 for x in self.lr), f"{p}.lr must list learning rates > 0: {self.lr}")
+        _check(self.beta2 is None or all(0 <= b < 1 for b in self.beta2), f"{p}.beta2 must be in [0, 1)")
+        _check(self.ewa_taus is None or all(0 < t < 1 for t in self.ewa_taus), f"{p}.ewa_taus must be in (0, 1)")
+
+
+@dataclass
+class ReferenceTargets:
+    batch: Optional[int] = None
+    """B0: the reference batch whose runs go first; a setting's target is their best EWA eval loss after the
+    setting's budget of tokens. Default: the smallest of batch_sizes."""
+
+
+@dataclass
+class StudyTargets:
+    reference: Optional[ReferenceTargets] = None
+    """The paper's method (the default when losses is not given)."""
+    losses: Optional[dict] = None
+    """Explicit target loss per setting name (every setting needs one); no reference phase."""
+
+    def validate(self, p: str) -> None:
+        _check(not (self.reference and self.losses), f"{p}: give either reference or losses, not both")
+        for name, loss in (self.losses or {}).items():
+            _check(isinstance(loss, (int, float)) and loss > 0, f"{p}.losses.{name} must be a loss > 0: got {loss}")
+
+
+class StudyMethod(str, enum.Enum):
+    sweep = "sweep"
+    """The paper's: a full run per batch size, steps-to-target fitted over them (docs/method.md)."""
+    branched = "branched"
+    """Merrill et al. 2025: short branches at k x B from checkpoints of one base run give CBS(t) along training
+    (docs/method.md, "Branched local CBS")."""
+    ramp = "ramp"
+    """A batch ramp (study.ramp) beside the fixed batches it is compared with, its first and its largest, all to
+    the same target: steps, tokens and wall-clock to the target, the saving predicted against the one measured."""
+
+
+class BranchRule(str, enum.Enum):
+    absolute = "absolute"
+    """Merrill et al. 2025: the largest batch whose loss is within epsilon_nats (plus an allowance for eval noise)
+    of every smaller batch's (docs/method.md, "Branched local CBS")."""
+    relative = "relative"
+    """A chain: each batch within (1 + tolerance) of the best smaller one, up to the first that is not."""
+
+
+@dataclass
+class BranchedConfig:
+    """Settings of `method: branched`. Each setting gets one base run at `batch_sizes`' smallest batch B,
+    trained to the setting's budget D and checkpointed at every branch point t; from each, one branch per batch
+    b of `batch_sizes` (k = b / B, B itself included) trains `branch_tokens` more tokens."""
+
+    at_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    """Branch points t as fractions of each setting's budget D (after the warmup: t >= warmup_tokens)."""
+    branch_tokens: Optional[int] = None
+    """Tokens each branch trains (Delta); default: 10% of the setting's budget."""
+    lr_scaling: LrScaling = LrScaling.sqrt
+    """How a branch at k x B scales the base LR: sqrt (Adam), linear, none."""
+    rule: BranchRule = BranchRule.absolute
+    """How `cbs fit` turns a branch point's losses into the local CBS: absolute (Merrill et al.) or relative."""
+    epsilon_nats: float = 0.01
+    """absolute rule: a batch passes when its loss is within this many nats (plus the eval-noise allowance) of
+    every smaller batch's."""
+    tolerance: float = 0.01
+    """relative rule: a batch passes when the smaller ones did and its loss is within this relative tolerance of
+    the best loss of the branches at smaller batches."""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.at_fractions) and all(0 < f <= 1 for f in self.at_fractions),
+               f"{p}.at_fractions must list fractions of the budget in (0, 1]: got {self.at_fractions}")
+        _check(len(set(self.at_fractions)) == len(self.at_fractions), f"{p}.at_fractions has duplicates")
+        _check(self.branch_tokens is None or self.branch_tokens >= 1,
+               f"{p}.branch_tokens must be >= 1: got {self.branch_tokens}")
+        _check(0 < self.tolerance < 1, f"{p}.tolerance must be in (0, 1): got {self.tolerance}")
+        _check(0 <= self.epsilon_nats < 1, f"{p}.epsilon_nats must be in [0, 1) nats: got {self.epsilon_nats}")
+
+
+@dataclass
+class StudyConfig:
+    """`cbs study`: settings x batch sizes x hyper-parameters -> runs -> evaluate -> fit."""
+
+    section = "study"
+
+    data: Any
+    """A preprocess config (mapping; its output_dir defaults to STUDY_DIR/data) or an existing data directory."""
+    settings: Any
+    """A list of {model, train_tokens[, name, target]}, or a generator: {generator: fixed_model, model, tokens:
+    [D...]}, {generator: fixed_data, tokens: D, models: [...]}, {generator: chinchilla, models: [...],
+    tokens_per_param: 20} (D = 20 N)."""
+    batch_sizes: list[int]
+    """Global batch sizes in sequences (>= 3 of them for a fit; the paper sweeps 64 to 16384)."""
+    name: str = "study"
+    hparams: HparamGrid = field(default_factory=HparamGrid)
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    targets: StudyTargets = field(default_factory=StudyTargets)
+    base: dict = field(default_factory=dict)
+    """Pretrain config keys shared by every run (micro_batch_seqs, schedule, eval, deepspeed_config, ...)."""
+    one_sweep: bool = True
+    """Runs of one model serve all of its data budgets: trained once to the largest budget's target, each
+    budget's crossing read off the same eval curve (docs/method.md, "Target loss"). False: separate runs per setting."""
+    max_tokens_factor: float = 4.0
+    """Non-reference runs stop once every target is reached, or after this many times the largest budget of
+    their model (a run that gets there without reaching a target is censored in the fit)."""
+    slurm: dict = field(default_factory=dict)
+    """Resources for --executor slurm: partition, account, nodes, gpus_per_node, cpus_per_task, time,
+    max_parallel, extra (list of raw sbatch flags). Command-line flags override them."""
+    method: StudyMethod = StudyMethod.sweep
+    """sweep (the paper's full runs per batch size) | branched (CBS along training from one base run)."""
+    branched: BranchedConfig = field(default_factory=BranchedConfig)
+    """Settings of method: branched."""
+    ramp: Optional[BatchScheduleConfig] = None
+    """method: ramp: the batch schedule (stages or a `cbs forecast --ramp --out` file, lr_scaling, beta2) every
+    setting's ramp run trains; batch_sizes are its first and largest batch (the fixed runs)."""
+
+    def validate(self, p: str) -> None:
+        _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
+               f"{p}.batch_sizes must list batch sizes >= 1: got {self.batch_sizes}")
+        _check(len(set(self.batch_sizes)) == len(self.batch_sizes), f"{p}.batch_sizes has duplicates")
+        _check(len(self.seeds) >= 1, f"{p}.seeds must list at least one seed")
+        _check(self.max_tokens_factor >= 1, f"{p}.max_tokens_factor must be >= 1: got {self.max_tokens_factor}")
+        ref = self.targets.reference
+        if ref and ref.batch is not None:
+            _check(ref.batch in self.batch_sizes,
+                   f"{p}.targets.reference.batch ({ref.batch}) must be one of batch_sizes {self.batch_sizes}")
+        if self.method is StudyMethod.branched:
+            _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1 and len(self.seeds) == 1,
+                   f"{p}: method branched has one base run per setting: give one hparams.lr, hparams.beta2 and seed")
+            _check(len(self.batch_sizes) >= 2, f"{p}.batch_sizes: method branched needs the base batch and at least "
+                                               f"one larger one")
+            _check(self.targets.losses is None and (self.targets.reference is None or self.targets.reference.batch
+                                                    in (None, min(self.batch_sizes))),
+                   f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
+        if self.method is StudyMethod.ramp:
+            self._validate_ramp(p)
+        for dotted, where in STUDY_SETS.items():
+            node = self.base
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            _check(node is None, f"{p}.base.{dotted} is set by the study for each run ({where}): remove it from base")
+
+    def _validate_ramp(self, p: str) -> None:
+        _check(self.ramp is not None, f"{p}.ramp is required with method ramp: give its stages (or a file of "
+                                      f"`cbs forecast --ramp --out`)")
+        _check(self.ramp.adaptive is None, f"{p}.ramp.adaptive: a ramp study compares a planned schedule (stages or "
+                                           f"a file) with its fixed batches; train an adaptive ramp as one run "
+                                           f"(pretrain.batch_schedule.adaptive)")
+        stages = self.ramp.parsed(f"{p}.ramp")
+        want = sorted({stages[0].batch, stages[-1].batch})
+        _check(sorted(self.batch_sizes) == want, f"{p}.batch_sizes must be the ramp's first and largest batch "
+                                                 f"{want} (the fixed runs it is compared with): got {self.batch_sizes}")
+        _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1,
+               f"{p}.hparams: method ramp compares one recipe: give one lr (and at most one beta2)")
+        _check(self.hparams.beta2 is None or self.ramp.beta2 is Beta2Rule.fixed,
+               f"{p}.ramp.beta2 is paper but hparams.beta2 is given: set ramp.beta2: fixed (the ramp then keeps "
+               f"hparams.beta2, as the fixed runs do), or remove hparams.beta2")
+        _check(self.ramp.beta2 is Beta2Rule.paper or self.hparams.beta2 is not None,
+               f"{p}.ramp.beta2 is fixed: give the beta2 in hparams.beta2 (the fixed runs use it too)")
