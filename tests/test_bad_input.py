@@ -486,6 +486,42 @@ def study_model_a_number(tmp, data, other):
             "preset name")
 
 
+def study_setting_name_a_list(tmp, data, other):
+    """A setting's name that is no text ended in a traceback (a TypeError) while the runs were named."""
+    return (["study", str(study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K, name: [1]}]")), "--out",
+             str(tmp / "s")], r"study\.settings\[0\]\.name must be a string", r"got \[1\]")
+
+
+def study_setting_target_text(tmp, data, other):
+    """A setting's target that is no number was named as a key of a run (`study run NAME.targets[0]`), not where
+    it was written."""
+    return (["study", str(study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K, target: abc}]")), "--out",
+             str(tmp / "s")], r"study\.settings\[0\]\.target must be a number", "got 'abc'")
+
+
+def study_slurm_nodes_text(tmp, data, other):
+    """study.slurm was a plain mapping: a bad value went unchecked until a Slurm job was built (and not at all
+    with the local executor, which then trained the whole study)."""
+    path = study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K}]", "slurm: {nodes: two}\n")
+    return (["study", str(path), "--out", str(tmp / "s")], r"study\.slurm\.nodes must be an integer", "got 'two'")
+
+
+def study_slurm_unknown_key(tmp, data, other):
+    path = study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K}]", "slurm: {gpus_per_nod: 4}\n")
+    return (["study", str(path), "--out", str(tmp / "s")], r"study\.slurm\.gpus_per_nod is not a known key",
+            r"did you mean study\.slurm\.gpus_per_node\?")
+
+
+def study_batch_does_not_split_on_the_ranks(tmp, data, other):
+    """A batch that does not split over the ranks each run gets (Slurm: nodes x gpus_per_node) was planned, and
+    every such run would have failed at its start."""
+    path = study_yaml(tmp, data, "[{model: tiny, train_tokens: 300K}]", "base: {micro_batch_seqs: 4}\n")
+    return (["study", str(path), "--out", str(tmp / "s"), "--executor", "slurm", "--nodes", "1", "--gpus-per-node",
+             "2", "--dry-run"],
+            r"study\.batch_sizes \[4\] cannot be split over 2 data-parallel ranks \(slurm nodes 1 x gpus_per_node 2\)",
+            r"set base\.micro_batch_seqs: 2")
+
+
 def study_data_missing(tmp, data, other):
     """Refused, but study.yaml used to be written first: the corrected command was then refused as "another study"."""
     return (["study", str(study_config_file(tmp, tmp / "nowhere", "[{model: tiny, train_tokens: 100000}]")), "--out",
@@ -521,7 +557,9 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     set_section_to_scalar, unknown_nested_key, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
     study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, ramp_batch_larger_than_data,
     ramp_first_batch_larger_than_budget, lr_infinite,
-    study_model_a_number, study_data_missing, study_slurm_out_with_percent, study_slurm_out_with_newline,
+    study_model_a_number, study_data_missing, study_setting_name_a_list, study_setting_target_text,
+    study_slurm_nodes_text, study_slurm_unknown_key, study_batch_does_not_split_on_the_ranks,
+    study_slurm_out_with_percent, study_slurm_out_with_newline,
 ]}
 
 

@@ -111,3 +111,50 @@ def test_yaml_problems_name_the_line(tmp_path):
     with pytest.raises(ConfigError, match=r"preprocess\.base is not a known key"):  # the anchor parsed fine
         load_config(PreprocessConfig, anchors)
     assert read_yaml(anchors)["tokenizer"] == {"vocab_size": 500, "type": "unigram"}
+
+
+STUDY = "data: data\nbatch_sizes: [4, 8]\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("settings: [{model: tiny, train_tokens: 1M, name: [1]}]\n", r"study\.settings\[0\]\.name must be a string"),
+    ("settings: [{model: tiny, train_tokens: 1M, target: abc}]\n", r"study\.settings\[0\]\.target must be a number"),
+    ("settings: [{model: tiny, train_tokens: 1M, target: -1}]\n", r"study\.settings\[0\]\.target must be a loss > 0"),
+    ("settings: [{model: tiny, train_tokens: 1M, oops: 1}]\n", r"study\.settings\[0\]\.oops is not a known key"),
+    ("settings: [{model: tiny, train_tokens: 1.5}]\n", r"study\.settings\[0\]\.train_tokens must be a whole number"),
+    ("settings: [{model: {preset: tiny, layers: x}, train_tokens: 1M}]\n",
+     r"study\.settings\[0\]\.model\.layers must be an integer: got 'x'"),
+    ("settings: {generator: fixed_model, model: tiny}\n", r"study\.settings\.tokens is required by the fixed_model"),
+    ("settings: {generator: fixed_data, models: [tiny], tokens: [1M, 2M]}\n",
+     r"study\.settings\.tokens: the fixed_data generator trains every model on one budget"),
+    ("settings: {generator: chinchilla, models: [tiny], tokens_per_param: yes}\n",
+     r"study\.settings\.tokens_per_param must be a number"),
+    ("settings: {generator: chinchilla, models: [huge]}\n", r"study\.settings\.models\[0\]\.preset must be one of"),
+    ("settings: tiny\n", r"study\.settings must be a list of settings or a mapping with a generator"),
+    ("settings: [{model: tiny, train_tokens: 1M}]\nslurm: {nodes: 0}\n",
+     r"study\.slurm\.nodes must be an integer >= 1"),
+    ("settings: [{model: tiny, train_tokens: 1M}]\nslurm: {extra: qos}\n", r"study\.slurm\.extra must be a list of"),
+    ("settings: [{model: tiny, train_tokens: 1M}]\nbase: {optimizer: {lrr: 1}}\n",
+     r"study\.base\.optimizer\.lrr is not a known key; did you mean study\.base\.optimizer\.lr\?"),
+    ("settings: [{model: tiny, train_tokens: 1M}]\nbase: {micro_batch_seqs: 0}\n",
+     r"study\.base\.micro_batch_seqs must be >= 1"),
+])
+def test_study_settings_slurm_and_base_are_checked_at_load_naming_the_key(tmp_path, text, message):
+    """The study schema is typed (config/study.py): a bad setting, Slurm resource or base key is refused when the
+    file is read, named where it was written."""
+    from cbs.pipeline.config import StudyConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(StudyConfig, write(tmp_path, STUDY + text))
+
+
+def test_typed_study_sections_round_trip(tmp_path):
+    """What study.yaml holds (to_dict of the typed config) reads back as the same config."""
+    from cbs.pipeline.config import StudyConfig, from_dict, to_dict
+
+    text = (STUDY + "settings: {generator: fixed_model, model: tiny, tokens: [300K, 1M]}\n"
+            "slurm: {partition: gpu, nodes: 2, gpus_per_node: 4, extra: ['--qos=high']}\n")
+    cfg = load_config(StudyConfig, write(tmp_path, text), ["slurm.time=01:00:00"])
+    assert cfg.settings.tokens == [300_000, 1_000_000] and cfg.slurm.ranks == 8
+    assert cfg.slurm.fields({"nodes": 1})["nodes"] == 1 and cfg.slurm.time == "01:00:00"
+    assert from_dict(StudyConfig, to_dict(cfg), "study") == cfg

@@ -191,3 +191,16 @@ def test_non_finite_losses_logged_as_strings_are_read_as_floats():
     crossing = tracker.to_json()[0]["raw"]
     assert crossing["step"] == 4  # interpolated from step 1 (the last finite eval)
     assert 1 < crossing["step_interp"] < 4
+
+
+def test_a_micro_batch_larger_than_the_batch_is_the_batch_as_in_a_study():
+    """micro_batch_seqs above the (first) global batch trains one micro-batch of the whole batch, as a study's runs
+    always did; a direct pretrain used to refuse it at start."""
+    c = cfg(global_batch_seqs=4, micro_batch_seqs=8)
+    ds = deepspeed_config(c, world_size=1, cuda=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (4, 4, 1)
+    # over 2 ranks: micro 4 x 2 ranks does not divide 4, refused naming the key
+    with pytest.raises(ConfigError, match=r"global_batch_seqs \(4\) must be divisible by micro_batch_seqs \(4\) x "
+                                          r"data-parallel size \(2\) = 8"):
+        c.layout(2)

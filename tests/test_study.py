@@ -527,3 +527,71 @@ def test_a_study_made_before_a_new_config_key_is_resumed_not_refused(tmp_path):
                                                             "config": older}))
     with pytest.raises(study.StudyError, match="holds another study"):
         study.claim_study_dir(other, tmp_path, force=False)
+
+
+def test_a_study_yaml_of_the_untyped_schema_is_the_same_study(tmp_path):
+    """study.yaml written before settings and slurm were typed holds them as given (a generator mapping, `slurm: {}`):
+    its study is still this one, so a re-run resumes."""
+    raw = {"data": "unused", "batch_sizes": [4, 8, 16], "base": BASE, "slurm": {},
+           "settings": {"generator": "fixed_model", "model": {"preset": "tiny", "seq_len": 32},
+                        "tokens": [20000, 60000]}}
+    cfg = from_dict(StudyConfig, json.loads(json.dumps(raw)), "study")
+    (tmp_path / study.STUDY_FILE).write_text(yaml.safe_dump({"name": cfg.name, "fingerprint": "0" * 16, "config": raw}))
+    study.claim_study_dir(cfg, tmp_path, force=False)
+    again = yaml.safe_load((tmp_path / study.STUDY_FILE).read_text())["config"]
+    assert from_dict(StudyConfig, again, "study") == cfg  # what is written reads back as the same study
+
+
+@pytest.mark.parametrize("settings, names", [
+    ([{"model": "tiny", "train_tokens": "20K", "target": 4.5},
+      {"model": {"preset": "tiny", "seq_len": 32}, "train_tokens": 6e4, "name": "short"}], ["mtiny_d20K", "short"]),
+    ({"generator": "fixed_data", "models": ["tiny", {"layers": 3, "hidden": 64}], "tokens": "20K"},
+     ["mtiny_d20K", "mL3d64_d20K"]),
+    ({"generator": "chinchilla", "models": ["tiny"], "tokens_per_param": 0.05}, ["mtiny_d19.7K"]),
+])
+def test_typed_settings_plan_as_before(settings, names):
+    """Settings are typed at load (config/study.py); the planner reads the same settings from the typed form and
+    from the YAML data, with the names of before (run directories are named after them)."""
+    cfg = study_cfg(settings=settings)
+    typed = study_plan.expand_settings(cfg.settings)
+    assert [dataclasses.asdict(s) for s in typed] == \
+        [dataclasses.asdict(s) for s in study_plan.expand_settings(json.loads(json.dumps(settings)))]
+    assert [s.name for s in typed] == names
+
+
+def test_the_plan_refuses_batches_that_do_not_split_over_the_ranks_of_a_run(tmp_path):
+    """--gpus-per-run K (or Slurm's nodes x gpus_per_node) makes K data-parallel ranks per run: a batch that does
+    not split into whole micro-batches on each would fail at its run's start; the plan refuses it, with the fix."""
+    cfg = study_cfg(batch_sizes=[4, 8, 16], base={**BASE, "micro_batch_seqs": 4})
+    with pytest.raises(ConfigError, match=r"study\.batch_sizes \[4\] cannot be split over 2 data-parallel ranks "
+                                          r"\(--gpus-per-run 2\) with micro-batches of base\.micro_batch_seqs \(4\).*"
+                                          r"set base\.micro_batch_seqs: 2"):
+        study.plan(cfg, tmp_path, tmp_path, 2, "--gpus-per-run 2")
+    with pytest.raises(ConfigError, match=r"study\.batch_sizes \[4, 8, 16\] cannot be split over 8 .*use batches that "
+                                          r"are multiples of 8 x the micro-batch, or train each run on fewer ranks"):
+        study.plan(cfg, tmp_path, tmp_path, 8, "--gpus-per-run 8")
+    runs = study.plan(study_cfg(batch_sizes=[4, 8, 16], base={**BASE, "micro_batch_seqs": 2}), tmp_path, tmp_path, 2)
+    for run in runs:  # what the plan accepts, pretrain lays out the same way on those ranks
+        layout = from_dict(PretrainConfig, json.loads(json.dumps(run.config)), "pretrain").layout(2)
+        assert layout.micro_batch_seqs == run.config["micro_batch_seqs"] == 2
+        assert layout.gradient_accumulation == run.batch // 4
+
+
+def test_the_plan_and_pretrain_agree_on_a_micro_batch_larger_than_the_batch(tmp_path):
+    """A batch below base.micro_batch_seqs trains as one micro-batch of itself in a study; pretrain given the same
+    config directly used to refuse it. Both now read it with one rule (cbs.batching)."""
+    runs = study.plan(study_cfg(batch_sizes=[4, 8, 16], base={**BASE, "micro_batch_seqs": 8}), tmp_path, tmp_path)
+    b4 = next(r for r in runs if r.batch == 4)
+    assert b4.config["micro_batch_seqs"] == 4
+    direct = from_dict(PretrainConfig, {**json.loads(json.dumps(b4.config)), "micro_batch_seqs": 8}, "pretrain")
+    assert (direct.micro_batch, direct.layout(1).gradient_accumulation) == (4, 1)
+
+
+def test_a_ramp_stage_that_does_not_split_is_refused_at_plan_time(tmp_path):
+    """A ramp's middle stage was checked only when its run started."""
+    cfg = study_cfg(method="ramp", batch_sizes=[4, 16], hparams={"lr": [2e-3], "ewa_taus": [0.9]},
+                    ramp={"stages": [{"batch": 4, "until_tokens": 8000}, {"batch": 6, "until_tokens": 20000},
+                                     {"batch": 16}]})
+    with pytest.raises(ConfigError, match=r"study\.ramp's stage batches \[6\] are not divisible by "
+                                          r"base\.micro_batch_seqs \(4\)"):
+        study.plan(cfg, tmp_path, tmp_path)

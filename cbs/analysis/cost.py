@@ -28,6 +28,7 @@ import numpy as np
 from cbs.analysis import InputError, read_csv_lines
 from cbs.analysis.run_metrics import MetricsReader, read_metrics
 from cbs.analysis.steps import RunInfo
+from cbs.batching import splits
 
 THROUGHPUT_COLUMNS = ("batch_size", "gpus", "tokens_per_s")
 
@@ -279,4 +280,4 @@ def plan_rows(name: str, s_min: float, b_noise: float, n: int | None, model: Thr
             steps_at.setdefault(b, s_min * (1 + b_noise / b))
             b *= 2
     rows = time_rows(name, n, steps_at, model, seq_len, budget)
-    return [r for r in rows if r.batch_size % (r.gpus * micro_batch) == 0]
+    return [r for r in rows if splits(r.batch_size, micro_batch, r.gpus)]

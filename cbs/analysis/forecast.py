@@ -26,6 +26,7 @@ from cbs.analysis.cost import (
 from cbs.analysis.fit import critical_batch_size
 from cbs.analysis.laws import SYMBOLS, PowerLaw, law_from_json
 from cbs.analysis.study_fit import EXPONENT_GAP
+from cbs.batching import BatchLayout, gradient_accumulation
 
 DEFAULT_SEQ_LEN = 512  # the paper's context length (Zhang et al. 2025, sec. 2)
 DEFAULT_OVERHEAD = 0.2
@@ -303,19 +304,24 @@ class BatchPlan:
     """True when even one micro-batch on every GPU exceeds the CBS."""
 
     @property
+    def layout(self) -> BatchLayout:
+        return BatchLayout(self.global_batch_seqs, self.micro_batch_seqs, self.gpus, self.seq_len)
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.global_batch_seqs * self.seq_len
+        return self.layout.tokens_per_step
 
     def steps_for(self, tokens: float) -> int:
-        return math.ceil(tokens / self.tokens_per_step)
+        return self.layout.steps_for(tokens)
 
 
 def batch_plan(cbs: float, gpus: int, micro_batch_seqs: int, seq_len: int) -> BatchPlan:
     """Largest global batch <= CBS that is a multiple of gpus * micro_batch; at least one such multiple."""
     unit = gpus * micro_batch_seqs
     k = int(cbs // unit) if math.isfinite(cbs) else 0
-    return BatchPlan(global_batch_seqs=max(k, 1) * unit, micro_batch_seqs=micro_batch_seqs, gpus=gpus,
-                     grad_accum=max(k, 1), seq_len=seq_len, above_cbs=k < 1)
+    layout = BatchLayout.resolve(max(k, 1) * unit, seq_len, gpus, micro_batch_seqs)
+    return BatchPlan(global_batch_seqs=layout.global_batch_seqs, micro_batch_seqs=layout.micro_batch_seqs,
+                     gpus=gpus, grad_accum=layout.gradient_accumulation, seq_len=seq_len, above_cbs=k < 1)
 
 
 def describe_plan(plan: BatchPlan, cbs: Forecast, tokens: float) -> list[str]:
@@ -403,7 +409,7 @@ def describe_time_plan(tp: TimePlan | str, micro_batch: int) -> list[str]:
     where = "any batch up to 16 x the CBS (--beyond-cbs)" if tp.beyond_cbs else "a batch <= the CBS"
     lines = [f"fastest to the target with <= {tp.budget} GPU(s) at {where}: "
              f"global batch {f.batch_size} on {f.gpus} GPU(s) (micro-batch {micro_batch} x accumulation "
-             f"{f.batch_size // (f.gpus * micro_batch)}): {f.steps:,.0f} steps to the target loss (S(B) = "
+             f"{gradient_accumulation(f.batch_size, micro_batch, f.gpus)}): {f.steps:,.0f} steps to the target loss (S(B) = "
              f"{tp.s_min:.4g} (1 + {tp.b_noise:.4g}/B)), {hours_text(f.hours)} wall-clock, {f.gpu_hours:,.3g} "
              f"GPU-hours; {_throughput_text(tp, f)}"]
     if tp.at_cbs_plan is not None:

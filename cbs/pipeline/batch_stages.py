@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from cbs.pipeline.config import PretrainConfig, gradient_accumulation
+from cbs.pipeline.config import PretrainConfig
 from cbs.pipeline.noise import NoiseScale
 from cbs.pipeline.optim import EWA
 
@@ -30,7 +30,8 @@ class BatchStages:
         self.batches = cfg.batches
         self.stage: Optional[int] = None  # none applied yet: the first sync applies the step's stage
         self.batch = self.batches.first_batch
-        self.grad_accum = gradient_accumulation(self.batch, cfg.micro_batch, world_size)
+        self.layout = cfg.layout(world_size)  # the first stage's; every stage checked to split on every rank
+        self.grad_accum = self.layout.gradient_accumulation
         self.lr_factor = 1.0
 
     def sync(self, step: int) -> bool:
@@ -40,7 +41,7 @@ class BatchStages:
             return False
         self.stage = stage
         self.batch = self.batches.stages[stage].batch
-        self.grad_accum = gradient_accumulation(self.batch, self.cfg.micro_batch, self.world_size)
+        self.grad_accum = self.layout.at(self.batch).gradient_accumulation
         self.engine.set_train_batch_size(self.batch)
         if hasattr(self.engine.optimizer, "gradient_accumulation_steps"):  # ZeRO keeps a copy (CPU offload reads it)
             self.engine.optimizer.gradient_accumulation_steps = self.grad_accum
@@ -59,7 +60,7 @@ class BatchStages:
         b, steps = self.batches, self.batches.stage_steps(self.cfg.train_tokens)
         return [{"batch": s.batch, "until_tokens": s.until_tokens, "start_step": b.start_steps[i],
                  "start_tokens": b.start_seqs[i] * b.seq_len, "steps": steps[i],
-                 "gradient_accumulation_steps": gradient_accumulation(s.batch, self.cfg.micro_batch, self.world_size),
+                 "gradient_accumulation_steps": self.layout.at(s.batch).gradient_accumulation,
                  "lr_factor": self.cfg.batch_schedule.lr_factor(s.batch, b.first_batch),
                  "beta2": self.cfg.batch_schedule.beta2_at(s.batch, self.cfg.optimizer.beta2)}
                 for i, s in enumerate(b.stages)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cbs.pipeline.config import ConfigError, Precision, PretrainConfig, gradient_accumulation
+from cbs.pipeline.config import ConfigError, Precision, PretrainConfig
 from cbs.pipeline.utils import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -143,19 +143,15 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int, cuda: bool) -> dict:
         raise ConfigError(f"{path} sets {', '.join(owned)}: batch size, clipping, optimizer and schedule come from "
                           f"the pretrain config (global_batch_seqs, micro_batch_seqs, optimizer.*, schedule.*); "
                           f"remove them from the file")
-    micro = cfg.micro_batch
-    batches = cfg.batches
     schedule = cfg.batch_schedule
-    if schedule is not None and schedule.adaptive and schedule.ladder[0] <= micro:
+    if schedule is not None and schedule.adaptive and schedule.ladder[0] <= cfg.micro_batch:
         raise ConfigError(f"pretrain.batch_schedule.adaptive: noise_scale measures B_simple from >= 2 "
                           f"micro-batches per step: ladder[0] ({schedule.ladder[0]}) must be above micro_batch_seqs "
-                          f"({micro}); lower micro_batch_seqs or raise ladder[0]")
-    for i, batch in enumerate(schedule.all_batches if schedule is not None else ()):  # each must split
-        key = f"ladder[{i}]" if schedule.adaptive else f"stages[{i}].batch"
-        gradient_accumulation(batch, micro, world_size, f"pretrain.batch_schedule.{key}")
-    ds["train_batch_size"] = batches.first_batch  # the first stage's; Trainer sets each later stage's
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = gradient_accumulation(batches.first_batch, micro, world_size)
+                          f"({cfg.micro_batch}); lower micro_batch_seqs or raise ladder[0]")
+    layout = cfg.layout(world_size)  # every batch of the run checked: it splits on every rank
+    ds["train_batch_size"] = layout.global_batch_seqs  # the first stage's; Trainer sets each later stage's
+    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch_seqs
+    ds["gradient_accumulation_steps"] = layout.gradient_accumulation
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
     for kind in ("bf16", "fp16"):
         if ds.get(kind, {}).get("enabled", "auto") not in ("auto", False):

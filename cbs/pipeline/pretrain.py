@@ -615,7 +615,7 @@ def _per_stage(trainer: Trainer, what: str) -> str:
     """A fixed batch's number, or a ramp's numbers per stage joined by '->' (for the start line)."""
     b, T = trainer.batches, trainer.cfg.model.seq_len
     value = {"batch": lambda s: s.batch, "tokens": lambda s: s.batch * T,
-             "accum": lambda s: s.batch // (trainer.cfg.micro_batch * trainer.dist.world_size)}[what]
+             "accum": lambda s: trainer.stages.layout.at(s.batch).gradient_accumulation}[what]
     return "->".join(str(value(s)) for s in b.stages)
 
 
@@ -717,7 +717,7 @@ def _write_config(trainer: Trainer) -> None:
     data["resolved"] = {
         "deepspeed": trainer.ds_config, "world_size": trainer.dist.world_size,
         "gradient_accumulation_steps": trainer.grad_accum, "micro_batch_seqs": cfg.micro_batch,
-        "tokens_per_step": None if cfg.batch_schedule else cfg.tokens_per_step, "total_steps": trainer.total_steps,
+        "tokens_per_step": None if cfg.batch_schedule else trainer.stages.layout.tokens_per_step, "total_steps": trainer.total_steps,
         "vocab_size": trainer.manifest["vocab_size"], "params": trainer.params,
         **trainer.data,
         "data_offset_seqs": trainer.samples.offset_seqs,

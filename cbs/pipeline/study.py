@@ -351,11 +351,21 @@ def not_needed(study_dir: Path) -> set[str]:
             if v.verdict == NOT_NEEDED and run_status(run_path(study_dir, v.run)) == "pending"}
 
 
+def run_ranks(cfg: StudyConfig, executor: str, gpus_per_run: int, slurm_overrides: Optional[dict]) -> tuple[int, str]:
+    """The data-parallel ranks each training run gets (so that the plan refuses a batch that would not split on
+    them), and where that number comes from: --gpus-per-run locally, nodes x gpus_per_node under Slurm."""
+    if executor == "slurm":
+        fields = cfg.slurm.fields(slurm_overrides)
+        nodes, gpus = fields.get("nodes") or 1, fields.get("gpus_per_node") or 0
+        return max(nodes, 1) * max(gpus, 1), f"slurm nodes {nodes} x gpus_per_node {gpus}"
+    return max(gpus_per_run, 1), f"--gpus-per-run {gpus_per_run}"  # < 1: the executor names it
+
+
 def make_executor(cfg: StudyConfig, study_dir: Path, executor: str, parallel: Optional[int], gpus_per_run: int,
                   dry_run: bool, slurm_overrides: Optional[dict], progress_every_s: float) -> Executor:
     try:
         if executor == "slurm":
-            return SlurmExecutor(cfg.name, study_dir, {**cfg.slurm, **(slurm_overrides or {})}, dry_run)
+            return SlurmExecutor(cfg.name, study_dir, cfg.slurm.fields(slurm_overrides), dry_run)
         return LocalExecutor(parallel, gpus_per_run, progress_every_s=progress_every_s)
     except ExecutorError as e:
         raise StudyError(str(e)) from None
@@ -366,7 +376,7 @@ def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", paral
          gpus_per_run: int = 1, progress_every_s: Optional[float] = None) -> int:
     study_dir = Path(study_dir).resolve()
     data_dir = data_dir_of(cfg, study_dir)
-    runs = plan(cfg, study_dir, data_dir)
+    runs = plan(cfg, study_dir, data_dir, *run_ranks(cfg, executor, gpus_per_run, slurm_overrides))
     every_s = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
     ex = make_executor(cfg, study_dir, executor, parallel, gpus_per_run, dry_run, slurm_overrides, every_s)
     if dry_run:

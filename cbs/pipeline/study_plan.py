@@ -10,14 +10,16 @@ mid-warmup loss).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from cbs import batching
 from cbs.pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
                                  ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, parse_tokens,
                                  steps_for, to_dict)
+from cbs.pipeline.config.loader import _coerce
+from cbs.pipeline.config.study import SettingEntry, SettingsGenerator, StudySettings, check_model
 from cbs.pipeline.utils import log
 
 RUNS = "runs"
@@ -66,70 +68,41 @@ def human(n: float) -> str:
 
 
 def _model(spec: Any, key: str) -> tuple[ModelConfig, str]:
-    model = from_dict(ModelConfig, ModelConfig.expand(spec, key), key)
+    """A setting's model and its label in names: the preset's name when only a preset is given, else L<l>d<d>."""
+    model = check_model(spec, key)
     label = model.preset if (isinstance(spec, str) or (isinstance(spec, dict) and len(spec) == 1)) \
         and model.preset else f"L{model.layers}d{model.hidden}"
     return model, label
 
 
 def expand_settings(raw: Any) -> list[Setting]:
-    """The `settings` key -> settings: an explicit list, or a generator (fixed_model, fixed_data, chinchilla)."""
+    """The `settings` key -> settings: an explicit list, or a generator (fixed_model, fixed_data, chinchilla).
+    `raw` is the typed study.settings (config/study.py), or YAML data that is read as it first."""
     p = "study.settings"
+    typed = isinstance(raw, SettingsGenerator) or (isinstance(raw, list) and
+                                                   all(isinstance(e, SettingEntry) for e in raw))
+    if not typed:
+        raw = _coerce(raw, StudySettings, p)
     if isinstance(raw, list):
         out = []
-        for i, item in enumerate(raw):
-            if not isinstance(item, dict) or "model" not in item or "train_tokens" not in item:
-                raise ConfigError(f"{p}[{i}] must be a mapping with model and train_tokens")
-            unknown = set(item) - {"model", "train_tokens", "name", "target"}
-            if unknown:
-                raise ConfigError(f"{p}[{i}].{sorted(unknown)[0]} is not a known key (model, train_tokens, name, "
-                                  f"target)")
-            model, label = _model(item["model"], f"{p}[{i}].model")
-            tokens = parse_tokens(item["train_tokens"], f"{p}[{i}].train_tokens")
-            out.append(Setting(item.get("name") or f"m{label}_d{human(tokens)}", model, label, tokens,
-                               item.get("target")))
+        for i, entry in enumerate(raw):
+            model, label = _model(entry.model, f"{p}[{i}].model")
+            out.append(Setting(entry.name or f"m{label}_d{human(entry.train_tokens)}", model, label,
+                               entry.train_tokens, entry.target))
         return _checked(out)
-    if not isinstance(raw, dict) or "generator" not in raw:
-        raise ConfigError(f"{p} must be a list of settings or a mapping with a generator "
-                          f"(fixed_model, fixed_data, chinchilla)")
-    gen = raw["generator"]
-    keys = {"fixed_model": {"model", "tokens"}, "fixed_data": {"models", "tokens"},
-            "chinchilla": {"models", "tokens_per_param"}}
-    if gen not in keys:
-        raise ConfigError(f"{p}.generator must be one of fixed_model, fixed_data, chinchilla: got {gen!r}")
-    allowed = keys[gen] | {"generator"}
-    extra = set(raw) - allowed
-    if extra:
-        raise ConfigError(f"{p}.{sorted(extra)[0]} is not a key of the {gen} generator ({', '.join(sorted(allowed))})")
-    if gen == "fixed_model":
-        model, label = _model(raw.get("model"), f"{p}.model")
-        tokens = raw.get("tokens")
-        tokens = [parse_tokens(t, f"{p}.tokens[{i}]") for i, t in
-                  enumerate(tokens if isinstance(tokens, list) else [tokens])]
-        return _checked([Setting(f"m{label}_d{human(t)}", model, label, t) for t in tokens])
-    models = raw.get("models") or []
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"{p}.models must list model presets or field mappings")
+    if raw.generator == "fixed_model":
+        model, label = _model(raw.model, f"{p}.model")
+        return _checked([Setting(f"m{label}_d{human(t)}", model, label, t) for t in raw.tokens])
     out = []
-    for i, spec in enumerate(models):
+    for i, spec in enumerate(raw.models):
         model, label = _model(spec, f"{p}.models[{i}]")
-        if gen == "fixed_data":
-            tokens = parse_tokens(raw.get("tokens"), f"{p}.tokens")
+        if raw.generator == "fixed_data":
+            tokens = raw.tokens[0]
         else:
-            tokens = parse_tokens(round(_tokens_per_param(raw.get("tokens_per_param", 20), f"{p}.tokens_per_param")
-                                        * model.non_embedding_params), f"{p}.tokens_per_param x params")
+            ratio = 20.0 if raw.tokens_per_param is None else raw.tokens_per_param
+            tokens = parse_tokens(round(ratio * model.non_embedding_params), f"{p}.tokens_per_param x params")
         out.append(Setting(f"m{label}_d{human(tokens)}", model, label, tokens))
     return _checked(out)
-
-
-def _tokens_per_param(value: Any, key: str) -> float:
-    try:
-        ratio = float(value)
-    except (TypeError, ValueError):
-        ratio = math.nan
-    if isinstance(value, bool) or not (math.isfinite(ratio) and ratio > 0):
-        raise ConfigError(f"{key} must be a number of tokens per parameter > 0 (Chinchilla: 20): got {value!r}")
-    return ratio
 
 
 def _checked(settings: list[Setting]) -> list[Setting]:
@@ -163,21 +136,24 @@ def _groups(cfg: StudyConfig, settings: list[Setting]) -> list[list[Setting]]:
     return [sorted(g, key=lambda s: s.tokens) for g in groups.values()]
 
 
-def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
-    """Every run of the study, each with its validated pretrain config (`run.config`)."""
+def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path, data_parallel: int = 1,
+         ranks: str = "--gpus-per-run 1") -> list[Run]:
+    """Every run of the study, each with its validated pretrain config (`run.config`), every batch checked to
+    split into micro-batches on the `data_parallel` ranks each run trains on (`ranks`: where that number comes
+    from, for the message), so that no run fails at its start for it."""
     settings = expand_settings(cfg.settings)
     if cfg.method is StudyMethod.branched:
-        return plan_branched(cfg, settings, study_dir, data_dir)
-    _fill_explicit_targets(cfg, settings)
-    if cfg.method is StudyMethod.ramp:
-        return plan_ramp(cfg, settings, study_dir, data_dir)
+        runs = plan_branched(cfg, settings, study_dir, data_dir)
+    else:
+        _fill_explicit_targets(cfg, settings)
+        runs = (plan_ramp if cfg.method is StudyMethod.ramp else plan_sweep)(cfg, settings, study_dir, data_dir)
+    check_layouts(cfg, runs, data_parallel, ranks)
+    return runs
+
+
+def plan_sweep(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_dir: Path) -> list[Run]:
+    """The paper's method: every setting group x batch x hyper-parameters x seed, one full run each."""
     b0 = reference_batch(cfg)
-    micro = cfg.base.get("micro_batch_seqs")
-    if micro:
-        bad = [b for b in cfg.batch_sizes if b % min(b, int(micro))]
-        if bad:
-            raise ConfigError(f"study.batch_sizes {bad} are not divisible by base.micro_batch_seqs ({micro}); "
-                              f"use multiples of it (batches smaller than it use themselves as micro-batch)")
     runs = []
     for group in _groups(cfg, settings):
         top = group[-1].tokens
@@ -193,6 +169,45 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
         r.config = run_config(cfg, r, study_dir, data_dir)
     check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
     return runs
+
+
+def check_layouts(cfg: StudyConfig, runs: list[Run], data_parallel: int, ranks: str) -> None:
+    """Refuse at plan time every batch a run would refuse at its start: each batch it trains at (a ramp's every
+    stage) must split into the run's micro-batch x `data_parallel` ranks (cbs.batching, pretrain's own rule)."""
+    micro = base_micro_batch(cfg)
+    bad = sorted({b for r in runs for b in _batches(r) if not _splits(r, micro, data_parallel, b)})
+    if not bad:
+        return
+    in_sizes = [b for b in bad if b in cfg.batch_sizes]
+    where = f"study.batch_sizes {in_sizes}" if in_sizes else f"study.ramp's stage batches {bad}"
+    if data_parallel == 1:
+        raise ConfigError(f"{where} are not divisible by base.micro_batch_seqs ({micro}); use multiples of it "
+                          f"(batches smaller than it use themselves as micro-batch)")
+    given = f"base.micro_batch_seqs ({micro})" if micro else \
+        f"{batching.DEFAULT_MICRO_BATCH_SEQS} sequences (the default; base.micro_batch_seqs is not set)"
+    fits = [m for m in range(int(micro or batching.DEFAULT_MICRO_BATCH_SEQS) - 1, 0, -1)
+            if all(_splits(r, m, data_parallel, b) for r in runs for b in _batches(r))]
+    fix = (f"set base.micro_batch_seqs: {fits[0]}, " if fits else "") + \
+        f"use batches that are multiples of {data_parallel} x the micro-batch, or train each run on fewer ranks"
+    raise ConfigError(f"{where} cannot be split over {data_parallel} data-parallel ranks ({ranks}) with micro-batches "
+                      f"of {given}: every rank trains the same whole micro-batches, so a batch must be a multiple "
+                      f"of micro-batch x {data_parallel} (a batch smaller than the micro-batch is one micro-batch "
+                      f"of itself); {fix}")
+
+
+def base_micro_batch(cfg: StudyConfig) -> Optional[int]:
+    """study.base.micro_batch_seqs as the integer pretrain reads it (YAML may give 4.0 or "4"), None if unset."""
+    return _coerce(cfg.base.get("micro_batch_seqs"), Optional[int], "study.base.micro_batch_seqs")
+
+
+def _batches(run: Run) -> list[int]:
+    """Every global batch a run trains at: its batch, or its ramp's stages (the first is run.batch)."""
+    return [st["batch"] for st in run.schedule["stages"]] if run.schedule else [run.batch]
+
+
+def _splits(run: Run, micro: Optional[int], data_parallel: int, batch: int) -> bool:
+    """Whether `batch` of `run` splits with base.micro_batch_seqs `micro` (clamped to the run's first batch)."""
+    return batching.splits(batch, batching.micro_batch_for(run.batch, micro), data_parallel)
 
 
 def _fill_explicit_targets(cfg: StudyConfig, settings: list[Setting]) -> None:
@@ -264,7 +279,7 @@ def _merge(base: dict, over: dict) -> dict:
 def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> dict:
     """The pretrain config of one run: the study's base, then what the study decides for this run."""
     base = cfg.base
-    micro = min(run.batch, int(base.get("micro_batch_seqs") or 8))
+    micro = batching.micro_batch_for(run.batch, base_micro_batch(cfg))  # pretrain's rule, made explicit
     targets = [s.target for s in run.settings if s.target is not None]
     over = {
         "data_dir": str(data_dir), "run_dir": str(run_path(study_dir, run.name)),

@@ -10,6 +10,7 @@ Field documentation is the string literal under each field (OLMo style); the REA
 name is re-exported here: `from cbs.pipeline.config import PretrainConfig, load_config` is the way to import them.
 """
 
+from cbs.batching import steps_for
 from cbs.pipeline.config.loader import (ConfigError, _check, _coerce, _expand_shorthands, _type_name,
                                         _UniqueKeyLoader, apply_overrides, from_dict, load_config, parse_tokens,
                                         read_yaml, to_dict)
@@ -19,8 +20,7 @@ from cbs.pipeline.config.paper import PAPER_BETA2, PAPER_TAU, paper_value
 from cbs.pipeline.config.batch_schedule import ADAPTIVE_SIGNALS, BatchScheduleConfig, Beta2Rule, LrScaling
 from cbs.pipeline.config.pretrain import (CheckpointConfig, EvalConfig, EwaConfig, InitFrom, LogConfig,
                                           OptimizerConfig, Precision, PretrainConfig, Resume, ScheduleConfig,
-                                          ScheduleKind, StopWeights, WandbConfig, WandbMode, gradient_accumulation,
-                                          steps_for)
+                                          ScheduleKind, StopWeights, WandbConfig, WandbMode, gradient_accumulation)
 from cbs.pipeline.config.study import (STUDY_SETS, BranchedConfig, BranchRule, HparamGrid, ReferenceTargets,
                                        StudyConfig, StudyMethod, StudyTargets)
 

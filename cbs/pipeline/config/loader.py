@@ -38,6 +38,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+TokenCount = typing.NewType("TokenCount", int)
+"""A field of this type is a token count, read by `parse_tokens` (300K, 1e9, 10B)."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value to the annotated type `tp`; raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -47,7 +51,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if len(args) < len(typing.get_args(tp)):
                 return None
             raise ConfigError(f"{key} must not be empty: give {_type_name(args[0])}")
-        return _coerce(value, args[0], key)
+        return _coerce(value, _union_member(args, value), key)
+    if tp is TokenCount:
+        return parse_tokens(value, key)
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -105,6 +111,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key} must be a string: got {value!r}")
     raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _union_member(args: list, value: Any) -> Any:
+    """The member of a union a YAML value is read as, by its shape: a list as the list member, a mapping as the
+    mapping (or dataclass) member, anything else as the first member that is no list (whose errors then say
+    what is expected); a one-member union is that member."""
+    def shape(tp: Any) -> Any:
+        if typing.get_origin(tp) in (list, tuple):
+            return list
+        return dict if tp is dict or dataclasses.is_dataclass(tp) else None
+
+    want = list if isinstance(value, list) else dict if isinstance(value, dict) else None
+    return next((a for a in args if shape(a) is want), None) or \
+        next((a for a in args if shape(a) is not list), args[0])
 
 
 def parse_tokens(value: Any, key: str, minimum: int = 1) -> int:

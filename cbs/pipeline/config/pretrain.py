@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cbs import batching
 from cbs.analysis.batch_schedule import BatchSchedule
+from cbs.batching import BatchLayout
 from cbs.pipeline.config.batch_schedule import BatchScheduleConfig
 from cbs.pipeline.config.loader import ConfigError, _check
 from cbs.pipeline.config.model import ModelConfig
@@ -215,7 +218,8 @@ class PretrainConfig:
     """A batch that grows with the tokens seen, instead of global_batch_seqs: a list of stages {batch,
     until_tokens}, or the path of a file `cbs forecast --ramp --out FILE` wrote (docs/method.md, "Batch ramp")."""
     micro_batch_seqs: Optional[int] = None
-    """Sequences per forward/backward pass on each rank; default min(the first global batch, 8)."""
+    """Sequences per forward/backward pass on each rank; default 8. A (first) global batch smaller than it trains as
+    one micro-batch of itself, as in a study's sweep (cbs/batching.py)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -281,7 +285,27 @@ class PretrainConfig:
 
     @property
     def micro_batch(self) -> int:
-        return self.micro_batch_seqs or min(self.batches.first_batch, 8)
+        """The micro-batch every rank trains (cbs.batching.micro_batch_for): micro_batch_seqs or the default, at
+        most the first global batch."""
+        return batching.micro_batch_for(self.batches.first_batch, self.micro_batch_seqs)
+
+    def layout(self, data_parallel: int = 1) -> BatchLayout:
+        """The first (or only) batch on `data_parallel` ranks, after checking that every batch the run may train
+        at (each stage of a ramp, each rung of an adaptive ladder) splits into micro-batches on every rank;
+        ConfigError naming the batch's key otherwise."""
+        schedule = self.batch_schedule
+        with batch_errors_as_config_errors():
+            if schedule is None:
+                return BatchLayout.resolve(self.global_batch_seqs, self.model.seq_len, data_parallel,
+                                           self.micro_batch_seqs)
+            batches = schedule.all_batches
+            kind = "ladder[{}]" if schedule.adaptive else "stages[{}].batch"
+            keys = [f"pretrain.batch_schedule.{kind.format(i)}" for i in range(len(batches))]
+            first = BatchLayout.resolve(batches[0], self.model.seq_len, data_parallel, self.micro_batch_seqs,
+                                        keys[0])
+            for batch, key in zip(batches[1:], keys[1:]):
+                first.at(batch, key)
+            return first
 
     @property
     def batches(self) -> BatchSchedule:
@@ -302,17 +326,18 @@ class PretrainConfig:
         return self.batches.total_steps(self.train_tokens)
 
 
-def steps_for(tokens: int, tokens_per_step: int) -> int:
-    """The first step that has seen at least `tokens` tokens: ceil(tokens / tokens_per_step)."""
-    return -(-tokens // tokens_per_step)
-
-
 def gradient_accumulation(global_batch_seqs: int, micro_batch_seqs: int, data_parallel: int,
                           key: str = "global_batch_seqs") -> int:
-    """global = micro x data-parallel x accumulation, exactly; anything else is refused before a run starts."""
-    per_step = micro_batch_seqs * data_parallel
-    if global_batch_seqs % per_step:
-        raise ConfigError(
-            f"{key} ({global_batch_seqs}) must be divisible by micro_batch_seqs ({micro_batch_seqs}) x "
-            f"data-parallel size ({data_parallel}) = {per_step}; change one of the three")
-    return global_batch_seqs // per_step
+    """global = micro x data-parallel x accumulation, exactly; anything else is refused before a run starts
+    (cbs.batching.gradient_accumulation, its BatchError a ConfigError here)."""
+    with batch_errors_as_config_errors():
+        return batching.gradient_accumulation(global_batch_seqs, micro_batch_seqs, data_parallel, key)
+
+
+@contextlib.contextmanager
+def batch_errors_as_config_errors():
+    """cbs.batching's refusals (torch-free, no ConfigError there) as ConfigErrors: bad input, exit 2."""
+    try:
+        yield
+    except batching.BatchError as e:
+        raise ConfigError(str(e)) from None

@@ -4,11 +4,15 @@ keys a study decides for each run."""
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from cbs.pipeline.config.batch_schedule import BatchScheduleConfig, Beta2Rule, LrScaling
-from cbs.pipeline.config.loader import _check
+from cbs.pipeline.config.loader import ConfigError, TokenCount, _check, from_dict, to_dict
+from cbs.pipeline.config.model import ModelConfig
+from cbs.pipeline.config.preprocess import PreprocessConfig
+from cbs.pipeline.config.pretrain import PretrainConfig
 
 
 # Pretrain keys a study decides for each run, and where to set them instead; `base` may not hold them.
@@ -79,6 +83,138 @@ class BranchRule(str, enum.Enum):
     """A chain: each batch within (1 + tolerance) of the best smaller one, up to the first that is not."""
 
 
+def check_model(spec: Any, key: str) -> ModelConfig:
+    """A setting's model (a preset name or a mapping of model fields) as pretrain reads it; ConfigError naming
+    `key`."""
+    return from_dict(ModelConfig, ModelConfig.expand(spec, key), key)
+
+
+@dataclass
+class SettingEntry:
+    """One setting of `study.settings` (a list): a model trained on a data budget."""
+
+    model: Any
+    """A model preset name or a mapping of model fields, as pretrain's `model` (kept as given: it names the
+    setting)."""
+    train_tokens: TokenCount
+    """The data budget D in tokens (300K, 1e9, 10B)."""
+    name: Optional[str] = None
+    """Default: m<model>_d<D>."""
+    target: Optional[float] = None
+    """This setting's target loss (instead of one from the reference runs)."""
+
+    @classmethod
+    def expand(cls, data: Any, key: str) -> Any:
+        if not isinstance(data, dict) or "model" not in data or "train_tokens" not in data:
+            raise ConfigError(f"{key} must be a mapping with model and train_tokens: got {data!r}")
+        return data
+
+    def validate(self, p: str) -> None:
+        check_model(self.model, f"{p}.model")
+        _check(self.name is None or bool(self.name), f"{p}.name must not be empty: give a name or remove it")
+        _check(self.target is None or (math.isfinite(self.target) and self.target > 0),
+               f"{p}.target must be a loss > 0: got {self.target}")
+
+
+GENERATOR_KEYS = {"fixed_model": ("model", "tokens"), "fixed_data": ("models", "tokens"),
+                  "chinchilla": ("models", "tokens_per_param")}
+"""The keys each settings generator takes (besides `generator`); chinchilla's tokens_per_param has a default."""
+
+
+@dataclass
+class SettingsGenerator:
+    """`study.settings` as a generator: fixed_model (one model, budgets `tokens`), fixed_data (models `models`,
+    one budget `tokens`) or chinchilla (models `models`, D = tokens_per_param x N)."""
+
+    generator: str
+    """fixed_model | fixed_data | chinchilla."""
+    model: Any = None
+    """fixed_model: the model (a preset name or a mapping of model fields)."""
+    models: Optional[list[Any]] = None
+    """fixed_data, chinchilla: the models."""
+    tokens: Optional[list[TokenCount]] = None
+    """fixed_model: the budgets; fixed_data: the one budget."""
+    tokens_per_param: Optional[float] = None
+    """chinchilla: D / N (default 20, Chinchilla's)."""
+
+    @classmethod
+    def expand(cls, data: Any, key: str) -> Any:
+        """Refuse what is no generator, and keys another generator takes, before the fields are read."""
+        if not isinstance(data, dict) or "generator" not in data:
+            raise ConfigError(f"{key} must be a list of settings or a mapping with a generator "
+                              f"(fixed_model, fixed_data, chinchilla)")
+        gen = data["generator"]
+        if gen not in GENERATOR_KEYS:
+            raise ConfigError(f"{key}.generator must be one of {', '.join(GENERATOR_KEYS)}: got {gen!r}")
+        allowed = ("generator",) + GENERATOR_KEYS[gen]
+        extra = sorted(str(k) for k, v in data.items() if k not in allowed and v is not None)
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]} is not a key of the {gen} generator ({', '.join(sorted(allowed))})")
+        return data
+
+    def validate(self, p: str) -> None:
+        gen = self.generator
+        if gen == "fixed_model":
+            check_model(self.model, f"{p}.model")
+        else:
+            _check(bool(self.models), f"{p}.models must list model presets or field mappings")
+            for i, spec in enumerate(self.models):
+                check_model(spec, f"{p}.models[{i}]")
+        if gen != "chinchilla":
+            _check(bool(self.tokens), f"{p}.tokens is required by the {gen} generator: give the data budget"
+                                      + ("s" if gen == "fixed_model" else ""))
+        if gen == "fixed_data":
+            _check(len(self.tokens) == 1, f"{p}.tokens: the fixed_data generator trains every model on one budget: "
+                                          f"got {len(self.tokens)}; give one (or use a list of settings)")
+        ratio = self.tokens_per_param
+        _check(ratio is None or (math.isfinite(ratio) and ratio > 0),
+               f"{p}.tokens_per_param must be a number of tokens per parameter > 0 (Chinchilla: 20): got {ratio}")
+
+
+StudySettings = Union[list[SettingEntry], SettingsGenerator]
+"""`study.settings`: a list of settings, or a generator."""
+
+
+@dataclass
+class SlurmConfig:
+    """`study.slurm`: the resources of each job under --executor slurm (cbs/pipeline/slurm.py's SlurmResources
+    checks them); command-line flags override them."""
+
+    partition: Optional[str] = None
+    """`--partition`; default: the cluster's default partition."""
+    account: Optional[str] = None
+    """`--account` to charge; default: the user's default account."""
+    nodes: int = 1
+    """`--nodes` per training job: each run trains on nodes x gpus_per_node data-parallel ranks."""
+    gpus_per_node: int = 0
+    """`--gres=gpu:N` and the ranks per node; 0: one CPU process."""
+    cpus_per_task: Optional[int] = None
+    """`--cpus-per-task`."""
+    time: Optional[str] = None
+    """`--time` limit, "HH:MM:SS" or "D-HH:MM:SS"."""
+    max_parallel: Optional[int] = None
+    """At most this many runs of a phase at once (the `%N` of `--array`); default: no limit."""
+    extra: list[str] = field(default_factory=list)
+    """Raw sbatch flags added last, e.g. ["--qos=high"]."""
+
+    def validate(self, p: str) -> None:
+        from cbs.pipeline.slurm import SlurmError, SlurmResources
+
+        try:
+            SlurmResources(**self.fields())
+        except SlurmError as e:  # its messages start with "slurm.KEY"
+            raise ConfigError(f"study.{e}" if str(e).startswith("slurm.") else f"{p}: {e}") from None
+
+    def fields(self, overrides: Optional[dict] = None) -> dict:
+        """SlurmResources' keyword arguments: these, then `overrides` (the command line's flags) over them."""
+        return {**to_dict(self), **(overrides or {})}
+
+    @property
+    def ranks(self) -> int:
+        """Data-parallel ranks of a training job: one per GPU, or one CPU process."""
+        return self.nodes * max(self.gpus_per_node, 1)
+
+
 @dataclass
 class BranchedConfig:
     """Settings of `method: branched`. Each setting gets one base run at `batch_sizes`' smallest batch B,
@@ -116,9 +252,9 @@ class StudyConfig:
 
     section = "study"
 
-    data: Any
+    data: Union[str, dict]
     """A preprocess config (mapping; its output_dir defaults to STUDY_DIR/data) or an existing data directory."""
-    settings: Any
+    settings: StudySettings
     """A list of {model, train_tokens[, name, target]}, or a generator: {generator: fixed_model, model, tokens:
     [D...]}, {generator: fixed_data, tokens: D, models: [...]}, {generator: chinchilla, models: [...],
     tokens_per_param: 20} (D = 20 N)."""
@@ -136,7 +272,7 @@ class StudyConfig:
     max_tokens_factor: float = 4.0
     """Non-reference runs stop once every target is reached, or after this many times the largest budget of
     their model (a run that gets there without reaching a target is censored in the fit)."""
-    slurm: dict = field(default_factory=dict)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Resources for --executor slurm: partition, account, nodes, gpus_per_node, cpus_per_task, time,
     max_parallel, extra (list of raw sbatch flags). Command-line flags override them."""
     method: StudyMethod = StudyMethod.sweep
@@ -172,6 +308,20 @@ class StudyConfig:
             for part in dotted.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             _check(node is None, f"{p}.base.{dotted} is set by the study for each run ({where}): remove it from base")
+        self._validate_base(p)
+        if isinstance(self.data, dict):  # its output_dir defaults to STUDY_DIR/data: any path checks the rest
+            from_dict(PreprocessConfig, {"output_dir": "data", **self.data}, f"{p}.data")
+
+    def _validate_base(self, p: str) -> None:
+        """Every key of base as pretrain reads it (a misspelt key, a bad value: named as study.base.KEY), with
+        stand-ins for what the study sets per run; the checks that need those (budget, batch) come at plan time."""
+        stand_ins = {"data_dir": ".", "run_dir": ".", "train_tokens": 10**18, "global_batch_seqs": 1}
+        try:
+            from_dict(PretrainConfig, {**stand_ins, **self.base}, f"{p}.base")
+        except ConfigError as e:
+            if any(f"{p}.base.{k}" in str(e) for k in stand_ins):  # a stand-in's check: not the user's key
+                return
+            raise
 
     def _validate_ramp(self, p: str) -> None:
         _check(self.ramp is not None, f"{p}.ramp is required with method ramp: give its stages (or a file of "
