@@ -19,8 +19,7 @@ from cbs.pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling,
                                  ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, parse_tokens,
                                  steps_for, to_dict)
 from cbs.pipeline.utils import log
-
-RUNS = "runs"
+from cbs.runfiles import RUNS
 WARMUP_SHARE_WARNING = 0.5
 """A warmup longer than this share of a budget is allowed but worth a warning (the paper warms up over 25% of
 the reference run)."""
