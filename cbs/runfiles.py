@@ -71,7 +71,7 @@ class Status(str, enum.Enum):
     DIVERGED = "diverged"
     """Stopped because its loss diverged: an outcome of its hyper-parameters, not an accident."""
     FAILED = "failed"
-    """An error ended it (or its result.json cannot be read): the study trains it again."""
+    """An error ended it (or its result.json cannot be read): the study, run again, trains it again."""
     PREEMPTED = "preempted"
     """Stopped by a signal after a checkpoint: starting it again resumes it."""
     PENDING = "pending"
@@ -88,7 +88,8 @@ class Status(str, enum.Enum):
 
 SETTLED = (Status.COMPLETED, Status.DIVERGED)
 """Training reached its outcome and would only repeat it: the study does not train the run again, `cbs pretrain`
-exits 0 and a trainer started on it returns its result.json at once. FAILED is not settled: it is retried."""
+exits 0 and a trainer started on it returns its result.json at once. FAILED is not settled: a study run again
+retries it."""
 ENDED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED)
 """result.json statuses the fit reads as the run's last word (a failed run: an observation lost)."""
 RESUMABLE = (Status.PREEMPTED,)
