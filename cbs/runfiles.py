@@ -62,7 +62,7 @@ WANDB_RUN_ID = "wandb_run_id"
 
 
 class Status(str, enum.Enum):
-    """A run's status. result.json holds one of COMPLETED, DIVERGED, PREEMPTED, FAILED; PENDING and STARTED are
+    """A run's status. result.json holds one of COMPLETED, DIVERGED, FAILED, PREEMPTED; PENDING and STARTED are
     read from a run directory without result.json; UNFINISHED is the analysis's word for any run without an ended
     result. A member equals (and hashes as) its string, and prints as it."""
 
@@ -186,7 +186,7 @@ class RunFileError(ValueError):
     """A run file that exists but cannot be read as its shape; the message names the file and why."""
 
 
-def read_result(run_dir: str | os.PathLike) -> Optional[dict]:
+def read_result(run_dir: str | os.PathLike) -> Optional[Result]:
     """RUN_DIR/result.json as a mapping; None when there is none. RunFileError when it cannot be read (cut
     short, edited by hand) or is not a mapping."""
     path = Path(run_dir) / RESULT

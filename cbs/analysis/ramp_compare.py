@@ -31,7 +31,8 @@ from pathlib import Path
 from cbs.analysis import InputError
 from cbs.analysis.batch_schedule import BatchSchedule, Stage
 from cbs.analysis.steps import read_json, read_yaml
-from cbs.runfiles import CONFIG, EVAL_LOSS, EVAL_LOSS_EWA_PREFIX, METRICS, RESULT, RUNS, TOKENS_PER_S, metrics_records
+from cbs.runfiles import (CONFIG, EVAL_LOSS, EVAL_LOSS_EWA_PREFIX, METRICS, RESULT, RESUMABLE, RUNS, TOKENS_PER_S,
+                          metrics_records)
 
 RAMP_COLUMNS = ["run", "kind", "batches", "target_loss", "steps", "tokens", "seconds", "reached",
                 "steps_saved_vs_first", "predicted_steps_saved"]
@@ -146,9 +147,16 @@ def _curve(lines: list[dict], weights: str) -> list[tuple[int, int, float]]:
     return out
 
 
+def finished_runs(runs_dir: Path) -> list[Path]:
+    """The run directories with a config.yaml and a result.json whose status is not RESUMABLE: a preempted run
+    is unfinished (as in a sweep's fit), not a run that never reached the target."""
+    return sorted(r for r in runs_dir.iterdir() if (r / RESULT).is_file() and (r / CONFIG).is_file()
+                  and read_json(r / RESULT).get("status") not in RESUMABLE)
+
+
 def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa") -> RampComparison:
     runs_dir = Path(path) / RUNS
-    found = sorted(r for r in runs_dir.iterdir() if (r / RESULT).is_file() and (r / CONFIG).is_file())
+    found = finished_runs(runs_dir)
     if not found:
         raise InputError(f"{runs_dir}: no finished run (config.yaml and result.json)")
     configs = {r: read_yaml(r / CONFIG) for r in found}
@@ -180,8 +188,7 @@ def read_ramp_targets(path: Path, weights: str = "ewa") -> list[RampComparison]:
     """One comparison per target loss the runs share (one per setting of a study), the highest (first reached)
     first."""
     runs_dir = Path(path) / RUNS
-    configs = [read_yaml(r / CONFIG) for r in sorted(runs_dir.iterdir()) if (r / RESULT).is_file()
-               and (r / CONFIG).is_file()]
+    configs = [read_yaml(r / CONFIG) for r in finished_runs(runs_dir)]
     shared = set.intersection(*(set(c.get("targets") or []) for c in configs)) if configs else set()
     if not shared:
         raise InputError(f"{runs_dir}: the runs share no target loss; train them with the same `targets`")
