@@ -129,3 +129,14 @@ def test_the_seed_interval_of_the_mean_covers_at_its_level():
     rng = np.random.default_rng(0)
     covered = [lo <= 0.3 <= hi for lo, hi in (seed_interval(list(rng.normal(0.3, 0.05, 4))) for _ in range(2000))]
     assert 0.93 <= sum(covered) / len(covered) <= 0.97
+
+
+def test_a_preempted_run_is_unfinished_not_a_run_that_missed_the_target(tmp_path):
+    """A run stopped by a signal (result.json `preempted`, to be resumed) has not had its chance at the target.
+    The ramp comparison read every run with a result.json, so a preempted fixed run showed as "not reached"; the
+    sweep's fit already counted such a run as unfinished."""
+    make_study(tmp_path)
+    write_run(tmp_path, "fixed16", {"global_batch_seqs": 16}, None, [{"step": 5, "tokens": 800}])
+    result = tmp_path / "runs" / "fixed16" / "result.json"
+    result.write_text(json.dumps({**json.loads(result.read_text()), "status": "preempted"}))
+    assert sorted(r.name for r in read_ramp_runs(tmp_path).runs) == ["fixed4", "fixed8", "ramp"]

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbs.analysis.steps import UNFINISHED_STATUSES
+from cbs.runfiles import RESUMABLE, Status
 
-UNFINISHED = "unfinished"
+UNFINISHED = Status.UNFINISHED
 NOT_NEEDED = "not needed"
 """The verdict of a branch whose outcome cannot change its point's CBS; the study never trains it."""
 RULES = ("absolute", "relative")
@@ -71,11 +71,11 @@ Outcome = tuple[int, "float | None", str]
 
 
 def _is_unfinished(status: str) -> bool:
-    return status == UNFINISHED or status in UNFINISHED_STATUSES
+    return status == UNFINISHED or status in RESUMABLE
 
 
 def _cannot_train(loss: float | None, status: str) -> bool:
-    return loss is None or not math.isfinite(loss) or status != "completed"
+    return loss is None or not math.isfinite(loss) or status != Status.COMPLETED
 
 
 def judge(outcomes: list[Outcome], rule: Rule) -> tuple[list[str], float, float, float, bool]:
@@ -94,10 +94,10 @@ def judge(outcomes: list[Outcome], rule: Rule) -> tuple[list[str], float, float,
         elif state == "incomplete":  # the relative chain resumes only if the unfinished branch passes
             verdicts.append("pending" if rule.kind == "absolute" else NOT_NEEDED)
         elif _is_unfinished(status):
-            verdicts.append("unfinished")
+            verdicts.append(UNFINISHED)
             state = "incomplete"
         elif _cannot_train(loss, status):
-            verdicts.append(status if status in ("diverged", "failed") else "diverged")
+            verdicts.append(status if status in (Status.DIVERGED, Status.FAILED) else Status.DIVERGED)
             high = float(batch) if math.isnan(high) else high
             state = "closed"
         elif j == 0 or loss <= rule.bound(best):

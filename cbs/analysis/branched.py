@@ -28,12 +28,13 @@ from pathlib import Path
 from cbs.analysis import InputError
 from cbs.analysis.branch_rules import NOT_NEEDED, RULES, UNFINISHED, Rule, judge, noise_interval  # noqa: F401
 from cbs.analysis.steps import (
-    UNFINISHED_STATUSES, Setting, TargetKind, as_float, check_status, positive_int, read_json,
-    read_yaml, seq_len_of, study_method,
+    Setting, TargetKind, as_float, check_status, positive_int, read_json, read_yaml, seq_len_of, study_method,
 )
+from cbs.runfiles import CONFIG, EVAL_LOSS, EVAL_LOSS_EWA_PREFIX, RESULT, RESUMABLE, RUN_INPUT, RUNS, Status
 
-RAW_LOSS_KEY = "eval/loss"
-EWA_LOSS_PREFIX = "eval/loss_ewa/"
+RAW_LOSS_KEY = EVAL_LOSS
+"""result.json `final`'s raw eval loss."""
+EWA_LOSS_PREFIX = EVAL_LOSS_EWA_PREFIX
 DEFAULT_EPSILON_NATS = 0.01
 
 
@@ -137,7 +138,7 @@ class BranchedStudy:
 
 def is_branched(study_dir: Path) -> bool:
     """Whether a study directory holds a branched study (by its first run's config; readers check the rest)."""
-    runs_dir = study_dir / "runs"
+    runs_dir = study_dir / RUNS
     if not runs_dir.is_dir():
         return False
     for run in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
@@ -149,7 +150,7 @@ def is_branched(study_dir: Path) -> bool:
 
 def _config_path(run: Path) -> Path | None:
     """config.yaml (written by pretrain when the run starts), else run.yaml (the study's input to it)."""
-    for name in ("config.yaml", "run.yaml"):
+    for name in (CONFIG, RUN_INPUT):
         if (run / name).is_file():
             return run / name
     return None
@@ -157,7 +158,7 @@ def _config_path(run: Path) -> Path | None:
 
 def read_branched(study_dir: Path, target_kind: str | TargetKind = TargetKind.EWA) -> BranchedStudy:
     """Every base and branch run of a branched study directory; InputError when it is malformed or empty."""
-    runs_dir = study_dir / "runs"
+    runs_dir = study_dir / RUNS
     if not runs_dir.is_dir():
         raise InputError(f"{study_dir}: not a study directory (no runs/ inside)")
     settings: dict[str, Setting] = {}
@@ -223,10 +224,10 @@ def _branch(run: Path, path: Path, config: dict, setting: Setting) -> Branch:
     if epsilon is None or not (math.isfinite(epsilon) and epsilon >= 0):
         raise InputError(f"{key}.epsilon_nats must be a number >= 0: got {b.get('epsilon_nats')!r}")
     status, raw, ewa = UNFINISHED, None, None
-    result_path = run / "result.json"
+    result_path = run / RESULT
     if result_path.is_file():
         result = read_json(result_path)
-        if result.get("status") in UNFINISHED_STATUSES:
+        if result.get("status") in RESUMABLE:
             status = UNFINISHED
         else:
             status = check_status(result, result_path)
@@ -242,7 +243,7 @@ def _final_losses(result: dict, where: Path) -> tuple[float | None, float | None
     final = result.get("final") or {}
     if not isinstance(final, dict):
         raise InputError(f"{where}: final must be a mapping of eval losses")
-    if result.get("status") == "completed" and RAW_LOSS_KEY not in final:
+    if result.get("status") == Status.COMPLETED and RAW_LOSS_KEY not in final:
         raise InputError(f"{where}: a completed branch has no final {RAW_LOSS_KEY}; its last eval did not run: "
                          "rerun the branch (delete its directory and run `cbs study` again)")
     raw = as_float(final.get(RAW_LOSS_KEY))
@@ -263,7 +264,7 @@ def _check_duplicates(branches: list[Branch]) -> None:
 
 def _loss_kind(branches: list[Branch], kind: TargetKind) -> tuple[str, list[str]]:
     """EWA (or best) only when every finished branch recorded EWA losses; raw otherwise, saying why."""
-    finished = [b for b in branches if b.status == "completed"]
+    finished = [b for b in branches if b.status == Status.COMPLETED]
     if kind is TargetKind.RAW:
         return "raw", []
     if finished and all(b.ewa_loss is not None for b in finished):
@@ -343,7 +344,7 @@ def _point(study: BranchedStudy, branches: list[Branch], choice: RuleChoice, sig
 
 def _note(verdicts: tuple[BranchVerdict, ...], cbs: float, high: float, complete: bool) -> str:
     if not complete:
-        missing = [v.batch for v in verdicts if v.verdict == "unfinished"]
+        missing = [v.batch for v in verdicts if v.verdict == UNFINISHED]
         return f"incomplete: the branch at batch {missing[0]} has not finished"
     if math.isnan(cbs):
         return f"no batch passes: the branch at the smallest batch ({verdicts[0].batch}) {verdicts[0].verdict}"

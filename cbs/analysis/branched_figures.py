@@ -8,6 +8,7 @@ import math
 
 from cbs.analysis.branched import LocalCbs
 from cbs.analysis.branched_fit import BranchedFit
+from cbs.runfiles import Status
 from cbs.analysis.figures import (
     count_text, legend, new_axes, plain_log_axes, png_bytes, setting_title, slug_names, ticks_at,
 )
@@ -56,7 +57,7 @@ def _excess(p: LocalCbs) -> tuple[list[tuple[int, float, bool]], list[int]]:
     that could not train: the excess in % (relative rule) or in nats (absolute rule)."""
     best, points, broken = math.inf, [], []
     for v in p.verdicts:
-        if v.verdict in ("diverged", "failed"):
+        if v.verdict in (Status.DIVERGED, Status.FAILED):
             broken.append(v.batch)
         if v.verdict not in ("pass", "fail"):
             break

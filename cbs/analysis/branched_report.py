@@ -14,13 +14,14 @@ from cbs.analysis.noise_scale import NEAR
 from cbs.analysis.outputs import csv_bytes
 from cbs.analysis.ramp import batch_ramp, curve_from_points
 from cbs.analysis.report import NO_NOISE, NOISE_CAVEAT, fmt, md_table
+from cbs.runfiles import Status
 
 CURVE_COLUMNS = ["setting", "tokens", "cbs", "cbs_low", "cbs_high", "model_params", "base_batch", "tolerance",
                  "complete", "n_branches", "b_simple", "seq_len", "note", "rule", "eval_noise",
                  "cbs_noise_low", "cbs_noise_high"]
 BRANCH_COLUMNS = ["setting", "tokens", "batch", "run", "status", "loss", "verdict"]
-VERDICT_MARKS = {"pass": "pass", "fail": "**fail**", "diverged": "**diverged**", "failed": "**failed**",
-                 "unfinished": "unfinished", "pending": "pending", "not needed": "(not needed)"}
+VERDICT_MARKS = {"pass": "pass", "fail": "**fail**", Status.DIVERGED: "**diverged**", Status.FAILED: "**failed**",
+                 Status.UNFINISHED: "unfinished", "pending": "pending", "not needed": "(not needed)"}
 
 
 def cbs_curve_csv(fit: BranchedFit) -> bytes:
@@ -55,7 +56,7 @@ def _interval(p) -> str:
 
 def _head(fit: BranchedFit) -> list[str]:
     s = fit.study
-    done = sum(b.status != "unfinished" for b in s.branches)
+    done = sum(b.status != Status.UNFINISHED for b in s.branches)
     seq = f"; sequences of {s.seq_len} tokens" if s.seq_len else ""
     unfinished = f" ({len(s.unfinished)} unfinished: {', '.join(s.unfinished[:10])}" + \
         (" ...)" if len(s.unfinished) > 10 else ")") if s.unfinished else ""

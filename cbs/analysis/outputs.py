@@ -6,15 +6,9 @@ OUT_DIR or none, never a half-written one."""
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import math
-import os
-import secrets
-import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 from cbs.analysis import InputError
@@ -22,8 +16,8 @@ from cbs.analysis.cost import fastest
 from cbs.analysis.figures import render_figures
 from cbs.analysis.laws import json_num, law_to_json
 from cbs.analysis.report import report_md
-
 from cbs.analysis.study_fit import StudyFit, study_warnings
+from cbs.runfiles import atomic_write_bytes, staged_directory
 
 SCALING_VERSION = 2
 """1: laws.tokens / laws.model_params only. 2: adds laws.compute, laws.joint, laws_weighted, laws_b_noise,
@@ -198,75 +192,15 @@ def _fit_files(out_dir: Path) -> set[str]:
     return set(LEGACY_FILES) | {str(p.relative_to(out_dir)) for p in out_dir.glob("figures/*.png")}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory + os.replace: a reader sees the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for everyone the umask allows
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
-    """Write all files into a temp dir beside OUT_DIR, then swap it in (old one aside, new in, old removed)."""
+    """Write all files into a temp dir beside OUT_DIR, then swap it in (cbs/runfiles.py, staged_directory)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(out_dir)
-    owner = f"{socket.gethostname()}-{os.getpid()}"
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{owner}-{secrets.token_hex(4)}"
-    staging.mkdir()  # not mkdtemp: its 0700 would become OUT_DIR's mode
-    old = out_dir.parent / f".{out_dir.name}.old-{owner}-{secrets.token_hex(4)}"
-    moved_aside = False
-    try:
+    with staged_directory(out_dir) as staging:
         for rel, data in {**files, FIT_MARKER: _marker(files)}.items():
-            path = staging / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-            moved_aside = True
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if moved_aside and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous output back
-        raise
-    if moved_aside:
-        shutil.rmtree(old, ignore_errors=True)
+            atomic_write_bytes(staging / rel, data)
 
 
 def _marker(files: dict[str, bytes]) -> bytes:
     return (json.dumps({"written_by": "cbs fit", "files": sorted(files)}, indent=1) + "\n").encode()
 
-
-def _remove_stale_stages(out_dir: Path) -> None:
-    """Remove `.OUT.tmp-HOST-PID-*` / `.OUT.old-HOST-PID-*` beside OUT_DIR left by a fit that was killed (its
-    process is gone from this host); another host's, or a live concurrent fit's, are left alone."""
-    host = socket.gethostname()
-    for kind in ("tmp", "old"):
-        prefix = f".{out_dir.name}.{kind}-{host}-"
-        for path in out_dir.parent.glob(glob.escape(prefix) + "*"):
-            pid = path.name[len(prefix):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

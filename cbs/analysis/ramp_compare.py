@@ -24,7 +24,6 @@ Measured below predicted means the ramp lost loss per token (a stage above the l
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ from pathlib import Path
 from cbs.analysis import InputError
 from cbs.analysis.batch_schedule import BatchSchedule, Stage
 from cbs.analysis.steps import read_json, read_yaml
+from cbs.runfiles import (CONFIG, EVAL_LOSS, EVAL_LOSS_EWA_PREFIX, METRICS, RESULT, RESUMABLE, RUNS, TOKENS_PER_S,
+                          metrics_records)
 
 RAMP_COLUMNS = ["run", "kind", "batches", "target_loss", "steps", "tokens", "seconds", "reached",
                 "steps_saved_vs_first", "predicted_steps_saved"]
@@ -82,9 +83,9 @@ class RampComparison:
 
 def is_ramp_dir(path: Path) -> bool:
     """A directory whose runs/ holds a run trained with a batch schedule."""
-    runs = path / "runs"
-    return runs.is_dir() and any((r / "config.yaml").is_file() and
-                                 (read_yaml(r / "config.yaml").get("batch_schedule") is not None)
+    runs = path / RUNS
+    return runs.is_dir() and any((r / CONFIG).is_file() and
+                                 (read_yaml(r / CONFIG).get("batch_schedule") is not None)
                                  for r in runs.iterdir() if r.is_dir())
 
 
@@ -114,13 +115,8 @@ def _crossing(result: dict, target: float, weights: str) -> dict | None:
 
 
 def _metrics(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return out
+    """Every record of a run's metrics.jsonl, values as written; [] without one."""
+    return list(metrics_records(path)) if path.is_file() else []
 
 
 def seconds_to(tokens: float, lines: list[dict], trained: float | None = None) -> float | None:
@@ -129,7 +125,7 @@ def seconds_to(tokens: float, lines: list[dict], trained: float | None = None) -
     the tokens the run trained (`trained`); None beyond them."""
     total, prev, speed = 0.0, 0, None
     for m in lines:
-        speed_now = m.get("perf/tokens_per_s")
+        speed_now = m.get(TOKENS_PER_S)
         if not isinstance(speed_now, (int, float)) or speed_now <= 0:
             continue
         speed = speed_now
@@ -144,19 +140,26 @@ def seconds_to(tokens: float, lines: list[dict], trained: float | None = None) -
 def _curve(lines: list[dict], weights: str) -> list[tuple[int, int, float]]:
     out = []
     for m in lines:
-        keys = ["eval/loss"] if weights == "raw" else [k for k in m if k.startswith("eval/loss_ewa/")]
+        keys = [EVAL_LOSS] if weights == "raw" else [k for k in m if k.startswith(EVAL_LOSS_EWA_PREFIX)]
         values = [float(m[k]) for k in keys if k in m and isinstance(m[k], (int, float))]
         if values:
             out.append((m["step"], m["tokens"], min(values)))
     return out
 
 
+def finished_runs(runs_dir: Path) -> list[Path]:
+    """The run directories with a config.yaml and a result.json whose status is not RESUMABLE: a preempted run
+    is unfinished (as in a sweep's fit), not a run that never reached the target."""
+    return sorted(r for r in runs_dir.iterdir() if (r / RESULT).is_file() and (r / CONFIG).is_file()
+                  and read_json(r / RESULT).get("status") not in RESUMABLE)
+
+
 def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa") -> RampComparison:
-    runs_dir = Path(path) / "runs"
-    found = sorted(r for r in runs_dir.iterdir() if (r / "result.json").is_file() and (r / "config.yaml").is_file())
+    runs_dir = Path(path) / RUNS
+    found = finished_runs(runs_dir)
     if not found:
         raise InputError(f"{runs_dir}: no finished run (config.yaml and result.json)")
-    configs = {r: read_yaml(r / "config.yaml") for r in found}
+    configs = {r: read_yaml(r / CONFIG) for r in found}
     if target is None:
         shared = set.intersection(*(set(c.get("targets") or []) for c in configs.values()))
         if not shared:
@@ -164,12 +167,12 @@ def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa"
         target = max(shared)  # the first one reached
     runs = []
     for r in found:
-        result, lines = read_json(r / "result.json"), _metrics(r / "metrics.jsonl")
+        result, lines = read_json(r / RESULT), _metrics(r / METRICS)
         trained = result.get("tokens") if isinstance(result.get("tokens"), (int, float)) else None
         crossing = _crossing(result, target, weights)
         steps = crossing.get("step_interp", crossing["step"]) if crossing else None
         tokens = crossing.get("tokens_interp", crossing["tokens"]) if crossing else None
-        runs.append(RampRun(r.name, _schedule(configs[r], r / "config.yaml"),
+        runs.append(RampRun(r.name, _schedule(configs[r], r / CONFIG),
                             configs[r].get("batch_schedule") is not None, target, steps, tokens,
                             seconds_to(tokens, lines, trained) if tokens is not None else None,
                             _curve(lines, weights), configs[r].get("seed")))
@@ -184,9 +187,8 @@ def read_ramp_runs(path: Path, target: float | None = None, weights: str = "ewa"
 def read_ramp_targets(path: Path, weights: str = "ewa") -> list[RampComparison]:
     """One comparison per target loss the runs share (one per setting of a study), the highest (first reached)
     first."""
-    runs_dir = Path(path) / "runs"
-    configs = [read_yaml(r / "config.yaml") for r in sorted(runs_dir.iterdir()) if (r / "result.json").is_file()
-               and (r / "config.yaml").is_file()]
+    runs_dir = Path(path) / RUNS
+    configs = [read_yaml(r / CONFIG) for r in finished_runs(runs_dir)]
     shared = set.intersection(*(set(c.get("targets") or []) for c in configs)) if configs else set()
     if not shared:
         raise InputError(f"{runs_dir}: the runs share no target loss; train them with the same `targets`")

@@ -3,28 +3,20 @@
 (cbs/analysis/noise_scale.py describes them) and the eval curve `eval/loss`, `eval/loss_ewa/<tau>` (a branched study's
 eval noise, cbs/analysis/branch_rules.py).
 
-Most lines are eval or plain train events: a line is parsed only when it names one of those keys, and each key is
-read only from the lines that name it. A line that does not parse (a crash mid-write) is skipped. Values may be the
-strings "nan", "inf", "-inf" (JSON has none).
+Most lines are eval or plain train events: a line is parsed only when it names one of those keys (the one reader,
+cbs/runfiles.py's metrics_records, which skips a line cut short by a crash). Values may be the strings "nan", "inf",
+"-inf" (JSON has none).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbs.analysis.steps import as_float
-
-THROUGHPUT_KEY = "perf/tokens_per_s"
-NOISE_KEY = "train/noise_scale"
-GRAD_SQ_SMALL_KEY = "train/grad_sq_small"
-GRAD_SQ_BIG_KEY = "train/grad_sq_big"
-BATCHES_KEY = "train/noise_scale_batches"
-EVAL_KEY = "eval/loss"
-EWA_PREFIX = "eval/loss_ewa/"
+from cbs.runfiles import (EVAL_LOSS, EVAL_LOSS_EWA_PREFIX, GRAD_SQ_BIG, GRAD_SQ_SMALL, METRICS, NOISE_SCALE,
+                          NOISE_SCALE_BATCHES, STEP, TOKENS, TOKENS_PER_S, as_float, metrics_records)
 
 
 @dataclass(frozen=True)
@@ -64,67 +56,48 @@ def read_metrics(metrics_path: Path) -> RunMetrics:
     noise: list[NoisePoint] = []
     evals: list[tuple[int, float | None, float | None]] = []
     try:
-        with open(metrics_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                _scan_line(line, speeds, noise, evals)
+        for record in metrics_records(metrics_path, keys=(TOKENS_PER_S, NOISE_SCALE, EVAL_LOSS)):
+            _scan_record(record, speeds, noise, evals)
     except OSError:
         return RunMetrics(None, [])
     return RunMetrics(statistics.median(speeds) if speeds else None, noise, evals)
 
 
-def _scan_line(line: str, speeds: list[float], noise: list[NoisePoint], evals: list) -> None:
-    """Append the line's finite, positive tokens/s to `speeds`, its B_simple to `noise` and its eval losses to
+def _scan_record(record: dict, speeds: list[float], noise: list[NoisePoint], evals: list) -> None:
+    """Append the record's finite, positive tokens/s to `speeds`, its B_simple to `noise` and its eval losses to
     `evals` (module docstring)."""
-    has_speed, has_noise, has_eval = THROUGHPUT_KEY in line, NOISE_KEY in line, EVAL_KEY in line
-    if not (has_speed or has_noise or has_eval):
-        return
-    record = _record(line)
-    if record is None:
-        return
-    if has_eval:
-        _append_eval(record, evals)
-    if has_speed:
-        v = as_float(record.get(THROUGHPUT_KEY))
-        if v is not None and math.isfinite(v) and v > 0:
-            speeds.append(v)
-    point = _noise_point(record) if has_noise else None
+    _append_eval(record, evals)
+    v = as_float(record.get(TOKENS_PER_S))
+    if v is not None and math.isfinite(v) and v > 0:
+        speeds.append(v)
+    point = _noise_point(record)
     if point is not None:
         noise.append(point)
 
 
 def _append_eval(record: dict, evals: list) -> None:
-    step = as_float(record.get("step"))
+    step = as_float(record.get(STEP))
     if step is None or not math.isfinite(step):
         return
-    raw = as_float(record.get(EVAL_KEY))
-    ewa = [as_float(v) for k, v in record.items() if k.startswith(EWA_PREFIX)]
+    raw = as_float(record.get(EVAL_LOSS))
+    ewa = [as_float(v) for k, v in record.items() if k.startswith(EVAL_LOSS_EWA_PREFIX)]
     ewa = [v for v in ewa if v is not None and math.isfinite(v)]
     if raw is not None or ewa:
         evals.append((int(step), raw if raw is not None and math.isfinite(raw) else None, min(ewa) if ewa else None))
 
 
-def _record(line: str) -> dict | None:
-    """The line's JSON object; None when it does not parse or is not an object."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def _noise_point(record: dict) -> NoisePoint | None:
     """The B_simple of one record; None without a value, or without a finite step and token count."""
-    value, step, tokens = as_float(record.get(NOISE_KEY)), as_float(record.get("step")), \
-        as_float(record.get("tokens"))
+    value, step, tokens = as_float(record.get(NOISE_SCALE)), as_float(record.get(STEP)), as_float(record.get(TOKENS))
     if value is None or step is None or tokens is None or not (math.isfinite(step) and math.isfinite(tokens)):
         return None
-    batches = record.get(BATCHES_KEY)
+    batches = record.get(NOISE_SCALE_BATCHES)
     pair = None
     if isinstance(batches, list) and len(batches) == 2:
         b = [as_float(x) for x in batches]
         pair = (b[0], b[1]) if None not in b else None
-    return NoisePoint(int(step), int(tokens), value, as_float(record.get(GRAD_SQ_SMALL_KEY)),
-                      as_float(record.get(GRAD_SQ_BIG_KEY)), pair)
+    return NoisePoint(int(step), int(tokens), value, as_float(record.get(GRAD_SQ_SMALL)),
+                      as_float(record.get(GRAD_SQ_BIG)), pair)
 
 
 class MetricsReader:
@@ -137,7 +110,7 @@ class MetricsReader:
     def of(self, run_path: Path) -> RunMetrics:
         """The run's metrics, read on first use."""
         if run_path not in self._cache:
-            self._cache[run_path] = read_metrics(run_path / "metrics.jsonl")
+            self._cache[run_path] = read_metrics(run_path / METRICS)
         return self._cache[run_path]
 
     def points(self, run_path: Path) -> list[NoisePoint]:

@@ -34,14 +34,12 @@ from typing import Any, Iterable
 import yaml
 
 from cbs.analysis import InputError, read_csv_lines
+from cbs.runfiles import CONFIG, ENDED, RESULT, RESUMABLE, RUNS, Status, as_float, known_statuses
 
 CSV_COLUMNS = ("setting", "model_params", "tokens", "batch_size", "steps")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe_load's semantics; libyaml is ~10x faster
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"", "0", "false", "no", "n", "f"}
-FINISHED_STATUSES = ("completed", "diverged", "failed")
-UNFINISHED_STATUSES = ("preempted",)
-"""A result.json with this status is a run stopped by a signal, to be resumed: counted as unfinished."""
 
 
 class TargetKind(str, enum.Enum):
@@ -229,18 +227,6 @@ def _register(settings: dict[str, Setting], s: Setting, where: str) -> Setting:
 # numbers
 
 
-def as_float(value: Any) -> float | None:
-    """A JSON number, or one of the strings "nan", "inf", "-inf" that metrics.jsonl writes for non-finite floats
-    (JSON has none); None for anything else (missing, bool, other strings)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
-        return float(value.strip())
-    return None
-
-
 MAX_INPUT = 1e18
 """No step count, token count, parameter count, batch or throughput of a real run comes near it; a value above it
 (1e308 from a unit slip) overflows the fit's arithmetic into NaN."""
@@ -354,12 +340,12 @@ def _csv_bool(value: str, what: str) -> bool:
 
 def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     """`runs/*/config.yaml` + `result.json` -> table; runs without a final result.json are counted as unfinished."""
-    runs_dir = study_dir / "runs"
+    runs_dir = study_dir / RUNS
     if not runs_dir.is_dir():
         raise InputError(f"{study_dir}: not a study directory (no runs/ inside) and not a CSV file")
     run_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir())
-    results = {p: read_json(p / "result.json") for p in run_dirs if (p / "result.json").is_file()}
-    finished = [p for p in run_dirs if p in results and results[p].get("status") not in UNFINISHED_STATUSES]
+    results = {p: read_json(p / RESULT) for p in run_dirs if (p / RESULT).is_file()}
+    finished = [p for p in run_dirs if p in results and results[p].get("status") not in RESUMABLE]
     unfinished = [p.name for p in run_dirs if p not in finished]
     if not finished:
         raise InputError(f"{study_dir}: no finished runs ({len(unfinished)} run director(y/ies) without a final "
@@ -367,12 +353,12 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     settings: dict[str, Setting] = {}
     observations, seq_lens, shared, infos = [], set(), False, []
     for run in finished:
-        config = read_yaml(run / "config.yaml")
-        _check_sweep_run(config, run / "config.yaml")
-        run_settings = _run_settings(config, run / "config.yaml", settings)
+        config = read_yaml(run / CONFIG)
+        _check_sweep_run(config, run / CONFIG)
+        run_settings = _run_settings(config, run / CONFIG, settings)
         shared |= len(run_settings) > 1
         seq_lens.add(seq_len_of(config))
-        batch = positive_int(config.get("global_batch_seqs"), f"{run / 'config.yaml'}: global_batch_seqs")
+        batch = positive_int(config.get("global_batch_seqs"), f"{run / CONFIG}: global_batch_seqs")
         observations += _run_observations(run, batch, results[run], run_settings, target_kind)
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
@@ -458,37 +444,36 @@ def _device(config: dict) -> str | None:
     return value.split(":")[0] if isinstance(value, str) and value else None
 
 
-def check_status(result: dict, where: Path) -> str:
-    """result.json's status, one of FINISHED_STATUSES; InputError naming every known status otherwise (callers
-    set the unfinished ones apart first)."""
+def check_status(result: dict, where: Path) -> Status:
+    """result.json's status, one of runfiles.ENDED; InputError naming every status result.json may hold
+    otherwise (callers set the RESUMABLE ones apart first)."""
     status = result.get("status")
-    if status not in FINISHED_STATUSES:
-        raise InputError(f"{where}: status must be one of {', '.join(FINISHED_STATUSES + UNFINISHED_STATUSES)}: "
-                         f"got {status!r}")
-    return status
+    if status not in ENDED:
+        raise InputError(f"{where}: status must be one of {known_statuses()}: got {status!r}")
+    return Status(status)
 
 
 def _run_observations(run: Path, batch: int, result: dict, run_settings: list[Setting],
                       kind: TargetKind) -> list[_Observation]:
     """One observation per setting the run serves (see the module docstring for what each status means)."""
-    where = run / "result.json"
+    where = run / RESULT
     status = check_status(result, where)
     targets = result.get("targets") or []
     if not isinstance(targets, list):
         raise InputError(f"{where}: targets must be a list")
     trained = as_float(result.get("steps"))
-    cap = trained if status == "completed" and trained is not None and math.isfinite(trained) and trained > 0 \
+    cap = trained if status == Status.COMPLETED and trained is not None and math.isfinite(trained) and trained > 0 \
         else None
     out = []
     for s in run_settings:
         try:
-            target = _find_target(targets, s, required=status == "completed")
+            target = _find_target(targets, s, required=status == Status.COMPLETED)
             steps = steps_to_target(target, kind) if target is not None else None
         except ValueError as e:
             raise InputError(f"{where}: {e}") from None
-        lost = int(steps is None and status != "completed")
+        lost = int(steps is None and status != Status.COMPLETED)
         out.append(_Observation(s, batch, steps, 1, run.name, censored_at=cap if steps is None else None,
-                                diverged=status == "diverged", lost=lost))
+                                diverged=status == Status.DIVERGED, lost=lost))
     return out
 
 

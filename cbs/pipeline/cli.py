@@ -86,14 +86,15 @@ def _setup_logging() -> None:
 
 
 def _run_pretrain(args) -> int:
-    from cbs.pipeline import pretrain, rundir
+    from cbs.pipeline import pretrain
     from cbs.pipeline.distributed import shutdown_distributed
+    from cbs.runfiles import SETTLED, Status
 
     result = pretrain.main(pretrain.load(args.config, args.overrides))
     shutdown_distributed()  # a run that ended (even preempted or diverged): every rank got here
-    if result["status"] == rundir.PREEMPTED:
+    if result["status"] == Status.PREEMPTED:
         return pretrain.EXIT_PREEMPTED  # checkpointed: start it again to continue (jobs/pretrain.sbatch requeues)
-    return 0 if result["status"] in rundir.FINISHED else 1
+    return 0 if result["status"] in SETTLED else 1
 
 
 def _run_evaluate(args) -> int:

@@ -12,7 +12,6 @@ torchrun. The CPU accelerator is forced only where there is no GPU.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
+from cbs import runfiles
 from cbs.pipeline import rundir
 from cbs.pipeline.progress import RunWatch, study_eta_s
 from cbs.pipeline.slurm import RENDEZVOUS
 from cbs.pipeline.targets import targets_reached
 from cbs.pipeline.utils import free_port
+from cbs.runfiles import SETTLED, Status
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 PROGRESS_EVERY_S = 20.0
@@ -72,38 +73,36 @@ def read_result(path: Path) -> Optional[dict]:
     """A run directory's result.json; None if there is none yet. One that cannot be read (cut short, edited) is
     a failed run's: {"status": "failed", "reason": ...}."""
     try:
-        result = json.loads((path / rundir.RESULT).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        return {"status": "failed", "reason": f"{path / rundir.RESULT} cannot be read ({e})"}
-    return result if isinstance(result, dict) else {"status": "failed", "reason": f"{path / rundir.RESULT} is not "
-                                                                                  f"a mapping"}
+        return runfiles.read_result(path)
+    except runfiles.RunFileError as e:
+        return {"status": Status.FAILED, "reason": str(e)}
 
 
 def run_status(path: Path, result: Optional[dict] = None) -> str:
-    """pending | started | completed | diverged | preempted | failed, from a run directory (or its `result`,
-    already read with read_result)."""
+    """A Status from a run directory (or its `result`, already read with read_result): result.json's, else
+    STARTED once metrics.jsonl exists, else PENDING. A result.json without one is a failed run's; one with a
+    status cbs does not write is returned as it is."""
     result = result if result is not None else read_result(path)
     if result is not None:
-        return result.get("status", "failed")
-    return "started" if (path / rundir.METRICS).exists() else "pending"
+        return result.get("status", Status.FAILED)
+    return Status.STARTED if (path / runfiles.METRICS).exists() else Status.PENDING
 
 
 def unfinished(jobs: list[RunJob]) -> list[RunJob]:
-    return [j for j in jobs if run_status(j.run_dir) not in rundir.FINISHED]
+    """The jobs whose run is not SETTLED: never started, stopped, preempted or failed (trained again)."""
+    return [j for j in jobs if run_status(j.run_dir) not in SETTLED]
 
 
 def result_note(path: Path, result: Optional[dict]) -> str:
     """`, 120 steps, targets 2/2` or `(why it failed; see pretrain.log)`: one line of progress from read_result."""
     if result is None:
-        return f" (no result.json; see {path / 'pretrain.log'})"
-    if result.get("status") == "failed":
-        return f" ({result.get('reason', '')[:120]}; see {path / 'pretrain.log'})"
+        return f" (no {runfiles.RESULT}; see {path / runfiles.LOG})"
+    if result.get("status") == Status.FAILED:
+        return f" ({result.get('reason', '')[:120]}; see {path / runfiles.LOG})"
     reached, total = targets_reached(result)
     if total:
         return f", {result.get('steps')} steps, targets {reached}/{total}"
-    loss = (result.get("final") or {}).get("eval/loss")  # a run without targets (a branch): its final loss
+    loss = (result.get("final") or {}).get(runfiles.EVAL_LOSS)  # a run without targets (a branch): its final loss
     return f", {result.get('steps')} steps" + (f", final eval loss {loss:.4f}" if isinstance(loss, float) else "")
 
 
@@ -322,7 +321,7 @@ class _Pool:
 
     def _launch(self, job: RunJob) -> None:
         slot = self.free.pop(0)
-        log_path = job.run_dir / "pretrain.log"
+        log_path = job.run_dir / runfiles.LOG
         logf = open(log_path, "a")
         env = slot_env(slot, self.threads)
         if len(slot.gpus) > 1:

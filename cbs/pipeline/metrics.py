@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cbs.pipeline.rundir import METRICS, TENSORBOARD
-from cbs.pipeline.utils import atomic_write_text, log
+from cbs.pipeline.utils import log
+from cbs.runfiles import (EVAL_LOSS, METRICS, NON_FINITE, STEP, TENSORBOARD, TOKENS, TRAIN_LOSS, WANDB_RUN_ID,
+                          atomic_write_text, metrics_records, parse_record, with_floats)
 
-NON_FINITE = ("nan", "inf", "-inf")
-"""How a non-finite float is written (JSON has no NaN/inf); `read_metrics` turns them back into floats."""
 BY_TOKENS = "by_tokens"
-WANDB_ID = "wandb_run_id"
+WANDB_ID = WANDB_RUN_ID
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,12 @@ class Tracker:
     def log(self, metrics: dict, step: int, tokens: int) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "tokens": tokens}
+        record = {STEP: step, TOKENS: tokens}
         record.update({k: _plain(v) for k, v in metrics.items()})
         # one line per event, flushed: a crash loses at most the line being written
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        numbers = {k: float(v) for k, v in record.items() if k != "step" and _is_number(v)}
+        numbers = {k: float(v) for k, v in record.items() if k != STEP and _is_number(v)}
         if self._tb is not None:
             for key, value in numbers.items():
                 if math.isfinite(value):
@@ -151,7 +150,7 @@ def _write_hparams(writer, hparams: dict) -> None:
     """The HParams tab's session (torch's SummaryWriter.add_hparams would open a second run directory)."""
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-    metrics = {"train/loss": math.nan, "eval/loss": math.nan}  # the columns the tab shows beside the hparams
+    metrics = {TRAIN_LOSS: math.nan, EVAL_LOSS: math.nan}  # the columns the tab shows beside the hparams
     for summary in hparams_summary(hparams, metrics):
         writer.file_writer.add_summary(summary)  # SummaryWriter's own event file
 
@@ -190,36 +189,25 @@ def _plain(v):
 
 
 def _truncate_after(path: Path, step: int) -> Optional[int]:
-    """Keep the lines up to `step`; returns the tokens of the last one kept (None when none is)."""
+    """Keep the lines up to `step`, as written; returns the tokens of the last one kept (None when none is). A
+    line the readers skip (cut short by a kill: runfiles.metrics_records) is dropped."""
     keep, tokens = [], None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            if record["step"] <= step:
-                keep.append(line)
-                tokens = record.get("tokens", tokens)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a line cut short by a crash ends the usable log
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        record = parse_record(line)
+        logged = record.get(STEP) if record is not None else None
+        if isinstance(logged, (int, float)) and not isinstance(logged, bool) and logged <= step:
+            keep.append(line)
+            tokens = record.get(TOKENS, tokens)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
     return tokens
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Every logged event of a run, in order, with "nan"/"inf"/"-inf" strings back as floats. A last line cut
-    short by a kill is left out (the tracker flushes whole lines, so only the last can be partial)."""
-    path = Path(run_dir) / METRICS
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        records.append({k: float(v) if isinstance(v, str) and v in NON_FINITE else v for k, v in record.items()})
-    return records
+    """Every logged event of a run, in order, with "nan"/"inf"/"-inf" strings back as floats (the one reader,
+    runfiles.metrics_records: a line cut short by a kill is left out)."""
+    return [with_floats(r) for r in metrics_records(Path(run_dir) / METRICS)]
 
 
 def eval_records(run_dir: str | Path) -> list[dict]:
     """The run's eval events, in step order: each holds every weights kind's loss at one step."""
-    return [m for m in read_metrics(run_dir) if "eval/loss" in m]
+    return [with_floats(r) for r in metrics_records(Path(run_dir) / METRICS, keys=(EVAL_LOSS,)) if EVAL_LOSS in r]

@@ -29,6 +29,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from cbs.runfiles import GRAD_SQ_BIG, GRAD_SQ_SMALL, NOISE_SCALE, NOISE_SCALE_BATCHES
+
 
 class NoiseScale:
     """Measures |G_small|^2 with parameter hooks on armed steps and keeps the EMAs of the two estimates."""
@@ -91,9 +93,8 @@ class NoiseScale:
             return {}
         correction = 1 - self.beta ** s["updates"]
         grad_sq, trace = s["grad_sq"] / correction, s["trace"] / correction
-        return {"train/noise_scale": trace / grad_sq if grad_sq > 0 else math.nan,
-                "train/grad_sq_small": s["small"], "train/grad_sq_big": s["big"],
-                "train/noise_scale_batches": [self.b_small, self.b_big]}
+        return {NOISE_SCALE: trace / grad_sq if grad_sq > 0 else math.nan,
+                GRAD_SQ_SMALL: s["small"], GRAD_SQ_BIG: s["big"], NOISE_SCALE_BATCHES: [self.b_small, self.b_big]}
 
     def state_dict(self) -> dict:
         return dict(self.state)

@@ -41,6 +41,7 @@ from cbs.pipeline.noise import NoiseScale
 from cbs.pipeline.optim import EWA, lr_at, make_optimizer
 from cbs.pipeline.targets import TargetTracker, eval_key, weight_kinds
 from cbs.pipeline.utils import atomic_write_json, atomic_write_text, log
+from cbs.runfiles import NOISE_SCALE, SETTLED, TOKENS_PER_S, TRAIN_LOSS, Status
 
 # Peak dense bf16 FLOP/s by device name (substring match), for MFU; none on CPU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -223,7 +224,7 @@ class Trainer:
     def _adapt(self) -> None:
         """batch_schedule.adaptive: a decision on the noise scale just measured (every rank holds the same value:
         it is all-reduced), and the schedule, step count and grids that follow from it."""
-        b_simple = self.noise.metrics().get("train/noise_scale")
+        b_simple = self.noise.metrics().get(NOISE_SCALE)
         decision = self.adaptive.decide(self.step, self.tokens_at(self.step), b_simple, self.stages.batch)
         if decision is None:
             return
@@ -297,8 +298,8 @@ class Trainer:
         now = time.perf_counter()
         start, start_step = self._window
         tokens_per_s = (self.tokens_at(step) - self.tokens_at(start_step)) / max(now - start, 1e-9)
-        metrics = {"train/loss": loss, "lr": self._lr, "batch_seqs": self.batches.batch_at(step - 1),
-                   "perf/tokens_per_s": tokens_per_s,
+        metrics = {TRAIN_LOSS: loss, "lr": self._lr, "batch_seqs": self.batches.batch_at(step - 1),
+                   TOKENS_PER_S: tokens_per_s,
                    "perf/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size, **self.noise.metrics()}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -579,8 +580,8 @@ class Trainer:
         return self.result(reason)
 
     def result(self, reason: str) -> dict:
-        status = {"diverged": "diverged", "preempted": rundir.PREEMPTED,
-                  "abandoned": rundir.PREEMPTED}.get(reason, "completed")
+        status = {"diverged": Status.DIVERGED, "preempted": Status.PREEMPTED,
+                  "abandoned": Status.PREEMPTED}.get(reason, Status.COMPLETED)
         why = {"diverged": self.diverged, "targets": "every target reached", "budget": "token budget trained",
                "preempted": f"stopped by {_signal_name(self.stop_signal)} after step {self.step}; starting the run "
                             f"again resumes from that checkpoint",
@@ -602,7 +603,7 @@ class Trainer:
         }
         if self.dist.is_main:
             atomic_write_json(self.run_dir / rundir.RESULT, result)
-        if status == rundir.PREEMPTED and self.dist.is_main:
+        if status == Status.PREEMPTED and self.dist.is_main:
             log.warning("%s: %s", self.run_dir, why)
         return result
 
@@ -698,7 +699,7 @@ def _finished_result(run_dir: Path) -> Optional[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         log.warning("%s is not JSON (%s): resuming from the newest checkpoint, which writes it again", path, e)
         return None
-    if isinstance(done, dict) and done.get("status") in rundir.FINISHED and done.get("steps") is not None:
+    if isinstance(done, dict) and done.get("status") in SETTLED and done.get("steps") is not None:
         return done
     return None
 
@@ -772,7 +773,7 @@ def main(cfg: PretrainConfig) -> dict:
     except Exception as e:
         if dist.is_main:  # the study executor reads this and goes on with the next run
             atomic_write_json(Path(cfg.run_dir) / rundir.RESULT, {
-                "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                "status": Status.FAILED, "reason": f"{type(e).__name__}: {e}",
                 "wall_seconds": round(time.perf_counter() - started, 3), "targets": [], "final": {}})
         raise
 

@@ -17,7 +17,6 @@ one running run's step has moved between two readings, long before any run finis
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from typing import Optional
 
 import yaml
 
-from cbs.pipeline.rundir import CONFIG, METRICS, RESULT
 from cbs.pipeline.study_plan import human
+from cbs.runfiles import CONFIG, LOG, METRICS, RESULT, STEP, TRAIN_LOSS, parse_record
 
 TAIL_BYTES = 64 * 1024
 """How much of the end of metrics.jsonl is read to find the last train line (eval and noise lines come between)."""
@@ -56,11 +55,8 @@ def last_records(run_dir: Path) -> list[dict]:
         return []
     records = []
     for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line being written, or the first (cut) line of the tail
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        record = parse_record(line)  # None: the line being written, or the first (cut) line of the tail
+        if record is not None and isinstance(record.get(STEP), int):
             records.append(record)
     return records
 
@@ -80,7 +76,7 @@ def snapshot(run_dir: Path) -> Optional[Snapshot]:
     records = last_records(run_dir)
     if not records:
         return None
-    loss = next((r["train/loss"] for r in records if isinstance(r.get("train/loss"), (int, float))), None)
+    loss = next((r[TRAIN_LOSS] for r in records if isinstance(r.get(TRAIN_LOSS), (int, float))), None)
     return Snapshot(records[0]["step"], int(records[0].get("tokens") or 0),
                     float(loss) if loss is not None else None, total_steps(run_dir))
 
@@ -116,7 +112,7 @@ class RunWatch:
         snap = self.now
         elapsed = f"{(now_s - self.started_s) / 60:.1f} min"
         if snap is None:
-            return f"    {name}: starting ({elapsed}; nothing logged yet; see {self.run_dir / 'pretrain.log'})"
+            return f"    {name}: starting ({elapsed}; nothing logged yet; see {self.run_dir / LOG})"
         steps = f"step {snap.step}/{snap.total_steps}" if snap.total_steps else f"step {snap.step}"
         loss = f", loss {snap.loss:.3f}" if snap.loss is not None and math.isfinite(snap.loss) else ""
         left = self.remaining_s()

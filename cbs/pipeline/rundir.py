@@ -1,4 +1,5 @@
-"""The layout of a pretrain run directory, in one place (docs/architecture.md has the contract).
+"""The checkpoints and the lock of a pretrain run directory (its file names and statuses: cbs/runfiles.py;
+docs/architecture.md has the contract).
 
     RUN_DIR/config.yaml       the resolved config (written by pretrain)
     RUN_DIR/metrics.jsonl     one JSON object per logged event
@@ -24,26 +25,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cbs.pipeline.utils import atomic_write_json, atomic_write_text
+from cbs.runfiles import (CHECKPOINTS, COMPLETE, CONFIG, EVAL, LATEST, LOCK, METRICS,  # noqa: F401 (the layout)
+                          RESULT, TENSORBOARD, atomic_write_json, atomic_write_text)
 
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-TENSORBOARD = "tb"
-RESULT = "result.json"
-EVAL = "eval.json"
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-COMPLETE = "complete.json"
-LOCK = ".lock"
 INCOMPLETE = "its save did not finish"
 
 # What may differ between a run and its resumption: none of it changes the maths of the remaining steps.
 RESUME_MAY_CHANGE = ("run_dir", "micro_batch_seqs", "checkpoint", "log", "resume", "stop_at_targets", "study",
                      "targets", "eval")
-
-# result.json `status` values; a run with any other status, or none, is not finished.
-FINISHED = ("completed", "diverged")
-PREEMPTED = "preempted"
 
 
 class CheckpointError(ValueError):

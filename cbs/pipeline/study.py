@@ -45,14 +45,14 @@ from cbs.pipeline.metrics import eval_records
 from cbs.pipeline.study_plan import Run, human, plan, plan_table, reference_batch, run_config, run_path
 from cbs.pipeline.study_slurm import SlurmExecutor
 from cbs.pipeline.targets import TargetTracker, crossings_match, eval_key, targets_reached, weight_kinds
-from cbs.pipeline.utils import atomic_write_json, atomic_write_text
+from cbs.runfiles import (DATA, FIT, LOG, MANIFEST, PREPROCESS_FILE, RUN_INPUT, RUNS, SETTLED, STALE, STALE_RESULT,
+                          STUDY_FILE, TARGETS_FILE, Status, atomic_write_json, atomic_write_text)
 
-STUDY_FILE = "study.yaml"
-TARGETS_FILE = "targets.json"
-STALE = "stale"
 # S(B) from the EWA weights (the paper's choice; the best tau of each run), which is also what the study's runs
 # stop on. Mixing in raw weights biases S(B): raw beats a slow EWA only in the few steps of large-batch runs.
 FIT_ARGS = ["--target-kind", "ewa"]
+NOT_JUDGED = (Status.PENDING, Status.STARTED, Status.PREEMPTED)
+"""A branch in one of these has no outcome yet: the branch rule cannot judge it."""
 
 
 class StudyError(ValueError):
@@ -100,21 +100,21 @@ def data_dir_of(cfg: StudyConfig, study_dir: Path) -> Path:
         return Path(cfg.data).resolve()
     if not isinstance(cfg.data, dict):
         raise ConfigError("study.data must be a preprocess config (mapping) or a data directory path")
-    return Path(cfg.data.get("output_dir") or study_dir / "data").resolve()
+    return Path(cfg.data.get("output_dir") or study_dir / DATA).resolve()
 
 
 def preprocess_config(cfg: StudyConfig, study_dir: Path, data_dir: Path, write: bool) -> Optional[Path]:
     """STUDY_DIR/preprocess.yaml for a study that makes its data (`run_phases` runs it only if the data is not
     there yet; a dry run shows it); None when study.data names a preprocessed directory."""
     if isinstance(cfg.data, str):
-        if not (data_dir / "manifest.json").is_file():
-            raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no manifest.json): run "
+        if not (data_dir / MANIFEST).is_file():
+            raise StudyError(f"study.data {data_dir} is not a preprocessed data directory (no {MANIFEST}): run "
                              f"`cbs preprocess` first and give its output_dir, or make study.data a preprocess "
                              f"config (mapping) for the study to run it")
         return None
     data = {**cfg.data, "output_dir": str(data_dir)}
     from_dict(PreprocessConfig, data, "study.data")  # refused now, before anything is submitted
-    path = study_dir / "preprocess.yaml"
+    path = study_dir / PREPROCESS_FILE
     if write:
         atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
@@ -124,11 +124,11 @@ def write_run_inputs(runs: list[Run], study_dir: Path) -> None:
     for run in runs:
         path = run_path(study_dir, run.name)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / "run.yaml", yaml.safe_dump(run.config, sort_keys=False))
+        atomic_write_text(path / RUN_INPUT, yaml.safe_dump(run.config, sort_keys=False))
 
 
 def jobs_of(runs: list[Run], study_dir: Path) -> list[RunJob]:
-    return [RunJob(r.name, run_path(study_dir, r.name), run_path(study_dir, r.name) / "run.yaml") for r in runs]
+    return [RunJob(r.name, run_path(study_dir, r.name), run_path(study_dir, r.name) / RUN_INPUT) for r in runs]
 
 
 def stale_runs(runs: list[Run], study_dir: Path) -> dict[str, list[str]]:
@@ -182,7 +182,7 @@ def reference_targets(runs: list[Run], study_dir: Path) -> dict[str, dict]:
     targets: dict[str, dict] = {}
     for run in (r for r in runs if r.reference):
         path = run_path(study_dir, run.name)
-        if run_status(path) != "completed":
+        if run_status(path) != Status.COMPLETED:
             continue
         records = eval_records(path)
         keys = [eval_key(k) for k in weight_kinds(run.taus)[1:]] or [eval_key("raw")]  # the EWA kinds, else raw
@@ -207,7 +207,7 @@ def freeze_targets(runs: list[Run], study_dir: Path) -> dict[str, float]:
         still = [s for s in settings if s not in frozen]
         if still:
             raise StudyError(f"no finished reference run gives a target for {', '.join(still)}: see "
-                             f"{study_dir / 'runs'}/*/pretrain.log, then run the study again")
+                             f"{study_dir / RUNS}/*/{LOG}, then run the study again")
         atomic_write_json(study_dir / TARGETS_FILE, frozen)
     return {k: frozen[k]["loss"] for k in settings}
 
@@ -231,7 +231,7 @@ def reconcile_finished(runs: list[Run], study_dir: Path) -> None:
         path = run_path(study_dir, run.name)
         targets = run.config["targets"]
         result = read_result(path)
-        if run_status(path, result) not in rundir.FINISHED or not targets:
+        if run_status(path, result) not in SETTLED or not targets:
             continue
         if crossings_match(result, targets):
             continue
@@ -243,7 +243,7 @@ def reconcile_finished(runs: list[Run], study_dir: Path) -> None:
         atomic_write_text(path / rundir.CONFIG, yaml.safe_dump(saved, sort_keys=False))
         stopped_early = result.get("reason") == "every target reached" and result["steps"] < result["total_steps"]
         if stopped_early and not tracker.all_reached(run.config["stop_weights"]):
-            atomic_write_json(path / "result.stale.json", result)
+            atomic_write_json(path / STALE_RESULT, result)
             (path / rundir.RESULT).unlink()
             print(f"{run.name}: the targets changed since it stopped; it will train on", flush=True)
         else:
@@ -258,7 +258,7 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     """data -> reference runs -> targets -> runs -> evaluate -> fit, through `executor`. Returns fit's code."""
     b0 = reference_batch(cfg)
     pre = preprocess_config(cfg, study_dir, data_dir, write=not dry_run)
-    if pre is not None and (dry_run or not (data_dir / "manifest.json").is_file()):
+    if pre is not None and (dry_run or not (data_dir / MANIFEST).is_file()):
         executor.preprocess(pre)
     if not dry_run:
         write_run_inputs(runs, study_dir)
@@ -266,7 +266,7 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     if cfg.method is StudyMethod.branched:  # the base runs (marked reference), then the branches that are needed
         executor.train(jobs_of(refs, study_dir), "base", f"base runs (B = {min(cfg.batch_sizes)})")
         train_branches(rest, study_dir, executor, dry_run)
-        return executor.fit(study_dir, study_dir / "fit", [])
+        return executor.fit(study_dir, study_dir / FIT, [])
     if refs:  # only a study with a reference batch B0 has them
         executor.train(jobs_of(refs, study_dir), "reference", f"reference runs (B0 = {b0})")
         if dry_run:
@@ -280,9 +280,9 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     executor.train(jobs_of(rest, study_dir), "runs", "runs")
     todo = [run_path(study_dir, r.name) for r in runs]
     if not dry_run:
-        todo = [p for p in todo if run_status(p) == "completed" and not (p / rundir.EVAL).exists()]
+        todo = [p for p in todo if run_status(p) == Status.COMPLETED and not (p / rundir.EVAL).exists()]
     executor.evaluate(todo)
-    return executor.fit(study_dir, study_dir / "fit", FIT_ARGS + (["--reference-batch", str(b0)] if b0 else []))
+    return executor.fit(study_dir, study_dir / FIT, FIT_ARGS + (["--reference-batch", str(b0)] if b0 else []))
 
 
 # ---------------------------------------------------------------------------------------------------- branches
@@ -295,8 +295,7 @@ def next_branches(branches: list[Run], study_dir: Path) -> list[Run]:
 
     Judged by cbs/analysis/branched.py on what the finished branches left, with the loss the fit compares, so that
     the study trains exactly the branches the fit reads."""
-    judged = [r for r in branches if run_status(run_path(study_dir, r.name)) not in ("pending", "started",
-                                                                                     rundir.PREEMPTED)]
+    judged = [r for r in branches if run_status(run_path(study_dir, r.name)) not in NOT_JUDGED]
     if not judged:  # nothing to judge yet: the smallest batch of every point
         first: dict[tuple, Run] = {}
         for r in branches:
@@ -348,7 +347,7 @@ def not_needed(study_dir: Path) -> set[str]:
     except InputError:  # nothing finished yet, or a damaged run file: the caller names it with its own message
         return set()
     return {v.run for point in curve if point.complete for v in point.verdicts  # incomplete: they may be needed
-            if v.verdict == NOT_NEEDED and run_status(run_path(study_dir, v.run)) == "pending"}
+            if v.verdict == NOT_NEEDED and run_status(run_path(study_dir, v.run)) == Status.PENDING}
 
 
 def run_ranks(cfg: StudyConfig, executor: str, gpus_per_run: int, slurm_overrides: Optional[dict]) -> tuple[int, str]:
@@ -392,7 +391,7 @@ def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", paral
         print(f"study {cfg.name}: {len(runs)} runs, {ex.describe()}", flush=True)
     rc = run_phases(cfg, runs, study_dir, data_dir, ex)
     print(f"study {cfg.name}: {len(runs)} runs in {(time.time() - started) / 60:.1f} min; "
-          f"report: {study_dir / 'fit' / 'report.md'}", flush=True)
+          f"report: {study_dir / FIT / 'report.md'}", flush=True)
     return rc
 
 
@@ -401,7 +400,7 @@ def main(cfg: StudyConfig, study_dir: str | Path, executor: str = "local", paral
 
 def status_table(study_dir: Path) -> str:
     """One line per run, in batch order (then learning rate, then name): batch, lr, status, steps, targets."""
-    paths = [p for p in (Path(study_dir) / "runs").glob("*") if p.is_dir()]
+    paths = [p for p in (Path(study_dir) / RUNS).glob("*") if p.is_dir()]
     if not paths:
         raise StudyError(f"{study_dir} has no runs/ (not a study directory, or not started)")
     rows, counts, skipped = [], {}, not_needed(Path(study_dir))
@@ -456,7 +455,7 @@ def _readable_run(path: Path) -> dict:
     except (ValueError, OSError) as e:
         raise StudyError(f"{result} cannot be read ({str(e).splitlines()[0]}): run the study command again; the run "
                          f"resumes from its newest checkpoint and writes it again") from None
-    run_yaml = path / "run.yaml"
+    run_yaml = path / RUN_INPUT
     try:
         cfg = yaml.safe_load(run_yaml.read_bytes()) if run_yaml.exists() else {}
     except (yaml.YAMLError, OSError) as e:

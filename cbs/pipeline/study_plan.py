@@ -21,8 +21,7 @@ from cbs.pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling,
 from cbs.pipeline.config.loader import _coerce
 from cbs.pipeline.config.study import SettingEntry, SettingsGenerator, StudySettings, check_model
 from cbs.pipeline.utils import log
-
-RUNS = "runs"
+from cbs.runfiles import RUNS
 WARMUP_SHARE_WARNING = 0.5
 """A warmup longer than this share of a budget is allowed but worth a warning (the paper warms up over 25% of
 the reference run)."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+from cbs.runfiles import EVAL_LOSS
+
 RAW = "raw"
 
 
 def eval_key(kind: str) -> str:
     """The metrics key of a weights kind: `raw` -> eval/loss, `ewa/0.99` -> eval/loss_ewa/0.99."""
-    return "eval/loss" if kind == RAW else f"eval/loss_{kind}"
+    return EVAL_LOSS if kind == RAW else f"{EVAL_LOSS}_{kind}"
 
 
 def weight_kinds(taus: Iterable[float]) -> list[str]:
