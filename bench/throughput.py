@@ -8,8 +8,8 @@
 
 "ours" is the step `cbs pretrain` runs, timed as it runs there: a real `cbs.pipeline.pretrain.Trainer` (megatron-core
 GPTModel with SDPA core attention inside a DeepSpeed engine, ZeRO-1 from ds_configs/zero1.json, bf16 on GPU,
-fp32 on CPU, EWA) built on a real run directory, and its own `train_step()`: the batch read from the data
-directory's shards, micro-batch x accumulation, the EWA update. The shards hold random token ids (bench_data.py:
+fp32 on CPU, EWA) built for a bench (`Trainer.for_bench`: no run directory), and its own `train_step()`: the
+batch read from the data directory's shards, micro-batch x accumulation, the EWA update. The shards hold random token ids (bench_data.py:
 a real data directory, without a tokenizer to train), so the vocabulary can be the GPT-2-sized one of the shape.
 `ours-compile` is the same with `pretrain.compile: true`. Not timed: the hooks of the loop (log, eval,
 checkpoint, and the noise-scale's gradient hooks on logged steps), which run every `log.every_steps` steps.
@@ -154,17 +154,15 @@ def device_busy_s(step, steps: int = 3) -> float | None:
 
 
 def ours(m: ModelConfig, vocab: int, micro: int, accum: int, data_dir: Path, dist, args, compile_: bool):
-    """The Trainer's own train_step on a run directory under `data_dir` (nothing is written there until a
-    checkpoint, which the bench never reaches)."""
+    """The Trainer's own train_step, built for a bench (Trainer.for_bench: no run directory, hooks or checkpoints)
+    on the shards of `data_dir`."""
     from cbs.pipeline.pretrain import Trainer
 
     steps_needed = (args.warmup + args.repeats * args.steps + 1) * 2
-    cfg = from_dict(PretrainConfig, {
-        "data_dir": str(data_dir), "run_dir": str(data_dir.parent / f"run-{'compiled' if compile_ else 'eager'}"),
-        "model": dict(vars(m)), "global_batch_seqs": micro * accum, "micro_batch_seqs": micro,
-        "train_tokens": steps_needed * micro * accum * m.seq_len, "deepspeed_config": args.deepspeed_config,
-        "compile": compile_, "eval": {"eval_tokens": m.seq_len}}, "pretrain")
-    trainer = Trainer(cfg, dist)
+    trainer = Trainer.for_bench({
+        "data_dir": str(data_dir), "model": dict(vars(m)), "global_batch_seqs": micro * accum,
+        "micro_batch_seqs": micro, "train_tokens": steps_needed * micro * accum * m.seq_len,
+        "deepspeed_config": args.deepspeed_config, "compile": compile_}, dist)
     return trainer.train_step
 
 
