@@ -167,8 +167,11 @@ def test_slurm_dry_run_and_missing_sbatch(stdlib_data, tmp_path):
     assert not (tmp_path / "s").exists()
     if subprocess.run(["which", "sbatch"], capture_output=True).returncode:
         pytest.skip("no sbatch here for --dry-run: covered where Slurm is installed")
-    dry = subprocess.run(args + ["--dry-run", "--partition", "gpu", "--gpus-per-node", "8"], capture_output=True,
-                         text=True, env=ENV, cwd=ROOT)
+    eight = ["--dry-run", "--partition", "gpu", "--gpus-per-node", "8"]
+    refused = subprocess.run(args + eight, capture_output=True, text=True, env=ENV, cwd=ROOT)  # 8 ranks per run:
+    assert refused.returncode == 2 and "study.batch_sizes [4, 8, 16] cannot be split over 8" in refused.stderr
+    split = ["--set", "batch_sizes=[8, 16, 32]", "--set", "base.micro_batch_seqs=1"]  # batches that split on 8
+    dry = subprocess.run(args + eight + split, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert dry.returncode == 0, dry.stderr
     assert "--array=0-0%2" in dry.stdout and "--array=0-1%2" in dry.stdout  # reference, then the other runs
     assert "--gres=gpu:8" in dry.stdout and "--partition=gpu" in dry.stdout and "--time=00:30:00" in dry.stdout

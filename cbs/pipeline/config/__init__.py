@@ -11,7 +11,7 @@ name is re-exported here: `from cbs.pipeline.config import PretrainConfig, load_
 """
 
 from cbs.batching import steps_for
-from cbs.pipeline.config.loader import (ConfigError, _check, _coerce, _expand_shorthands, _type_name,
+from cbs.pipeline.config.loader import (ConfigError, TokenCount, _check, _coerce, _expand_shorthands, _type_name,
                                         _UniqueKeyLoader, apply_overrides, from_dict, load_config, parse_tokens,
                                         read_yaml, to_dict)
 from cbs.pipeline.config.preprocess import OnError, PreprocessConfig, TokenizerConfig, TokenizerType
@@ -21,11 +21,12 @@ from cbs.pipeline.config.batch_schedule import ADAPTIVE_SIGNALS, BatchScheduleCo
 from cbs.pipeline.config.pretrain import (CheckpointConfig, EvalConfig, EwaConfig, InitFrom, LogConfig,
                                           OptimizerConfig, Precision, PretrainConfig, Resume, ScheduleConfig,
                                           ScheduleKind, StopWeights, WandbConfig, WandbMode, gradient_accumulation)
-from cbs.pipeline.config.study import (STUDY_SETS, BranchedConfig, BranchRule, HparamGrid, ReferenceTargets,
-                                       StudyConfig, StudyMethod, StudyTargets)
+from cbs.pipeline.config.study import (GENERATOR_KEYS, STUDY_SETS, BranchedConfig, BranchRule, HparamGrid,
+                                       ReferenceTargets, SettingEntry, SettingsGenerator, SlurmConfig, StudyConfig,
+                                       StudyMethod, StudySettings, StudyTargets, check_model)
 
 __all__ = [
-    "ConfigError", "apply_overrides", "from_dict", "load_config", "parse_tokens", "read_yaml", "to_dict",
+    "ConfigError", "TokenCount", "apply_overrides", "from_dict", "load_config", "parse_tokens", "read_yaml", "to_dict",
     "OnError", "PreprocessConfig", "TokenizerConfig", "TokenizerType",
     "MODEL_PRESETS", "Activation", "ModelConfig", "Norm", "PositionEmbedding",
     "PAPER_BETA2", "PAPER_TAU", "paper_value",
@@ -33,6 +34,6 @@ __all__ = [
     "CheckpointConfig", "EvalConfig", "EwaConfig", "InitFrom", "LogConfig", "OptimizerConfig", "Precision",
     "PretrainConfig", "Resume", "ScheduleConfig", "ScheduleKind", "StopWeights", "WandbConfig", "WandbMode",
     "gradient_accumulation", "steps_for",
-    "STUDY_SETS", "BranchedConfig", "BranchRule", "HparamGrid", "ReferenceTargets", "StudyConfig", "StudyMethod",
-    "StudyTargets",
+    "GENERATOR_KEYS", "STUDY_SETS", "BranchedConfig", "BranchRule", "HparamGrid", "ReferenceTargets", "SettingEntry",
+    "SettingsGenerator", "SlurmConfig", "StudyConfig", "StudyMethod", "StudySettings", "StudyTargets", "check_model",
 ]
