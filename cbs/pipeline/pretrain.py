@@ -31,14 +31,14 @@ import yaml
 
 from cbs.pipeline import rundir
 from cbs.pipeline.batch_stages import AdaptiveRamp, BatchStages
-from cbs.pipeline.config import ConfigError, PretrainConfig, Resume, steps_for, to_dict
+from cbs.pipeline.config import ConfigError, OptimizerKind, PretrainConfig, Resume, steps_for, to_dict
 from cbs.pipeline.data import TrainSamples, check_batch_fits, data_identity, eval_sequences, read_manifest
 from cbs.pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
 from cbs.pipeline.evaluate import sharded_eval_loss
 from cbs.pipeline.metrics import Tracker, eval_records, run_identity
 from cbs.pipeline.model import build_model, flops_per_token, forward_loss, param_counts
 from cbs.pipeline.noise import NoiseScale
-from cbs.pipeline.optim import EWA, lr_at, make_optimizer
+from cbs.pipeline.optim import EWA, ScheduleFreeModes, lr_at, make_optimizer
 from cbs.pipeline.targets import TargetTracker, eval_key, weight_kinds
 from cbs.pipeline.utils import atomic_write_json, atomic_write_text, log
 
@@ -101,6 +101,8 @@ class Trainer:
                                                config=self.ds_config)
         if cfg.compile:
             self.engine.compile()  # in place: parameter and state-dict names stay those of the GPTModel
+        self.schedule_free = (ScheduleFreeModes(self.engine) if cfg.optimizer.kind is OptimizerKind.schedule_free
+                              else None)
         self.ewa = EWA(self.engine.module.parameters(), cfg.ewa.taus)
         self.targets = TargetTracker(cfg.targets, weight_kinds(cfg.ewa.taus))
         self.base = self._init_from_meta()
@@ -175,6 +177,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch: micro-batches x gradient accumulation on every rank."""
         self.stages.sync(self.step)
+        self.use_weights("train")  # after sync: a stage's betas are set before y is formed from x and z
         lr = self.stages.lr_factor * lr_at(self.tokens_at(self.step), self.cfg.optimizer.lr, self.cfg.train_tokens,
                                            self.cfg.schedule)
         for group in self.engine.optimizer.param_groups:
@@ -318,8 +321,19 @@ class Trainer:
             self.diverged = f"train loss {loss:.4g} at step {step} (first logged {self.first_loss:.4g})"
             self.stop_reason = "diverged"
 
+    def use_weights(self, mode: str) -> None:
+        """Schedule-free AdamW: "eval" puts its averaged weights x into the model, "train" its training point y
+        (no-ops when already there, and for AdamW). Evaluation and saving switch to x; the next step switches
+        back. Checkpoints hold x (and z, from which y follows): `cbs evaluate` of a checkpoint then evaluates the
+        weights pretrain logged at that step, and a resumed run forms y from the same x and z, with the same
+        rounding, as the uninterrupted run does after its save, so it continues bitwise identically. One switch to
+        x serves a step that evaluates and saves (a y -> x -> y round trip is exact only up to rounding)."""
+        if self.schedule_free is not None:
+            self.schedule_free.train() if mode == "train" else self.schedule_free.eval()
+
     def eval_hook(self, step: int) -> None:
         started = time.perf_counter()
+        self.use_weights("eval")
         losses = {"raw": self.evaluate()}
         for tau in self.cfg.ewa.taus:
             with self.ewa.swapped_in(tau):
@@ -372,6 +386,7 @@ class Trainer:
         (rundir.mark_complete): a save cut short leaves an incomplete tag directory that resume skips.
         """
         tag_dir = self.checkpoint_dir / rundir.tag(step)
+        self.use_weights("eval")
         try:
             self._save(step, tag_dir)
         except (OSError, RuntimeError) as e:  # torch.save on a full disk: "enforce fail at inline_container.cc"
@@ -466,6 +481,10 @@ class Trainer:
         base = yaml.safe_load((Path(init.run_dir) / rundir.CONFIG).read_text()) or {}
         if base.get("model") != to_dict(self.cfg.model):
             raise ConfigError(f"pretrain.init_from: {init.run_dir} trained another model; a branch keeps the model")
+        base_kind = (base.get("optimizer") or {}).get("kind", OptimizerKind.adamw.value)
+        if base_kind != self.cfg.optimizer.kind.value:
+            raise ConfigError(f"pretrain.init_from: {init.run_dir} trained with optimizer.kind {base_kind}, whose state "
+                              f"this run's {self.cfg.optimizer.kind.value} cannot continue; a branch keeps the optimizer")
         meta = rundir.checkpoint_meta(tag_dir)
         self._check_world_size(meta, tag_dir.parent)
         return meta
