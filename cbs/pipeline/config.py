@@ -818,10 +818,80 @@ PAPER_TAU = {64: .9995, 128: .9995, 256: .9995, 512: .9995, 1024: .999, 2048: .9
              16384: .99}
 
 
+PAPER_BETA1 = 0.95
+"""The paper's AdamW beta1, the same at every batch."""
+
+
 def paper_value(table: dict[int, float], batch: int) -> float:
     import math
 
     return table[min(table, key=lambda b: abs(math.log(b) - math.log(batch)))]
+
+
+class BetaRule(str, enum.Enum):
+    """How an AdamW beta follows the batch B (sequences) across a study's runs or a ramp's stages."""
+
+    paper = "paper"
+    """The paper's value for B: beta2 from its per-batch table (PAPER_BETA2), beta1 0.95 at every batch."""
+    fixed = "fixed"
+    """The given value at every batch (beta2: hparams.beta2 in a study, optimizer.beta2 in a ramp; beta1:
+    optimizer.beta1)."""
+    half_life = "half_life"
+    """beta(B) = clip(ref ** (B / ref_batch), lo, hi): the same half-life in tokens at every batch (half_life)."""
+
+
+Beta2Rule = BetaRule  # the ramp's beta2 rule, by its older name
+
+
+def half_life_beta(batch: float, ref: float, ref_batch: float, lo: float, hi: float) -> float:
+    """beta(B) = clip(ref ** (B / ref_batch), lo, hi) (Marek et al. 2025, "Small batch size training for language
+    models"). An EMA with decay beta per step of B sequences of T tokens halves a contribution after
+    ln(1/2) / ln(beta) steps, i.e. B T ln(1/2) / ln(beta) tokens; ref ** (B / ref_batch) keeps that token
+    half-life at ref_batch's at every B. The clip keeps beta below 1 at tiny batches (an average that never moves)
+    and above a floor at huge ones (an average over only a few steps)."""
+    return min(max(ref ** (batch / ref_batch), lo), hi)
+
+
+@dataclass
+class HalfLifeBetas:
+    """The half_life rule's constants (docs/method.md, "AdamW betas per batch"). Defaults: beta2 0.999 at 64
+    sequences, the paper's smallest batch and its value there (the rule is then within 0.006 of the paper's table
+    up to 1024 sequences, 0.018 at 2048), clipped to [0.95, 0.9999]; beta1 0.95 (the paper's) at 64, clipped to [0.9, 0.99]."""
+
+    ref_batch: int = 64
+    """B_ref: the batch (sequences) at which the betas are beta2_ref and beta1_ref."""
+    beta2_ref: float = 0.999
+    beta2_clip: list[float] = field(default_factory=lambda: [0.95, 0.9999])
+    """[lo, hi] of beta2."""
+    beta1_ref: float = 0.95
+    beta1_clip: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """[lo, hi] of beta1."""
+
+    def validate(self, p: str) -> None:
+        _check(self.ref_batch >= 1, f"{p}.ref_batch must be a batch >= 1 (sequences): got {self.ref_batch}")
+        for name in ("beta2", "beta1"):
+            ref, clip = getattr(self, f"{name}_ref"), getattr(self, f"{name}_clip")
+            _check(0 <= ref < 1, f"{p}.{name}_ref must be in [0, 1): got {ref}")
+            _check(len(clip) == 2 and all(0 <= c < 1 for c in clip) and clip[0] <= clip[1],
+                   f"{p}.{name}_clip must be [lo, hi] with 0 <= lo <= hi < 1: got {clip}")
+
+    def at(self, name: str, batch: int) -> float:
+        """beta1 or beta2 (`name`) at `batch` sequences, rounded to 6 digits (as written into configs)."""
+        lo, hi = getattr(self, f"{name}_clip")
+        return round(half_life_beta(batch, getattr(self, f"{name}_ref"), self.ref_batch, lo, hi), 6)
+
+    def describe(self, name: str) -> str:
+        lo, hi = getattr(self, f"{name}_clip")
+        return f"{name}(B) = clip({getattr(self, f'{name}_ref'):g}^(B/{self.ref_batch}), {lo:g}, {hi:g})"
+
+
+def rule_beta(rule: BetaRule, name: str, batch: int, fixed: float, half_life: HalfLifeBetas) -> float:
+    """beta1 or beta2 (`name`) at `batch` sequences under `rule`; `fixed` is the given value."""
+    if rule is BetaRule.half_life:
+        return half_life.at(name, batch)
+    if rule is BetaRule.paper:
+        return paper_value(PAPER_BETA2, batch) if name == "beta2" else PAPER_BETA1
+    return fixed
 
 
 # Pretrain keys a study decides for each run, and where to set them instead; `base` may not hold them.
@@ -829,7 +899,7 @@ STUDY_SETS = {
     "data_dir": "from study.data", "run_dir": "STUDY_DIR/runs/<run>", "global_batch_seqs": "from batch_sizes",
     "train_tokens": "from settings and max_tokens_factor", "model": "from settings", "targets": "from targets",
     "study": "written by the study", "seed": "from seeds", "optimizer.lr": "from hparams.lr",
-    "optimizer.beta2": "from hparams.beta2", "ewa.taus": "from hparams.ewa_taus",
+    "optimizer.beta2": "from hparams.beta2 or hparams.beta2_rule", "ewa.taus": "from hparams.ewa_taus",
     "stop_at_targets": "on for every run but the reference ones", "stop_weights": "ewa, the weights the fit reads",
     "batch_schedule": "from study.ramp (method: ramp)",
 }
@@ -842,7 +912,14 @@ class HparamGrid:
     lr: list[float] = field(default_factory=lambda: [3.16e-3])
     """Peak learning rates."""
     beta2: Optional[list[float]] = None
-    """AdamW beta2 values; default: the paper's per-batch value (docs/method.md table)."""
+    """AdamW beta2 values (the fixed rule); default: the beta2 rule's value per batch."""
+    beta2_rule: Optional[BetaRule] = None
+    """paper (the paper's per-batch table) | fixed (the hparams.beta2 values) | half_life (half_life's formula);
+    default: fixed when hparams.beta2 is given, else paper."""
+    beta1_rule: BetaRule = BetaRule.fixed
+    """fixed (base.optimizer.beta1, default 0.95) | paper (0.95) | half_life (half_life's formula)."""
+    half_life: HalfLifeBetas = field(default_factory=HalfLifeBetas)
+    """Constants of the half_life rule: beta(B) = clip(ref ** (B / ref_batch), lo, hi)."""
     ewa_taus: Optional[list[float]] = None
     """EWA decays kept at once in every run (the best is used); default: the paper's per-batch tau. Short CPU
     runs want smaller taus (0.98-0.995) than the paper's long runs (0.99-0.9995)."""
@@ -850,6 +927,11 @@ class HparamGrid:
     def validate(self, p: str) -> None:
         _check(bool(self.lr) and all(x > 0 for x in self.lr), f"{p}.lr must list learning rates > 0: {self.lr}")
         _check(self.beta2 is None or all(0 <= b < 1 for b in self.beta2), f"{p}.beta2 must be in [0, 1)")
+        _check(self.beta2 is None or self.beta2_rule in (None, BetaRule.fixed),
+               f"{p}.beta2 is given but {p}.beta2_rule is {getattr(self.beta2_rule, 'value', '')}: remove "
+               f"hparams.beta2, or set beta2_rule: fixed to train the given values")
+        _check(self.beta2_rule is not BetaRule.fixed or self.beta2,
+               f"{p}.beta2_rule is fixed: give the values in {p}.beta2")
         _check(self.ewa_taus is None or all(0 < t < 1 for t in self.ewa_taus), f"{p}.ewa_taus must be in (0, 1)")
 
 
@@ -903,13 +985,6 @@ class LrScaling(str, enum.Enum):
 ADAPTIVE_SIGNALS = ("noise_scale",)
 
 
-class Beta2Rule(str, enum.Enum):
-    paper = "paper"
-    """Each stage's beta2 is the paper's for its batch (PAPER_BETA2), as a study's runs without hparams.beta2."""
-    fixed = "fixed"
-    """optimizer.beta2 at every stage."""
-
-
 @dataclass
 class BatchScheduleConfig:
     """`pretrain.batch_schedule`: the global batch grows with the tokens seen (cbs/analysis/batch_schedule.py). In YAML
@@ -922,8 +997,11 @@ class BatchScheduleConfig:
     until_tokens (it runs to the budget). Batches never decrease."""
     lr_scaling: LrScaling = LrScaling.sqrt
     """How a stage at k times the first stage's batch scales optimizer.lr: sqrt (Adam), linear, none."""
-    beta2: Beta2Rule = Beta2Rule.paper
-    """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2)."""
+    beta2: BetaRule = BetaRule.paper
+    """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2) |
+    half_life (clip(ref ** (b / ref_batch), lo, hi) with half_life's constants)."""
+    half_life: HalfLifeBetas = field(default_factory=HalfLifeBetas)
+    """Constants of beta2: half_life (its beta2_ref, beta2_clip and ref_batch)."""
     adaptive: Optional[str] = None
     """noise_scale: instead of stages, raise the batch along `ladder` during training, at a log step where
     noise_factor x the logged B_simple (train/noise_scale) reaches a higher rung (the highest such rung; never
@@ -987,7 +1065,7 @@ class BatchScheduleConfig:
         return {LrScaling.sqrt: k ** 0.5, LrScaling.linear: k, LrScaling.none: 1.0}[self.lr_scaling]
 
     def beta2_at(self, batch: int, fixed: float) -> float:
-        return paper_value(PAPER_BETA2, batch) if self.beta2 is Beta2Rule.paper else fixed
+        return rule_beta(self.beta2, "beta2", batch, fixed, self.half_life)
 
 
 @dataclass
@@ -1078,6 +1156,10 @@ class StudyConfig:
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
         if self.method is StudyMethod.ramp:
             self._validate_ramp(p)
+        beta1 = (self.base.get("optimizer") or {}).get("beta1") if isinstance(self.base, dict) else None
+        _check(beta1 is None or self.hparams.beta1_rule is BetaRule.fixed,
+               f"{p}.base.optimizer.beta1 is set but {p}.hparams.beta1_rule is {self.hparams.beta1_rule.value}, "
+               f"which sets beta1 per batch: remove base.optimizer.beta1, or set hparams.beta1_rule: fixed")
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):
@@ -1096,8 +1178,14 @@ class StudyConfig:
                                                  f"{want} (the fixed runs it is compared with): got {self.batch_sizes}")
         _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1,
                f"{p}.hparams: method ramp compares one recipe: give one lr (and at most one beta2)")
-        _check(self.hparams.beta2 is None or self.ramp.beta2 is Beta2Rule.fixed,
-               f"{p}.ramp.beta2 is paper but hparams.beta2 is given: set ramp.beta2: fixed (the ramp then keeps "
-               f"hparams.beta2, as the fixed runs do), or remove hparams.beta2")
-        _check(self.ramp.beta2 is Beta2Rule.paper or self.hparams.beta2 is not None,
+        _check(self.hparams.beta2 is None or self.ramp.beta2 is BetaRule.fixed,
+               f"{p}.ramp.beta2 is {self.ramp.beta2.value} but hparams.beta2 is given: set ramp.beta2: fixed (the "
+               f"ramp then keeps hparams.beta2, as the fixed runs do), or remove hparams.beta2")
+        _check(self.ramp.beta2 is not BetaRule.fixed or self.hparams.beta2 is not None,
                f"{p}.ramp.beta2 is fixed: give the beta2 in hparams.beta2 (the fixed runs use it too)")
+        _check(self.hparams.beta2_rule in (None, self.ramp.beta2) and self.hparams.half_life == HalfLifeBetas(),
+               f"{p}.hparams.beta2_rule / half_life: in a ramp study study.ramp.beta2 and study.ramp.half_life "
+               f"decide beta2 for the ramp and its fixed runs alike; set them there")
+        _check(self.hparams.beta1_rule is not BetaRule.half_life,
+               f"{p}.hparams.beta1_rule is half_life, but a ramp keeps one beta1 through its stages: use fixed or "
+               f"paper in a ramp study")
