@@ -115,3 +115,20 @@ def test_bad_rule_through_the_cli_exits_2(tmp_path):
                            str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 2 and "study.hparams.half_life.beta2_clip must be [lo, hi]" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_fit_report_states_the_rule_and_the_values(tmp_path):
+    """The report's Method section reads each run's config.yaml: the rules and the betas per batch."""
+    from pathlib import Path
+
+    from cbs.analysis.report import _beta_lines
+    from cbs.analysis.steps import RunInfo, StepsTable, _betas
+
+    cfg = study_cfg(hparams={"beta2_rule": "half_life"})
+    infos = [RunInfo(r.name, Path(r.name), r.batch, 1, (1,), betas=_betas(r.config))
+             for r in study.plan(cfg, tmp_path, tmp_path / "data")]
+    line, = _beta_lines(StepsTable(points=[], source="s", input_kind="study", runs=infos))
+    assert line == ("- AdamW betas per batch: beta1 fixed, beta2 half_life (beta2(B) = clip(0.999^(B/64), 0.95, "
+                    "0.9999)); beta1/beta2 at each batch: B 4: 0.95/0.9999, B 8: 0.95/0.999875, B 16: 0.95/0.99975.")
+    assert _beta_lines(StepsTable(points=[], source="s", input_kind="study",
+                                  runs=[RunInfo("old", Path("old"), 4, 1, (1,))])) == []
