@@ -138,3 +138,52 @@ def test_a_decaying_schedule_is_refused(stdlib_data, zero0, tmp_path, kind):
 def test_an_ewa_is_refused(stdlib_data, zero0, tmp_path):
     with pytest.raises(ConfigError, match=r"pretrain\.ewa\.taus is set .*schedule_free.*set ewa\.taus: \[\]"):
         make_cfg(stdlib_data, tmp_path / "run", optimizer=SF, deepspeed_config=str(zero0))
+
+
+def test_zero3_two_ranks_resume_bitwise(stdlib_data, tmp_path):
+    """ZeRO-3 on 2 ranks: each rank's fp32 shard holds x at the save; resumed from step 15 (a save between evals),
+    the run logs bitwise what the uninterrupted one logs."""
+    kw = dict(train_tokens=8 * SEQ * 20, checkpoint={"every_steps": 5, "keep": 10},
+              deepspeed_config="zero3.json")
+    whole = make_cfg(stdlib_data, tmp_path / "whole", optimizer=SF, ewa={"taus": []}, **kw)
+    run_subprocess(torchrun(2, "pretrain", str(write_cfg(whole, tmp_path / "whole.yaml"))))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    _cut_back(tmp_path / "cut", 15)
+    (tmp_path / "cut" / "config.yaml").write_text(
+        (tmp_path / "cut" / "config.yaml").read_text().replace(str(tmp_path / "whole"), str(tmp_path / "cut")))
+    cut = make_cfg(stdlib_data, tmp_path / "cut", optimizer=SF, ewa={"taus": []}, **kw)
+    run_subprocess(torchrun(2, "pretrain", str(write_cfg(cut, tmp_path / "cut.yaml"))))
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in a] == [m["step"] for m in b] and a[-1]["step"] == 20
+    for x, y in zip(a, b):
+        for key in x:
+            if not key.startswith("perf/"):
+                assert x[key] == y[key], (x["step"], key)
+
+
+def test_bf16_trains_and_evaluates_as_logged(stdlib_data, tmp_path):
+    """bf16 (a GPU's precision; DeepSpeed's bf16 optimizer keeps the fp32 masters under ZeRO-1): the switch acts
+    on the masters and reaches the bf16 weights; `cbs evaluate` (masters cast to bf16) gives the logged loss to
+    one bf16 rounding step, as for AdamW (tests/test_precision.py)."""
+    run_dir = tmp_path / "run"
+    result = pretrain.main(sf_cfg(stdlib_data, run_dir, train_tokens=8 * SEQ * 40, precision="bf16",
+                                  eval={"every_steps": 20}))
+    evals = series(run_dir, "eval/loss")
+    assert result["status"] == "completed" and evals[40] < evals[1] - 0.8
+    got = evaluate.main(run_dir)["weights"]["raw"]["loss"]
+    assert got == pytest.approx(evals[40], rel=2 ** -8)
+
+
+def test_a_study_of_schedule_free_runs_keeps_no_ewa(tmp_path):
+    """base.optimizer.kind schedule_free: every planned run has no EWA and stops on its (x) raw weights; taus
+    given for it are refused by name."""
+    from cbs.pipeline import study
+    from test_study import BASE, study_cfg
+
+    base = {**BASE, "optimizer": {"kind": "schedule_free"}}
+    runs = study.plan(study_cfg(base=base), tmp_path, tmp_path / "data")
+    assert {(tuple(r.taus), r.config["stop_weights"], r.config["optimizer"]["kind"]) for r in runs} == {
+        ((), "any", "schedule_free")}
+    with pytest.raises(ConfigError, match=r"study\.hparams\.ewa_taus is set but study\.base\.optimizer\.kind is "
+                                          r"schedule_free.*remove hparams\.ewa_taus"):
+        study.plan(study_cfg(base=base, hparams={"ewa_taus": [0.99]}), tmp_path, tmp_path / "data")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cbs.pipeline.config import (PAPER_TAU, BetaRule, ConfigError, LrScaling, ModelConfig, OptimizerConfig,
-                                 PretrainConfig, ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value,
+                                 OptimizerKind, PretrainConfig, ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value,
                                  parse_tokens, rule_beta, steps_for, to_dict)
 from cbs.pipeline.utils import log
 
@@ -239,6 +239,22 @@ def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
                         schedule.warmup_tokens, 100 * schedule.warmup_tokens / s.tokens, s.name)
 
 
+def schedule_free(cfg: StudyConfig) -> bool:
+    """base.optimizer.kind is schedule_free: the runs keep no EWA (its evaluated weights x already are an
+    average), and targets, stops and the fit read their raw eval loss, which is x's."""
+    return (cfg.base.get("optimizer") or {}).get("kind") == OptimizerKind.schedule_free.value
+
+
+def ewa_taus(cfg: StudyConfig, batch: int) -> list[float]:
+    """The EWA decays of a run at `batch`: hparams.ewa_taus, else the paper's; none for schedule-free runs."""
+    if schedule_free(cfg):
+        if cfg.hparams.ewa_taus:
+            raise ConfigError("study.hparams.ewa_taus is set but study.base.optimizer.kind is schedule_free, whose "
+                              "evaluated weights already are an average: remove hparams.ewa_taus")
+        return []
+    return list(cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)])
+
+
 def beta2_rule(cfg: StudyConfig) -> BetaRule:
     """The beta2 rule of a study's runs: hparams.beta2_rule, or fixed when hparams.beta2 is given, else paper; in
     a ramp study, study.ramp.beta2."""
@@ -281,7 +297,7 @@ def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: f
         name += f"_beta2{beta2:g}"
     if len(cfg.seeds) > 1:
         name += f"_s{seed}"
-    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)]
+    taus = ewa_taus(cfg, batch)
     tokens = top if reference else int(cfg.max_tokens_factor * top)
     return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens, beta1=beta1_value(cfg, batch))
 
@@ -357,7 +373,7 @@ def plan_ramp(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_d
     ramp = cfg.ramp
     stages = ramp.parsed("study.ramp")
     b0, top_batch, lr = stages[0].batch, stages[-1].batch, cfg.hparams.lr[0]
-    taus0 = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
+    taus0 = ewa_taus(cfg, b0)
     reference = reference_batch(cfg) is not None
     runs = []
     for group in _groups(cfg, settings):
@@ -403,7 +419,7 @@ def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, da
     come first (`reference` marks them for the phases), then every branch."""
     b0, lr, seed = min(cfg.batch_sizes), cfg.hparams.lr[0], cfg.seeds[0]
     beta2 = beta2_values(cfg, b0)[0]  # the branches keep the base run's betas
-    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
+    taus = ewa_taus(cfg, b0)
     runs = []
     for s in settings:
         stem = _stem(s.model_label, s.tokens, b0, lr)
