@@ -187,3 +187,40 @@ def test_a_study_of_schedule_free_runs_keeps_no_ewa(tmp_path):
     with pytest.raises(ConfigError, match=r"study\.hparams\.ewa_taus is set but study\.base\.optimizer\.kind is "
                                           r"schedule_free.*remove hparams\.ewa_taus"):
         study.plan(study_cfg(base=base, hparams={"ewa_taus": [0.99]}), tmp_path, tmp_path / "data")
+
+
+@pytest.mark.slow
+def test_a_schedule_free_study_with_half_life_betas_end_to_end(stdlib_data, tmp_path):
+    """A real tiny study: schedule-free runs at 3 batches with half-life beta2: targets from the reference runs'
+    x weights, every run reaches them, the fit reads the raw crossings and its report states the beta rule."""
+    import subprocess
+
+    import yaml
+
+    from test_pretrain import ENV, ROOT
+    from test_study import BASE
+
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "name": "sf", "data": str(stdlib_data), "batch_sizes": [4, 8, 16],
+        "settings": [{"model": {"preset": "tiny", "seq_len": 32}, "train_tokens": 15000}],
+        "hparams": {"lr": [3e-3], "beta2_rule": "half_life", "half_life": {"ref_batch": 4}},
+        "base": {**BASE, "optimizer": {"kind": "schedule_free"}}}))
+    out = tmp_path / "s"
+    proc = subprocess.run(cli("study", str(cfg_path), "--out", str(out), "--parallel", "2"), capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        batch = config["global_batch_seqs"]
+        assert config["optimizer"]["beta2"] == round(max(0.999 ** (batch / 4), 0.95), 6)
+        assert config["study"]["betas"]["beta2_rule"] == "half_life" and config["ewa"]["taus"] == []
+        result = json.loads((run / "result.json").read_text())
+        assert result["status"] == "completed" and result["targets"][0]["raw"] is not None
+    steps = (out / "fit" / "steps.csv").read_text()
+    assert steps.count("\n") >= 4  # a header and the three batches
+    report = (out / "fit" / "report.md").read_text()
+    assert "AdamW betas per batch: beta1 fixed, beta2 half_life (beta2(B) = clip(0.999^(B/4), 0.95, 0.9999))" \
+        in report
