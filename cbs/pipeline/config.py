@@ -856,7 +856,8 @@ def half_life_beta(batch: float, ref: float, ref_batch: float, lo: float, hi: fl
 class HalfLifeBetas:
     """The half_life rule's constants (docs/method.md, "AdamW betas per batch"). Defaults: beta2 0.999 at 64
     sequences, the paper's smallest batch and its value there (the rule is then within 0.006 of the paper's table
-    up to 1024 sequences, 0.018 at 2048), clipped to [0.95, 0.9999]; beta1 0.95 (the paper's) at 64, clipped to [0.9, 0.99]."""
+    up to 1024 sequences, 0.018 at 2048), clipped to [0.95, 0.9999]; beta1 0.95 (the paper's) at 64, clipped to
+    [0.9, 0.99]."""
 
     ref_batch: int = 64
     """B_ref: the batch (sequences) at which the betas are beta2_ref and beta1_ref."""

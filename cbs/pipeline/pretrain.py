@@ -328,8 +328,12 @@ class Trainer:
         weights pretrain logged at that step, and a resumed run forms y from the same x and z, with the same
         rounding, as the uninterrupted run does after its save, so it continues bitwise identically. One switch to
         x serves a step that evaluates and saves (a y -> x -> y round trip is exact only up to rounding)."""
-        if self.schedule_free is not None:
-            self.schedule_free.train() if mode == "train" else self.schedule_free.eval()
+        if self.schedule_free is None:
+            return
+        if mode == "train":
+            self.schedule_free.train()
+        else:
+            self.schedule_free.eval()
 
     def eval_hook(self, step: int) -> None:
         started = time.perf_counter()
@@ -483,8 +487,9 @@ class Trainer:
             raise ConfigError(f"pretrain.init_from: {init.run_dir} trained another model; a branch keeps the model")
         base_kind = (base.get("optimizer") or {}).get("kind", OptimizerKind.adamw.value)
         if base_kind != self.cfg.optimizer.kind.value:
-            raise ConfigError(f"pretrain.init_from: {init.run_dir} trained with optimizer.kind {base_kind}, whose state "
-                              f"this run's {self.cfg.optimizer.kind.value} cannot continue; a branch keeps the optimizer")
+            raise ConfigError(f"pretrain.init_from: {init.run_dir} trained with optimizer.kind {base_kind}, whose "
+                              f"state this run's {self.cfg.optimizer.kind.value} cannot continue; a branch keeps the "
+                              f"optimizer")
         meta = rundir.checkpoint_meta(tag_dir)
         self._check_world_size(meta, tag_dir.parent)
         return meta

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cbs.pipeline.config import (PAPER_TAU, BetaRule, ConfigError, LrScaling, ModelConfig, OptimizerConfig,
-                                 OptimizerKind, PretrainConfig, ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value,
-                                 parse_tokens, rule_beta, steps_for, to_dict)
+                                 OptimizerKind, PretrainConfig, ScheduleKind, StudyConfig, StudyMethod, from_dict,
+                                 paper_value, parse_tokens, rule_beta, steps_for, to_dict)
 from cbs.pipeline.utils import log
 
 RUNS = "runs"
