@@ -132,3 +132,24 @@ def test_the_fit_report_states_the_rule_and_the_values(tmp_path):
                     "0.9999)); beta1/beta2 at each batch: B 4: 0.95/0.9999, B 8: 0.95/0.999875, B 16: 0.95/0.99975.")
     assert _beta_lines(StepsTable(points=[], source="s", input_kind="study",
                                   runs=[RunInfo("old", Path("old"), 4, 1, (1,))])) == []
+
+
+def test_a_ramp_sets_the_half_life_beta2_in_the_engine_at_each_stage(stdlib_data, tmp_path):
+    """In a real DeepSpeed engine: each stage's optimizer groups get the half-life beta2 of its batch, and
+    config.yaml's stages record it."""
+    from cbs.pipeline import pretrain
+    from cbs.pipeline.distributed import init_distributed
+    from test_pretrain import SEQ, make_cfg
+
+    stages = [{"batch": 4, "until_tokens": 4 * SEQ * 2}, {"batch": 16}]
+    cfg = make_cfg(stdlib_data, tmp_path / "run", global_batch_seqs=None, micro_batch_seqs=4,
+                   train_tokens=16 * SEQ * 4,
+                   batch_schedule={"stages": stages, "beta2": "half_life", "half_life": {"ref_batch": 4,
+                                                                                          "beta2_ref": 0.99}})
+    trainer = pretrain.Trainer(cfg, init_distributed(cfg.seed))
+    seen = {}
+    for step in (0, 2):
+        trainer.stages.sync(step)
+        seen[trainer.stages.batch] = {g["betas"] for g in trainer.engine.optimizer.param_groups}
+    assert seen == {4: {(0.95, 0.99)}, 16: {(0.95, 0.960596)}}  # 0.99^(16/4)
+    assert [s["beta2"] for s in trainer.stages.describe()] == [0.99, 0.960596]
