@@ -18,9 +18,10 @@ PY_VERSION=${PY_VERSION:-3.12}
 VENV=${VENV:-.venv}
 MAX_MIB=${MAX_MIB:-60}
 # What the GPU image lacks: DeepSpeed (+ hjson, pydantic and pydantic's own needs), megatron-core, datasets (+ dill,
-# multiprocess), and a typing-extensions as new as pydantic needs. torch, numpy and the rest are the image's own; never carry a second torch.
+# multiprocess), schedulefree (optimizer.kind schedule_free), and a typing-extensions as new as pydantic needs.
+# torch, numpy and the rest are the image's own; never carry a second torch.
 PACKAGES=(deepspeed megatron-core pydantic pydantic-core annotated-types typing-inspection hjson datasets dill
-          multiprocess typing-extensions)
+          multiprocess schedulefree typing-extensions)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "gpu_wheels: $VENV/bin/python not found: run \`make setup\` first (its versions are the ones fetched)" >&2

@@ -541,6 +541,24 @@ def study_slurm_out_with_newline(tmp, data, other):
              str(tmp / "s\nt"), "--executor", "slurm"], r"--out '.*s\\nt' contains '\\n'", "choose another --out")
 
 
+def schedule_free_with_cosine(tmp, data, other):
+    extra = "optimizer: {kind: schedule_free}\nschedule: {kind: cosine}\n"
+    return (["pretrain", str(pt_yaml(tmp, data, extra))], r"pretrain\.schedule\.kind is cosine .*schedule_free",
+            r"set pretrain\.schedule\.kind: constant")
+
+
+def schedule_free_with_ewa(tmp, data, other):
+    extra = "optimizer: {kind: schedule_free}\newa: {taus: [0.99]}\n"
+    return (["pretrain", str(pt_yaml(tmp, data, extra))], r"pretrain\.ewa\.taus is set", r"set ewa\.taus: \[\]")
+
+
+def ramp_half_life_bad_clip(tmp, data, other):
+    extra = ("batch_schedule: {stages: [{batch: 8}], beta2: half_life, half_life: {beta2_clip: [0.9, 1.0]}}\n")
+    path = pt_yaml(tmp, data, extra)
+    path.write_text(path.read_text().replace("global_batch_seqs: 8\n", ""))
+    return (["pretrain", str(path)], r"pretrain\.batch_schedule\.half_life\.beta2_clip", r"0 <= lo <= hi < 1")
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in [
     yaml_syntax, yaml_nul_byte, yaml_list, yaml_duplicate_key, yaml_not_utf8, unknown_key, missing_config,
     directory_as_config,
@@ -560,6 +578,7 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     study_model_a_number, study_data_missing, study_setting_name_a_list, study_setting_target_text,
     study_slurm_nodes_text, study_slurm_unknown_key, study_batch_does_not_split_on_the_ranks,
     study_slurm_out_with_percent, study_slurm_out_with_newline,
+    schedule_free_with_cosine, schedule_free_with_ewa, ramp_half_life_bad_clip,
 ]}
 
 

@@ -82,7 +82,18 @@ def _method_lines(fit: StudyFit) -> list[str]:
         lines.append("- One sweep serves several data budgets: a run trained to the largest budget also gives the "
                      "crossings of the smaller budgets' targets. Only the warmup (a share of the reference run) "
                      "differs from training each budget separately.")
-    return lines + ["- Formulas and sources: docs/method.md.", ""]
+    return lines + _beta_lines(fit.table) + ["- Formulas and sources: docs/method.md.", ""]
+
+
+def _beta_lines(t: StepsTable) -> list[str]:
+    """The AdamW beta rules of the study's runs and the values they gave per batch."""
+    recorded = [r for r in t.runs if r.betas]
+    if not recorded:
+        return []
+    rules = sorted({r.betas[2] for r in recorded})
+    per_batch = sorted({(r.batch_size, r.betas[0], r.betas[1]) for r in recorded})
+    values = ", ".join(f"B {b}: {b1:g}/{b2:g}" for b, b1, b2 in per_batch)
+    return [f"- AdamW betas per batch: {'; '.join(rules)}; beta1/beta2 at each batch: {values}."]
 
 
 def _warning_lines(fit: StudyFit) -> list[str]:

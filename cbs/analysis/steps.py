@@ -113,6 +113,8 @@ class RunInfo:
     """Names of the settings the run serves."""
     device: str | None = None
     """'cpu' or 'cuda' (`resolved.device` in config.yaml, without the index); None when not recorded."""
+    betas: tuple = ()
+    """(beta1, beta2, the rules as recorded in `study.betas`) of config.yaml; () when not recorded."""
 
 
 @dataclass
@@ -363,7 +365,7 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
                              _study(config).get("reference") is True, tuple(s.name for s in run_settings),
-                             _device(config)))
+                             _device(config), _betas(config)))
     seq_lens.discard(None)
     return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
@@ -436,6 +438,17 @@ def _world_size(config: dict) -> int | None:
     resolved = config.get("resolved")
     value = resolved.get("world_size") if isinstance(resolved, dict) else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _betas(config: dict) -> tuple:
+    """(beta1, beta2, rules) of a run's config.yaml: its optimizer's values and `study.betas` (the rules a study
+    chose them by; docs/method.md, "AdamW betas per batch"); () for configs written before the rules were."""
+    optimizer, rules = config.get("optimizer"), _study(config).get("betas")
+    if not isinstance(optimizer, dict) or not isinstance(rules, dict):
+        return ()
+    rule = f"beta1 {rules.get('beta1_rule')}, beta2 {rules.get('beta2_rule')}"
+    return optimizer.get("beta1"), optimizer.get("beta2"), rule + (f" ({rules['formula']})" if rules.get("formula")
+                                                                  else "")
 
 
 def _device(config: dict) -> str | None:

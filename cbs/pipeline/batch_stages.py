@@ -7,7 +7,8 @@ b0 (k = b / b0):
 - gradient accumulation = b / (micro x ranks) (`engine.set_train_batch_size`; the micro-batch stays, so the
   per-sample computation is unchanged);
 - LR x k^(1/2) (sqrt, Adam's rule), k (linear) or 1 (none): `batch_schedule.lr_scaling`;
-- AdamW beta2 = the paper's for b (PAPER_BETA2, the study's rule) or optimizer.beta2 throughout;
+- AdamW beta2 = the paper's for b (PAPER_BETA2, the study's rule), optimizer.beta2 throughout, or the half-life
+  rule's value for b (config.half_life_beta);
 - EWA decays by tau^k per step, so that it averages over the same tokens as at b0 (optim.EWA);
 - the noise scale's B_big and accumulation (noise.NoiseScale.set_batch).
 

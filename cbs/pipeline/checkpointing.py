@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from cbs.pipeline import rundir
-from cbs.pipeline.config import CheckpointConfig, ConfigError, InitFrom, ModelConfig, to_dict
+from cbs.pipeline.config import CheckpointConfig, ConfigError, InitFrom, ModelConfig, OptimizerKind, to_dict
 from cbs.pipeline.distributed import Dist
 from cbs.pipeline.optim import EWA
 from cbs.pipeline.utils import log
@@ -209,7 +209,8 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------------- warm start
 
-    def init_from_meta(self, init: Optional[InitFrom], model: ModelConfig) -> Optional[dict]:
+    def init_from_meta(self, init: Optional[InitFrom], model: ModelConfig,
+                       kind: OptimizerKind = OptimizerKind.adamw) -> Optional[dict]:
         """complete.json of the checkpoint `init_from` names, checked before anything loads: complete, same model,
         same ranks. None without init_from."""
         if init is None:
@@ -221,6 +222,10 @@ class CheckpointManager:
         base = yaml.safe_load((Path(init.run_dir) / rundir.CONFIG).read_text()) or {}
         if base.get("model") != to_dict(model):
             raise ConfigError(f"pretrain.init_from: {init.run_dir} trained another model; a branch keeps the model")
+        base_kind = (base.get("optimizer") or {}).get("kind", OptimizerKind.adamw.value)
+        if base_kind != kind.value:
+            raise ConfigError(f"pretrain.init_from: {init.run_dir} trained with optimizer.kind {base_kind}, whose "
+                              f"state this run's {kind.value} cannot continue; a branch keeps the optimizer")
         meta = rundir.checkpoint_meta(tag_dir)
         self.check_world_size(meta, tag_dir.parent)
         return meta

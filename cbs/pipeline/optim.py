@@ -1,4 +1,5 @@
-"""AdamW parameter groups, learning-rate schedules in tokens, and exponential weight averaging (EWA)."""
+"""AdamW parameter groups, learning-rate schedules in tokens, exponential weight averaging (EWA), and the
+train/eval weights of schedule-free AdamW wherever DeepSpeed keeps them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import math
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+import schedulefree
 import torch
 
-from cbs.pipeline.config import OptimizerConfig, ScheduleConfig, ScheduleKind
+from cbs.pipeline.config import ConfigError, OptimizerConfig, OptimizerKind, ScheduleConfig, ScheduleKind
 
 
 def param_groups(model: torch.nn.Module, opt: OptimizerConfig) -> list[dict]:
@@ -27,8 +29,91 @@ def param_groups(model: torch.nn.Module, opt: OptimizerConfig) -> list[dict]:
 
 def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:
     # foreach: one kernel per group instead of one per tensor (the default where supported, said explicitly)
+    if opt.kind is OptimizerKind.schedule_free:
+        # warmup_steps=0: the warmup is the trainer's, in tokens (lr_at), as for AdamW
+        return ScheduleFreeAdamW(param_groups(model, opt), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                 warmup_steps=0, foreach=True)
     return torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
                              foreach=True)
+
+
+class ScheduleFreeAdamW(schedulefree.AdamWScheduleFree):
+    """Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled"; docs/method.md) whose step advances
+    only the groups that hold parameters.
+
+    The step keeps z (the base SGD-like sequence), x (the weighted average of z, the weights to evaluate) and trains
+    at y = (1 - beta1) z + beta1 x; the parameters hold y in train mode and x in eval mode. Each group counts its
+    own steps (k, the averaging weights); DeepSpeed's ZeRO-3 steps one group at a time with the others emptied,
+    which the library would count as a step of every group: empty groups are left out of the step here.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if g["params"]]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
+class ScheduleFreeModes:
+    """Puts a DeepSpeed engine's schedule-free optimizer in train mode (weights y) or eval mode (weights x).
+
+    The optimizer holds the master weights it steps: the model's own parameters without ZeRO; DeepSpeed's flat
+    fp32 partitions under ZeRO-1/2 and its bf16 optimizer (copied into the model with `update_lp_params`); the
+    fp32 partitions of each ZeRO-3 sub-group (copied into the parameter shards, then the gathered parameters are
+    released so that the next forward gathers the new ones). `train()` and `eval()` are idempotent: the trainer
+    switches to eval before evaluating or saving and back to train before the next step, so a step that
+    evaluates and saves sees one x.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        wrapper = engine.optimizer
+        self.client = getattr(wrapper, "optimizer", wrapper)
+        if not isinstance(self.client, ScheduleFreeAdamW):
+            raise TypeError("the engine's optimizer is not schedule-free")
+        self.stage3 = hasattr(wrapper, "fp32_partitioned_groups_flat")
+        if self.stage3:
+            groups = list(wrapper.sub_group_to_group_id.values())
+            if len(groups) != len(set(groups)):
+                raise ConfigError("optimizer.kind schedule_free under ZeRO-3 needs one sub-group per parameter group "
+                                  "(each group counts its own averaging steps): raise zero_optimization."
+                                  "sub_group_size in the DeepSpeed config above the parameters of a group")
+        elif wrapper is not self.client and not hasattr(wrapper, "update_lp_params"):
+            raise ConfigError(f"optimizer.kind schedule_free: DeepSpeed's {type(wrapper).__name__} keeps master "
+                              f"weights this trainer cannot switch between train and eval; use ZeRO stage 0-3 in "
+                              f"fp32 or bf16, or optimizer.kind adamw")
+
+    @property
+    def training(self) -> bool:
+        return all(g["train_mode"] for g in self.client.param_groups)
+
+    def train(self) -> None:
+        if not self.training:
+            self._switch(self.client.train)
+
+    def eval(self) -> None:
+        if any(g["train_mode"] for g in self.client.param_groups):
+            self._switch(self.client.eval)
+
+    @torch.no_grad()
+    def _switch(self, switch) -> None:
+        wrapper = self.engine.optimizer
+        if not self.stage3:
+            switch()
+            if wrapper is not self.client:
+                wrapper.update_lp_params()  # the fp32 partitions -> the model's (all-gathered) parameters
+            return
+        self.engine.empty_partition_cache()  # nothing stays gathered from the old weights
+        wrapper._set_fp32_optimizer_param_groups()
+        try:
+            switch()
+        finally:
+            wrapper._clear_fp32_optimizer_param_groups()
+        for sub_group in range(len(wrapper.fp16_groups)):
+            wrapper._reassign_or_swap_out_partitioned_parameters(sub_group)
 
 
 def lr_at(tokens: float, peak: float, train_tokens: int, s: ScheduleConfig) -> float:

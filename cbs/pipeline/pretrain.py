@@ -28,7 +28,7 @@ import yaml
 from cbs.pipeline import rundir
 from cbs.pipeline.batch_stages import AdaptiveRamp, BatchStages
 from cbs.pipeline.checkpointing import CheckpointManager, TrainState
-from cbs.pipeline.config import ConfigError, PretrainConfig, Resume, from_dict, to_dict
+from cbs.pipeline.config import ConfigError, OptimizerKind, PretrainConfig, Resume, from_dict, to_dict
 from cbs.pipeline.data import TrainSamples, check_batch_fits, data_identity, eval_sequences, read_manifest
 from cbs.pipeline.distributed import Dist, deepspeed_config, init_distributed, uses_cuda
 from cbs.pipeline.hooks import (PEAK_FLOPS, CheckpointHook, EvalHook, Hook, LogHook, LossWindow, StepPlan,
@@ -36,7 +36,7 @@ from cbs.pipeline.hooks import (PEAK_FLOPS, CheckpointHook, EvalHook, Hook, LogH
 from cbs.pipeline.metrics import Tracker, eval_records, run_identity
 from cbs.pipeline.model import build_model, flops_per_token, forward_loss, param_counts
 from cbs.pipeline.noise import NoiseScale
-from cbs.pipeline.optim import EWA, lr_at, make_optimizer
+from cbs.pipeline.optim import EWA, ScheduleFreeModes, lr_at, make_optimizer
 from cbs.pipeline.stopping import (DIVERGED, EXIT_PREEMPTED, PREEMPTED, STEP_STOP_GRACE_S, STOP_SIGNALS,
                                    StepAbandoned, Stop, StopVote, signal_name)
 from cbs.pipeline.targets import TargetTracker, eval_key, weight_kinds
@@ -88,6 +88,8 @@ class Trainer:
                                                config=self.ds_config)
         if cfg.compile:
             self.engine.compile()  # in place: parameter and state-dict names stay those of the GPTModel
+        self.schedule_free = (ScheduleFreeModes(self.engine) if cfg.optimizer.kind is OptimizerKind.schedule_free
+                              else None)
         self.ewa = EWA(self.engine.module.parameters(), cfg.ewa.taus)
         self.noise = NoiseScale(self.engine.module.parameters(), cfg.micro_batch, self.batches.first_batch,
                                 self.ds_config["gradient_accumulation_steps"], dist.device)
@@ -104,7 +106,7 @@ class Trainer:
         self.data = data or data_identity(cfg.data_dir, self.manifest)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.engine, self.ewa, dist,
                                              self.zero_stage, self.vote.agreed_failure)
-        self.base = self.checkpoints.init_from_meta(cfg.init_from, cfg.model)
+        self.base = self.checkpoints.init_from_meta(cfg.init_from, cfg.model, cfg.optimizer.kind)
         offset = self.base["tokens"] // cfg.model.seq_len if self.base else 0  # a branch continues its base's stream
         self.samples = samples or TrainSamples(cfg.data_dir, cfg.model.seq_len, cfg.seed, offset_seqs=offset)
         self.eval_set = eval_sequences(cfg.data_dir, cfg.model.seq_len, cfg.eval.eval_tokens)
@@ -137,8 +139,15 @@ class Trainer:
     @contextlib.contextmanager
     def eval_weights(self):
         """The block in which the model holds the weights to evaluate and to save: the one place to switch an
-        optimizer whose evaluation weights differ from its training iterate (schedule-free AdamW: optimizer.eval()
-        on entry, optimizer.train() on exit). AdamW trains and evaluates the same weights: nothing to switch."""
+        optimizer whose evaluation weights differ from its training iterate. AdamW trains and evaluates the same
+        weights: nothing to switch. Schedule-free AdamW: its averaged weights x go in on entry; the next
+        `train_step` forms its training point y again (not the block's exit: one switch to x serves a step that
+        evaluates and saves, as a y -> x -> y round trip is exact only up to rounding). Checkpoints hold x (and z,
+        from which y follows): `cbs evaluate` of a checkpoint evaluates the weights pretrain logged at that step,
+        and a resumed run forms y from the same x and z, with the same rounding, as the uninterrupted run does
+        after its save, so it continues bitwise identically."""
+        if self.schedule_free is not None:
+            self.schedule_free.eval()  # a no-op when x is already in place
         yield
 
     def _emit(self, metrics: dict, step: int) -> None:
@@ -153,6 +162,8 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch: micro-batches x gradient accumulation on every rank."""
         self.stages.sync(self.step)
+        if self.schedule_free is not None:
+            self.schedule_free.train()  # after sync: a stage's betas are set before y is formed from x and z
         lr = self._lr_at(self.step)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cbs import batching
-from cbs.pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
-                                 ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, parse_tokens,
-                                 steps_for, to_dict)
+from cbs.pipeline.config import (PAPER_TAU, BetaRule, ConfigError, LrScaling, ModelConfig, OptimizerConfig,
+                                 OptimizerKind, PretrainConfig, ScheduleKind, StudyConfig, StudyMethod, from_dict,
+                                 paper_value, parse_tokens, rule_beta, steps_for, to_dict)
 from cbs.pipeline.config.loader import _coerce
 from cbs.pipeline.config.study import SettingEntry, SettingsGenerator, StudySettings, check_model
 from cbs.pipeline.utils import log
@@ -56,6 +56,8 @@ class Run:
     """method branched: where this branch starts (base run, tokens, step) and its multiplier; None otherwise."""
     schedule: Optional[dict] = None
     """method ramp: the ramp run's pretrain batch_schedule (it trains no fixed batch); None otherwise."""
+    beta1: Optional[float] = None
+    """AdamW beta1 (hparams.beta1_rule at the run's batch); None: base.optimizer.beta1 or its default."""
 
 
 def human(n: float) -> str:
@@ -158,7 +160,7 @@ def plan_sweep(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_
         top = group[-1].tokens
         for batch in sorted(cfg.batch_sizes):
             for lr in cfg.hparams.lr:
-                for beta2 in cfg.hparams.beta2 or [paper_value(PAPER_BETA2, batch)]:
+                for beta2 in beta2_values(cfg, batch):
                     for seed in cfg.seeds:
                         runs.append(_run(cfg, group, batch, lr, beta2, seed, reference=batch == b0, top=top))
     names = [r.name for r in runs]
@@ -251,6 +253,57 @@ def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
                         schedule.warmup_tokens, 100 * schedule.warmup_tokens / s.tokens, s.name)
 
 
+def schedule_free(cfg: StudyConfig) -> bool:
+    """base.optimizer.kind is schedule_free: the runs keep no EWA (its evaluated weights x already are an
+    average), and targets, stops and the fit read their raw eval loss, which is x's."""
+    return (cfg.base.get("optimizer") or {}).get("kind") == OptimizerKind.schedule_free.value
+
+
+def ewa_taus(cfg: StudyConfig, batch: int) -> list[float]:
+    """The EWA decays of a run at `batch`: hparams.ewa_taus, else the paper's; none for schedule-free runs."""
+    if schedule_free(cfg):
+        if cfg.hparams.ewa_taus:
+            raise ConfigError("study.hparams.ewa_taus is set but study.base.optimizer.kind is schedule_free, whose "
+                              "evaluated weights already are an average: remove hparams.ewa_taus")
+        return []
+    return list(cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)])
+
+
+def beta2_rule(cfg: StudyConfig) -> BetaRule:
+    """The beta2 rule of a study's runs: hparams.beta2_rule, or fixed when hparams.beta2 is given, else paper; in
+    a ramp study, study.ramp.beta2."""
+    if cfg.method is StudyMethod.ramp:
+        return cfg.ramp.beta2
+    return cfg.hparams.beta2_rule or (BetaRule.fixed if cfg.hparams.beta2 else BetaRule.paper)
+
+
+def beta2_values(cfg: StudyConfig, batch: int) -> list[float]:
+    """The beta2 values tried at `batch`: hparams.beta2 (fixed), or the rule's one value (paper, half_life)."""
+    rule = beta2_rule(cfg)
+    if rule is BetaRule.fixed:
+        return list(cfg.hparams.beta2)
+    return [rule_beta(rule, "beta2", batch, 0.0, cfg.ramp.half_life if cfg.method is StudyMethod.ramp
+                      else cfg.hparams.half_life)]
+
+
+def beta1_value(cfg: StudyConfig, batch: int) -> float:
+    """beta1 at `batch` under hparams.beta1_rule (fixed: base.optimizer.beta1, else OptimizerConfig's default)."""
+    given = (cfg.base.get("optimizer") or {}).get("beta1", OptimizerConfig.beta1)
+    return rule_beta(cfg.hparams.beta1_rule, "beta1", batch, given, cfg.hparams.half_life)
+
+
+def beta_record(cfg: StudyConfig) -> dict:
+    """What each run's config.yaml records of the rules (under `study.betas`; the values are in `optimizer`)."""
+    rule2, rule1 = beta2_rule(cfg), cfg.hparams.beta1_rule
+    half_life = cfg.ramp.half_life if cfg.method is StudyMethod.ramp else cfg.hparams.half_life
+    out = {"beta1_rule": rule1.value, "beta2_rule": rule2.value}
+    if BetaRule.half_life in (rule1, rule2):
+        out["half_life"] = to_dict(half_life)
+        out["formula"] = "; ".join(half_life.describe(n) for n, r in (("beta1", rule1), ("beta2", rule2))
+                                   if r is BetaRule.half_life)
+    return out
+
+
 def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: float, seed: int, reference: bool,
          top: int) -> Run:
     name = _stem(group[0].model_label, top, batch, lr)
@@ -258,9 +311,9 @@ def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: f
         name += f"_beta2{beta2:g}"
     if len(cfg.seeds) > 1:
         name += f"_s{seed}"
-    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)]
+    taus = ewa_taus(cfg, batch)
     tokens = top if reference else int(cfg.max_tokens_factor * top)
-    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens)
+    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens, beta1=beta1_value(cfg, batch))
 
 
 def _stem(model_label: str, tokens: int, batch: int, lr: float) -> str:
@@ -284,12 +337,13 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
         "data_dir": str(data_dir), "run_dir": str(run_path(study_dir, run.name)),
         "model": to_dict(run.settings[0].model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
         "train_tokens": run.train_tokens, "seed": run.seed,
-        "optimizer": {"lr": run.lr, "beta2": run.beta2}, "ewa": {"taus": run.taus},
+        "optimizer": {"lr": run.lr, "beta2": run.beta2, **({"beta1": run.beta1} if run.beta1 is not None else {})},
+        "ewa": {"taus": run.taus},
         "targets": targets, "stop_at_targets": bool(targets) and not run.reference,
         "stop_weights": "ewa" if run.taus else "any",
         "study": {"name": cfg.name, "method": cfg.method.value, "reference": run.reference, "settings": [
             {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
-            for s in run.settings]},
+            for s in run.settings], "betas": beta_record(cfg)},
     }
     if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
         over.update(global_batch_seqs=None, batch_schedule=run.schedule)
@@ -333,7 +387,7 @@ def plan_ramp(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_d
     ramp = cfg.ramp
     stages = ramp.parsed("study.ramp")
     b0, top_batch, lr = stages[0].batch, stages[-1].batch, cfg.hparams.lr[0]
-    taus0 = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
+    taus0 = ewa_taus(cfg, b0)
     reference = reference_batch(cfg) is not None
     runs = []
     for group in _groups(cfg, settings):
@@ -346,12 +400,13 @@ def plan_ramp(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_d
                 is_ref = reference and batch == b0
                 runs.append(_seeded(cfg, Run(_stem(group[0].model_label, top, batch, lr), group, batch,
                                              lr * ramp.lr_factor(batch, b0), beta2, taus, seed, is_ref,
-                                             top if is_ref else int(cfg.max_tokens_factor * top))))
+                                             top if is_ref else int(cfg.max_tokens_factor * top),
+                                             beta1=beta1_value(cfg, b0))))
             name = f"m{group[0].model_label}_d{human(top)}_ramp{b0}-{top_batch}_lr{lr:g}"
             run = Run(name, group, b0, lr, ramp.beta2_at(b0, (cfg.hparams.beta2 or [0.0])[0]), list(taus0), seed,
-                      False, int(cfg.max_tokens_factor * top))
+                      False, int(cfg.max_tokens_factor * top), beta1=beta1_value(cfg, b0))
             run.schedule = {"stages": stages_to_data(stages), "lr_scaling": ramp.lr_scaling.value,
-                            "beta2": ramp.beta2.value}
+                            "beta2": ramp.beta2.value, "half_life": to_dict(ramp.half_life)}
             runs.append(_seeded(cfg, run))
     for r in runs:
         r.config = run_config(cfg, r, study_dir, data_dir)
@@ -377,12 +432,12 @@ def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, da
     more tokens, continuing the base's optimizer state and data stream (pretrain's init_from). The base runs
     come first (`reference` marks them for the phases), then every branch."""
     b0, lr, seed = min(cfg.batch_sizes), cfg.hparams.lr[0], cfg.seeds[0]
-    beta2 = (cfg.hparams.beta2 or [paper_value(PAPER_BETA2, b0)])[0]
-    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, b0)]
+    beta2 = beta2_values(cfg, b0)[0]  # the branches keep the base run's betas
+    taus = ewa_taus(cfg, b0)
     runs = []
     for s in settings:
         stem = _stem(s.model_label, s.tokens, b0, lr)
-        base = Run(f"{stem}_base", [s], b0, lr, beta2, list(taus), seed, True, s.tokens)
+        base = Run(f"{stem}_base", [s], b0, lr, beta2, list(taus), seed, True, s.tokens, beta1=beta1_value(cfg, b0))
         points = sorted({max(1, int(f * s.tokens)) for f in cfg.branched.at_fractions})
         base.config = run_config(cfg, base, study_dir, data_dir)
         base.config["checkpoint"] = {**base.config.get("checkpoint", {}), "at_tokens": points}
@@ -412,7 +467,8 @@ def _branch(cfg: StudyConfig, base: Run, name: str, tokens: int, batch: int, stu
     # EWA restarts at the branch; tau^k averages over the same tokens at every batch (k times fewer steps)
     taus = [round(tau ** k, 6) for tau in base.taus]
     run = Run(name, base.settings, batch,
-              base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta)
+              base.lr * LR_SCALE[cfg.branched.lr_scaling](k), base.beta2, taus, base.seed, False, delta,
+              beta1=base.beta1)
     run.branch = {"setting": base.settings[0].name, "base_run": base.name, "base_batch": base.batch,
                   "base_tokens": step * base.batch * seq_len, "base_step": step, "multiplier": k,
                   "lr_scale": run.lr / base.lr, "tolerance": cfg.branched.tolerance,
@@ -431,7 +487,8 @@ def plan_table(cfg: StudyConfig, runs: list[Run], b0: Optional[int]) -> str:
              + (f"; reference batch B0 = {b0} (targets from its runs)" if b0 else "; explicit targets")]
     for r in runs:
         batch = "ramp " + "->".join(str(st["batch"]) for st in r.schedule["stages"]) if r.schedule else r.batch
-        lines.append(f"  {r.name}: batch {batch}, lr {r.lr:g}, beta2 {r.beta2:g}, taus {r.taus}, "
+        beta1 = r.beta1 if r.beta1 is not None else OptimizerConfig.beta1
+        lines.append(f"  {r.name}: batch {batch}, lr {r.lr:g}, beta1 {beta1:g}, beta2 {r.beta2:g}, taus {r.taus}, "
                      f"{human(r.train_tokens)} tokens max, serves {', '.join(s.name for s in r.settings)}"
                      + (" [reference]" if r.reference else ""))
     return "\n".join(lines)

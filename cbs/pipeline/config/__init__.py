@@ -16,11 +16,13 @@ from cbs.pipeline.config.loader import (ConfigError, TokenCount, _check, _coerce
                                         read_yaml, to_dict)
 from cbs.pipeline.config.preprocess import OnError, PreprocessConfig, TokenizerConfig, TokenizerType
 from cbs.pipeline.config.model import _PAPER, MODEL_PRESETS, Activation, ModelConfig, Norm, PositionEmbedding
-from cbs.pipeline.config.paper import PAPER_BETA2, PAPER_TAU, paper_value
+from cbs.pipeline.config.paper import (PAPER_BETA1, PAPER_BETA2, PAPER_TAU, BetaRule, HalfLifeBetas, half_life_beta,
+                                      paper_value, rule_beta)
 from cbs.pipeline.config.batch_schedule import ADAPTIVE_SIGNALS, BatchScheduleConfig, Beta2Rule, LrScaling
 from cbs.pipeline.config.pretrain import (CheckpointConfig, EvalConfig, EwaConfig, InitFrom, LogConfig,
-                                          OptimizerConfig, Precision, PretrainConfig, Resume, ScheduleConfig,
-                                          ScheduleKind, StopWeights, WandbConfig, WandbMode, gradient_accumulation)
+                                          OptimizerConfig, OptimizerKind, Precision, PretrainConfig, Resume,
+                                          ScheduleConfig, ScheduleKind, StopWeights, WandbConfig, WandbMode,
+                                          gradient_accumulation)
 from cbs.pipeline.config.study import (GENERATOR_KEYS, STUDY_SETS, BranchedConfig, BranchRule, HparamGrid,
                                        ReferenceTargets, SettingEntry, SettingsGenerator, SlurmConfig, StudyConfig,
                                        StudyMethod, StudySettings, StudyTargets, check_model)
@@ -29,9 +31,9 @@ __all__ = [
     "ConfigError", "TokenCount", "apply_overrides", "from_dict", "load_config", "parse_tokens", "read_yaml", "to_dict",
     "OnError", "PreprocessConfig", "TokenizerConfig", "TokenizerType",
     "MODEL_PRESETS", "Activation", "ModelConfig", "Norm", "PositionEmbedding",
-    "PAPER_BETA2", "PAPER_TAU", "paper_value",
+    "PAPER_BETA1", "PAPER_BETA2", "PAPER_TAU", "BetaRule", "HalfLifeBetas", "half_life_beta", "paper_value", "rule_beta",
     "ADAPTIVE_SIGNALS", "BatchScheduleConfig", "Beta2Rule", "LrScaling",
-    "CheckpointConfig", "EvalConfig", "EwaConfig", "InitFrom", "LogConfig", "OptimizerConfig", "Precision",
+    "CheckpointConfig", "EvalConfig", "EwaConfig", "InitFrom", "LogConfig", "OptimizerConfig", "OptimizerKind", "Precision",
     "PretrainConfig", "Resume", "ScheduleConfig", "ScheduleKind", "StopWeights", "WandbConfig", "WandbMode",
     "gradient_accumulation", "steps_for",
     "GENERATOR_KEYS", "STUDY_SETS", "BranchedConfig", "BranchRule", "HparamGrid", "ReferenceTargets", "SettingEntry",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from cbs.pipeline.config.loader import ConfigError, _check
-from cbs.pipeline.config.paper import PAPER_BETA2, paper_value
+from cbs.pipeline.config.paper import Beta2Rule, BetaRule, HalfLifeBetas, rule_beta  # noqa: F401 (Beta2Rule: the old name)
 
 
 class LrScaling(str, enum.Enum):
@@ -19,13 +19,6 @@ class LrScaling(str, enum.Enum):
 
 
 ADAPTIVE_SIGNALS = ("noise_scale",)
-
-
-class Beta2Rule(str, enum.Enum):
-    paper = "paper"
-    """Each stage's beta2 is the paper's for its batch (PAPER_BETA2), as a study's runs without hparams.beta2."""
-    fixed = "fixed"
-    """optimizer.beta2 at every stage."""
 
 
 @dataclass
@@ -40,8 +33,11 @@ class BatchScheduleConfig:
     until_tokens (it runs to the budget). Batches never decrease."""
     lr_scaling: LrScaling = LrScaling.sqrt
     """How a stage at k times the first stage's batch scales optimizer.lr: sqrt (Adam), linear, none."""
-    beta2: Beta2Rule = Beta2Rule.paper
-    """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2)."""
+    beta2: BetaRule = BetaRule.paper
+    """paper (each stage's beta2 from the paper's per-batch table, the study's rule) | fixed (optimizer.beta2) |
+    half_life (clip(ref ** (b / ref_batch), lo, hi) with half_life's constants)."""
+    half_life: HalfLifeBetas = field(default_factory=HalfLifeBetas)
+    """Constants of beta2: half_life (its beta2_ref, beta2_clip and ref_batch)."""
     adaptive: Optional[str] = None
     """noise_scale: instead of stages, raise the batch along `ladder` during training, at a log step where
     noise_factor x the logged B_simple (train/noise_scale) reaches a higher rung (the highest such rung; never
@@ -105,4 +101,4 @@ class BatchScheduleConfig:
         return {LrScaling.sqrt: k ** 0.5, LrScaling.linear: k, LrScaling.none: 1.0}[self.lr_scaling]
 
     def beta2_at(self, batch: int, fixed: float) -> float:
-        return paper_value(PAPER_BETA2, batch) if self.beta2 is Beta2Rule.paper else fixed
+        return rule_beta(self.beta2, "beta2", batch, fixed, self.half_life)

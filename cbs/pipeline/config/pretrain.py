@@ -22,8 +22,18 @@ class ScheduleKind(str, enum.Enum):
     wsd = "wsd"
 
 
+class OptimizerKind(str, enum.Enum):
+    adamw = "adamw"
+    """torch AdamW with the LR schedule of `schedule`."""
+    schedule_free = "schedule_free"
+    """Schedule-free AdamW (Defazio et al. 2024; the `schedulefree` package): trains the point y, evaluates and
+    saves the average x (docs/method.md, "Schedule-free AdamW"); wants schedule.kind constant and no EWA."""
+
+
 @dataclass
 class OptimizerConfig:
+    kind: OptimizerKind = OptimizerKind.adamw
+    """adamw | schedule_free (evaluated and checkpointed at its averaged weights x; constant LR after warmup)."""
     lr: float = 3.16e-3
     """Peak learning rate (the paper's ~3.16e-3)."""
     beta1: float = 0.95
@@ -282,6 +292,19 @@ class PretrainConfig:
         _check(self.stop_weights is not StopWeights.ewa or self.ewa.taus,
                f"{p}.stop_weights is ewa but {p}.ewa.taus is empty: give taus or stop_weights any")
         _check(self.divergence_factor > 1, f"{p}.divergence_factor must be > 1: got {self.divergence_factor}")
+        if self.optimizer.kind is OptimizerKind.schedule_free:
+            self._validate_schedule_free(p)
+
+    def _validate_schedule_free(self, p: str) -> None:
+        """Schedule-free AdamW replaces the LR decay by its own averaging: a decaying schedule would anneal twice,
+        and an EWA would average y, the point it trains, not x, the average it evaluates."""
+        _check(self.schedule.kind is ScheduleKind.constant,
+               f"{p}.schedule.kind is {self.schedule.kind.value} but {p}.optimizer.kind is schedule_free, which "
+               f"averages its iterates in place of a decaying LR (it wants a constant LR after warmup): set "
+               f"{p}.schedule.kind: constant, or optimizer.kind: adamw for a {self.schedule.kind.value} schedule")
+        _check(not self.ewa.taus,
+               f"{p}.ewa.taus is set but {p}.optimizer.kind is schedule_free, whose evaluated weights x already are "
+               f"an average of the iterates (an EWA would average the training point y instead): set ewa.taus: []")
 
     @property
     def micro_batch(self) -> int:

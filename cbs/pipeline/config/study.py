@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from cbs.pipeline.config.batch_schedule import BatchScheduleConfig, Beta2Rule, LrScaling
+from cbs.pipeline.config.batch_schedule import BatchScheduleConfig, LrScaling
 from cbs.pipeline.config.loader import ConfigError, TokenCount, _check, from_dict, to_dict
 from cbs.pipeline.config.model import ModelConfig
+from cbs.pipeline.config.paper import BetaRule, HalfLifeBetas
 from cbs.pipeline.config.preprocess import PreprocessConfig
 from cbs.pipeline.config.pretrain import PretrainConfig
 
@@ -20,7 +21,7 @@ STUDY_SETS = {
     "data_dir": "from study.data", "run_dir": "STUDY_DIR/runs/<run>", "global_batch_seqs": "from batch_sizes",
     "train_tokens": "from settings and max_tokens_factor", "model": "from settings", "targets": "from targets",
     "study": "written by the study", "seed": "from seeds", "optimizer.lr": "from hparams.lr",
-    "optimizer.beta2": "from hparams.beta2", "ewa.taus": "from hparams.ewa_taus",
+    "optimizer.beta2": "from hparams.beta2 or hparams.beta2_rule", "ewa.taus": "from hparams.ewa_taus",
     "stop_at_targets": "on for every run but the reference ones", "stop_weights": "ewa, the weights the fit reads",
     "batch_schedule": "from study.ramp (method: ramp)",
 }
@@ -33,7 +34,14 @@ class HparamGrid:
     lr: list[float] = field(default_factory=lambda: [3.16e-3])
     """Peak learning rates."""
     beta2: Optional[list[float]] = None
-    """AdamW beta2 values; default: the paper's per-batch value (docs/method.md table)."""
+    """AdamW beta2 values (the fixed rule); default: the beta2 rule's value per batch."""
+    beta2_rule: Optional[BetaRule] = None
+    """paper (the paper's per-batch table) | fixed (the hparams.beta2 values) | half_life (half_life's formula);
+    default: fixed when hparams.beta2 is given, else paper."""
+    beta1_rule: BetaRule = BetaRule.fixed
+    """fixed (base.optimizer.beta1, default 0.95) | paper (0.95) | half_life (half_life's formula)."""
+    half_life: HalfLifeBetas = field(default_factory=HalfLifeBetas)
+    """Constants of the half_life rule: beta(B) = clip(ref ** (B / ref_batch), lo, hi)."""
     ewa_taus: Optional[list[float]] = None
     """EWA decays kept at once in every run (the best is used); default: the paper's per-batch tau. Short CPU
     runs want smaller taus (0.98-0.995) than the paper's long runs (0.99-0.9995)."""
@@ -41,6 +49,11 @@ class HparamGrid:
     def validate(self, p: str) -> None:
         _check(bool(self.lr) and all(x > 0 for x in self.lr), f"{p}.lr must list learning rates > 0: {self.lr}")
         _check(self.beta2 is None or all(0 <= b < 1 for b in self.beta2), f"{p}.beta2 must be in [0, 1)")
+        _check(self.beta2 is None or self.beta2_rule in (None, BetaRule.fixed),
+               f"{p}.beta2 is given but {p}.beta2_rule is {getattr(self.beta2_rule, 'value', '')}: remove "
+               f"hparams.beta2, or set beta2_rule: fixed to train the given values")
+        _check(self.beta2_rule is not BetaRule.fixed or self.beta2,
+               f"{p}.beta2_rule is fixed: give the values in {p}.beta2")
         _check(self.ewa_taus is None or all(0 < t < 1 for t in self.ewa_taus), f"{p}.ewa_taus must be in (0, 1)")
 
 
@@ -303,6 +316,10 @@ class StudyConfig:
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
         if self.method is StudyMethod.ramp:
             self._validate_ramp(p)
+        beta1 = (self.base.get("optimizer") or {}).get("beta1") if isinstance(self.base, dict) else None
+        _check(beta1 is None or self.hparams.beta1_rule is BetaRule.fixed,
+               f"{p}.base.optimizer.beta1 is set but {p}.hparams.beta1_rule is {self.hparams.beta1_rule.value}, "
+               f"which sets beta1 per batch: remove base.optimizer.beta1, or set hparams.beta1_rule: fixed")
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):
@@ -335,8 +352,14 @@ class StudyConfig:
                                                  f"{want} (the fixed runs it is compared with): got {self.batch_sizes}")
         _check(len(self.hparams.lr) == 1 and len(self.hparams.beta2 or [0]) == 1,
                f"{p}.hparams: method ramp compares one recipe: give one lr (and at most one beta2)")
-        _check(self.hparams.beta2 is None or self.ramp.beta2 is Beta2Rule.fixed,
-               f"{p}.ramp.beta2 is paper but hparams.beta2 is given: set ramp.beta2: fixed (the ramp then keeps "
-               f"hparams.beta2, as the fixed runs do), or remove hparams.beta2")
-        _check(self.ramp.beta2 is Beta2Rule.paper or self.hparams.beta2 is not None,
+        _check(self.hparams.beta2 is None or self.ramp.beta2 is BetaRule.fixed,
+               f"{p}.ramp.beta2 is {self.ramp.beta2.value} but hparams.beta2 is given: set ramp.beta2: fixed (the "
+               f"ramp then keeps hparams.beta2, as the fixed runs do), or remove hparams.beta2")
+        _check(self.ramp.beta2 is not BetaRule.fixed or self.hparams.beta2 is not None,
                f"{p}.ramp.beta2 is fixed: give the beta2 in hparams.beta2 (the fixed runs use it too)")
+        _check(self.hparams.beta2_rule in (None, self.ramp.beta2) and self.hparams.half_life == HalfLifeBetas(),
+               f"{p}.hparams.beta2_rule / half_life: in a ramp study study.ramp.beta2 and study.ramp.half_life "
+               f"decide beta2 for the ramp and its fixed runs alike; set them there")
+        _check(self.hparams.beta1_rule is not BetaRule.half_life,
+               f"{p}.hparams.beta1_rule is half_life, but a ramp keeps one beta1 through its stages: use fixed or "
+               f"paper in a ramp study")
