@@ -178,7 +178,7 @@ class Trainer:
         lr = self.stages.lr_factor * lr_at(self.tokens_at(self.step), self.cfg.optimizer.lr, self.cfg.train_tokens,
                                            self.cfg.schedule)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # muP's hidden matrices (cbs/pipeline/optim.py)
         batch = self.samples.step_batch(self.batches.seqs_before(self.step), self.stages.batch, self.dist.rank,
                                         self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)
