@@ -422,7 +422,7 @@ def mup_fan_in_mults(cfg: ModelConfig) -> dict[str, float]:
 
 
 def mup_softmax_scale(cfg: ModelConfig) -> float:
-    """muP's 1/d_head attention (Tensor Programs V, sec. 4 / Table 3 note; the mup package's attention): q.k
+    """muP's 1/d_head attention (Tensor Programs V: attention logits q.k/d_head instead of q.k/sqrt(d_head)): q.k
     scaled by sqrt(d0_head)/d_head = 1/sqrt(d_head) x sqrt(base_hidden/hidden), so that it is SP's 1/sqrt(d_head)
     at the base width, bit for bit, and 1/d_head up to that constant elsewhere (heads fixed: d_head ~ hidden)."""
     return 1.0 / math.sqrt(cfg.hidden // cfg.heads) * math.sqrt(cfg.mup.base_hidden / cfg.hidden)
