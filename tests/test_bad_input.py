@@ -393,7 +393,8 @@ def set_layers_fraction(tmp, data, other):
 
 def mup_base_not_splitting_into_heads(tmp, data, other):
     return (["pretrain", str(pt_yaml(tmp, data)), "--set", "model.mup=30"],
-            r"pretrain\.model\.mup\.base_hidden \(30\) must be divisible by pretrain\.model\.heads", "give a multiple of")
+            r"pretrain\.model\.mup\.base_hidden \(30\) must be divisible by pretrain\.model\.heads",
+            "give a multiple of")
 
 
 def mup_base_zero(tmp, data, other):
@@ -533,7 +534,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     bin_idx_dtype_mismatch, vocab_larger_than_shard_dtype, missing_manifest, manifest_broken_json,
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
-    set_section_to_scalar, unknown_nested_key, mup_base_not_splitting_into_heads, mup_base_zero, scale_not_whole, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
+    set_section_to_scalar, unknown_nested_key, mup_base_not_splitting_into_heads, mup_base_zero, scale_not_whole,
+    study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
     study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, ramp_batch_larger_than_data,
     ramp_first_batch_larger_than_budget, lr_infinite,
     study_model_a_number, study_data_missing, study_slurm_out_with_percent, study_slurm_out_with_newline,

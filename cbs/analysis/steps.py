@@ -18,8 +18,8 @@ Two inputs:
   `resolved.world_size`) and `runs/<run>/result.json` (`status`, `steps`, `targets[].raw|ewa` crossings);
 - a CSV with columns `setting,model_params,tokens,batch_size,steps` (optional: `censored`, `runs`, `best_run`,
   `censored_at_steps`, `diverged_after`, `lost_runs`, the model's `layers` and `hidden`, so a `steps.csv` written
-  by `cbs fit` reads back), taken as given; repeated (setting, batch) rows are several runs and keep the min. A row that repeats another exactly
-  (or names the same run twice) is refused as a duplicate.
+  by `cbs fit` reads back), taken as given; repeated (setting, batch) rows are several runs and keep the min. A
+  row that repeats another exactly (or names the same run twice) is refused as a duplicate.
 """
 
 from __future__ import annotations
