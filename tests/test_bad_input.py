@@ -391,6 +391,22 @@ def set_layers_fraction(tmp, data, other):
             r"pretrain\.model\.layers", "must be an integer: got 2.5")
 
 
+def mup_base_not_splitting_into_heads(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "model.mup=30"],
+            r"pretrain\.model\.mup\.base_hidden \(30\) must be divisible by pretrain\.model\.heads",
+            "give a multiple of")
+
+
+def mup_base_zero(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "model.mup.base_hidden=0"],
+            r"pretrain\.model\.mup\.base_hidden", "must be a width >= 1: got 0")
+
+
+def scale_not_whole(tmp, data, other):
+    return (["pretrain", str(pt_yaml(tmp, data)), "--set", "model.scale.width=1.3"],
+            r"pretrain\.model\.scale\.width", "give a factor that makes it one")
+
+
 def set_section_to_scalar(tmp, data, other):
     return (["pretrain", str(pt_yaml(tmp, data)), "--set", "eval=3"], r"pretrain\.eval",
             "must be a mapping of EvalConfig fields")
@@ -572,7 +588,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     bin_idx_dtype_mismatch, vocab_larger_than_shard_dtype, missing_manifest, manifest_broken_json,
     manifest_not_ours, data_dir_missing, data_dir_without_shards, tokenizer_garbage_in_data_dir,
     tokenizer_of_another_dataset, tokenizer_missing_in_data_dir, set_train_tokens_abc, set_layers_fraction,
-    set_section_to_scalar, unknown_nested_key, study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
+    set_section_to_scalar, unknown_nested_key, mup_base_not_splitting_into_heads, mup_base_zero, scale_not_whole,
+    study_train_tokens_text, study_tokens_bad_suffix, study_base_key_typo,
     study_base_bad_value, batch_larger_than_budget, batch_larger_than_data, ramp_batch_larger_than_data,
     ramp_first_batch_larger_than_budget, lr_infinite,
     study_model_a_number, study_data_missing, study_setting_name_a_list, study_setting_target_text,

@@ -25,13 +25,14 @@ laws_s_min, collinearity, excluded settings, warnings and throughput; version 1 
 CBS_COLUMNS = ["setting", "model_params", "tokens", "s_min", "b_noise", "cbs", "cbs_low", "cbs_high",
                "s_min_low", "s_min_high", "b_noise_low", "b_noise_high", "reference_batch", "n_batches", "note",
                "n_censored", "residual_sd", "max_abs_residual", "r2", "b0_share", "in_laws", "in_b_noise_laws",
-               "law_note", "lack_of_fit", "noise_sd", "noise_dof", "warnings", "b_simple", "b_simple_source",
-               "b_simple_unusable"]
+               "law_note", "lack_of_fit", "noise_sd", "noise_dof", "layers", "hidden", "warnings", "b_simple",
+               "b_simple_source", "b_simple_unusable"]
 """`in_laws`: a point in the CBS laws; `in_b_noise_laws`: in the B_noise and S_min laws; `law_note`: why not (a
 one-sided bound, lack of fit, no fit); `lack_of_fit`: the hyperbola does not describe the setting (why in
-`warnings`); `noise_sd`, `noise_dof`: the residual scale of log S its intervals used (pooled over the study)."""
+`warnings`); `noise_sd`, `noise_dof`: the residual scale of log S its intervals used (pooled over the study);
+`layers`, `hidden`: the model's shape (empty when unknown)."""
 STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "censored", "runs", "best_run",
-                 "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual"]
+                 "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual", "layers", "hidden"]
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
 TIME_COLUMNS = ["setting", "batch_size", "gpus", "steps", "tokens_to_target", "tokens_per_s", "hours",
                 "gpu_hours", "throughput", "fastest"]
@@ -79,7 +80,7 @@ def steps_csv(fit: StudyFit) -> bytes:
             fitted = float(f.steps(p.batch_size)) if f is not None else None
             residual = math.log(p.steps / fitted) if fitted and not p.censored else None
             rows.append([s.name, s.model_params, s.tokens, p.batch_size, p.steps, p.censored, p.runs, p.best_run,
-                         p.censored_at_steps, p.diverged_after, p.lost_runs, fitted, residual])
+                         p.censored_at_steps, p.diverged_after, p.lost_runs, fitted, residual, s.layers, s.hidden])
     return csv_bytes(STEPS_COLUMNS, rows)
 
 
@@ -94,8 +95,9 @@ def cbs_csv(fit: StudyFit) -> bytes:
                      d.residual_sd if d else None, d.max_abs_residual if d else None, d.r2 if d else None,
                      e.b0_share, e.setting.name in in_laws, e.setting.name in in_noise_laws,
                      e.cbs_exclusion or e.b_noise_exclusion, bool(e.lack_of_fit),
-                     e.noise.sigma if e.noise else None, e.noise.dof if e.noise else None, " | ".join(e.warnings),
-                     noise and noise.value, noise and noise.source, noise and noise.unusable])
+                     e.noise.sigma if e.noise else None, e.noise.dof if e.noise else None, e.setting.layers,
+                     e.setting.hidden, " | ".join(e.warnings), noise and noise.value, noise and noise.source,
+                     noise and noise.unusable])
     return csv_bytes(CBS_COLUMNS, rows)
 
 

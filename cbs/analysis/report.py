@@ -10,6 +10,7 @@ from cbs.analysis.figures import (figure_names, has_b_simple_figure, has_degrada
                                   setting_figures)
 from cbs.analysis.laws import JOINT, SYMBOLS, PowerLaw
 from cbs.analysis.noise_scale import NEAR
+from cbs.analysis.shapes import SAME_N_TOLERANCE, width_vs_depth
 from cbs.analysis.steps import StepsTable
 from cbs.analysis.study_fit import StudyFit, study_warnings
 
@@ -139,6 +140,24 @@ def _cbs_table_lines(fit: StudyFit) -> list[str]:
     header = ["setting", "N", "D", "batches", "lower bounds", "S_min", "B_noise", "CBS (sequences)"] + \
         (["CBS (tokens)"] if seq else []) + ["residual sd / R^2 (log S)", "note"]
     return ["## Critical batch size per setting", "", *md_table(header, rows), ""]
+
+
+def _shape_lines(fit: StudyFit) -> list[str]:
+    """Width vs depth: settings of one D whose models have (near-)equal N and another shape (cbs/analysis/shapes.py)."""
+    pairs = width_vs_depth(fit.estimates)
+    if not pairs:
+        return []
+    rows = [[fmt(c.wide.setting.tokens), c.wide.setting.name, f"{c.wide.setting.layers} x {c.wide.setting.hidden}",
+             _with_ci(c.wide.cbs, c.wide.cbs_ci), c.deep.setting.name,
+             f"{c.deep.setting.layers} x {c.deep.setting.hidden}", _with_ci(c.deep.cbs, c.deep.cbs_ci),
+             _with_ci(c.ratio, c.ratio_ci)] for c in pairs]
+    return ["## Width vs depth", "",
+            f"Settings of one data budget whose models have the same non-embedding size (N within "
+            f"{SAME_N_TOLERANCE:.0%}) but another shape (layers x width). Ratio = CBS of the wider model / CBS of the "
+            f"deeper one; its {fit.level:.0%} interval combines the two CBS intervals as independent (MOVER on the "
+            "log scale, Zou & Donner 2008; docs/method.md, \"Width vs depth\"). An interval that excludes 1 says the "
+            "shape, not only N, sets the CBS.", "",
+            *md_table(["D", "wider", "L x d", "CBS", "deeper", "L x d", "CBS", "ratio wider / deeper"], rows), ""]
 
 
 def _residual_lines(fit: StudyFit) -> list[str]:
@@ -349,7 +368,7 @@ def report_md(fit: StudyFit) -> bytes:
             f"{len(fit.estimates)} setting(s): {n_ok} fitted, {len(fit.estimates) - n_ok} not. "
             "Batch sizes are global batches in sequences.", ""]
     parts = [head, _method_lines(fit), _warning_lines(fit), _steps_table_lines(fit.table), _cbs_table_lines(fit),
-             _residual_lines(fit), _degradation_lines(fit), _law_lines(fit), _time_lines(fit),
+             _shape_lines(fit), _residual_lines(fit), _degradation_lines(fit), _law_lines(fit), _time_lines(fit),
              _noise_lines(fit), _meaning(fit),
              _figure_lines(fit)]
     return ("\n".join(line for part in parts for line in part)).encode("utf-8")

@@ -17,9 +17,9 @@ Two inputs:
 - a study directory: `runs/<run>/config.yaml` (`global_batch_seqs`, `study.settings`, `model.seq_len`,
   `resolved.world_size`) and `runs/<run>/result.json` (`status`, `steps`, `targets[].raw|ewa` crossings);
 - a CSV with columns `setting,model_params,tokens,batch_size,steps` (optional: `censored`, `runs`, `best_run`,
-  `censored_at_steps`, `diverged_after`, `lost_runs`, so a `steps.csv` written by `cbs fit` reads back), taken as
-  given; repeated (setting, batch) rows are several runs and keep the min. A row that repeats another exactly
-  (or names the same run twice) is refused as a duplicate.
+  `censored_at_steps`, `diverged_after`, `lost_runs`, the model's `layers` and `hidden`, so a `steps.csv` written
+  by `cbs fit` reads back), taken as given; repeated (setting, batch) rows are several runs and keep the min. A
+  row that repeats another exactly (or names the same run twice) is refused as a duplicate.
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ class Setting:
     tokens: int
     """Data budget D in tokens."""
     target_loss: float | None = None
+    layers: int | None = None
+    """The model's depth L (`model.layers` of a run's config.yaml, or a CSV's optional column); None: unknown."""
+    hidden: int | None = None
+    """The model's width d (`model.hidden`, or the CSV column); None: unknown. With `layers` it tells models of one
+    N apart by shape (cbs/analysis/shapes.py)."""
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """(layers, hidden) when both are known."""
+        return (self.layers, self.hidden) if self.layers and self.hidden else None
 
     @property
     def compute(self) -> float:
@@ -217,11 +227,11 @@ def _register(settings: dict[str, Setting], s: Setting, where: str) -> Setting:
     same_target = (known.target_loss is None and s.target_loss is None) or (
         known.target_loss is not None and s.target_loss is not None
         and math.isclose(known.target_loss, s.target_loss, rel_tol=1e-9))
-    if (known.model_params, known.tokens) != (s.model_params, s.tokens) or not same_target:
-        raise InputError(f"{where}: setting {s.name!r} has model_params/tokens/target_loss "
-                         f"{s.model_params}/{s.tokens}/{s.target_loss}, elsewhere "
-                         f"{known.model_params}/{known.tokens}/{known.target_loss}; one name must mean one "
-                         "setting: rename one of them")
+    if (known.model_params, known.tokens, known.shape) != (s.model_params, s.tokens, s.shape) or not same_target:
+        raise InputError(f"{where}: setting {s.name!r} has model_params/tokens/target_loss/shape "
+                         f"{s.model_params}/{s.tokens}/{s.target_loss}/{s.shape}, elsewhere "
+                         f"{known.model_params}/{known.tokens}/{known.target_loss}/{known.shape}; one name must "
+                         "mean one setting: rename one of them")
     return known
 
 
@@ -312,7 +322,9 @@ def _csv_observation(row: dict, where: str, settings: dict[str, Setting]) -> _Ob
     if not name:
         raise InputError(f"{where}: empty setting name")
     setting = _register(settings, Setting(name, positive_int(row["model_params"], f"{where}: model_params"),
-                                          positive_int(row["tokens"], f"{where}: tokens")), where)
+                                          positive_int(row["tokens"], f"{where}: tokens"),
+                                          layers=_optional_int(row.get("layers"), f"{where}: layers"),
+                                          hidden=_optional_int(row.get("hidden"), f"{where}: hidden")), where)
     censored = _csv_bool(row.get("censored", ""), f"{where}: censored")
     if censored and row.get("steps"):
         raise InputError(f"{where}: censored is {row['censored']!r} but steps is {row['steps']!r}; a censored row "
@@ -325,6 +337,11 @@ def _csv_observation(row: dict, where: str, settings: dict[str, Setting]) -> _Ob
         censored_at=positive_number(cap, f"{where}: censored_at_steps") if cap and censored else None,
         diverged=_csv_bool(row.get("diverged_after", ""), f"{where}: diverged_after"),
         lost=_count(row.get("lost_runs"), f"{where}: lost_runs"))
+
+
+def _optional_int(value: Any, what: str) -> int | None:
+    """An optional whole number > 0 (a CSV cell or a config value): None when absent or empty."""
+    return None if value in (None, "") else positive_int(value, what)
 
 
 def _csv_bool(value: str, what: str) -> bool:
@@ -417,13 +434,15 @@ def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> li
         raise InputError(f"{where}: study.settings must be a non-empty list of "
                          "{name, model_params, tokens, target_loss}")
     out = []
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    shape = {k: _optional_int(model.get(k), f"{where}: model.{k}") for k in ("layers", "hidden")}
     for i, e in enumerate(entries):
         key = f"{where}: study.settings[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
             raise InputError(f"{key} must be a mapping with a name")
         s = Setting(e["name"], positive_int(e.get("model_params"), f"{key}.model_params"),
                     positive_int(e.get("tokens"), f"{key}.tokens"),
-                    positive_number(e.get("target_loss"), f"{key}.target_loss"))
+                    positive_number(e.get("target_loss"), f"{key}.target_loss"), **shape)
         out.append(_register(settings, s, str(where)))
     return out
 

@@ -26,6 +26,7 @@ Initialisation a process needs before `build_model` (cbs/pipeline/distributed.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import warnings
@@ -56,7 +57,8 @@ with warnings.catch_warnings():
 
 __all__ = [
     "SDPACoreAttention", "layer_spec", "transformer_config", "padded_vocab", "build_model", "forward_loss",
-    "param_counts", "matmul_params", "flops_per_token", "seed_model_parallel",
+    "param_counts", "matmul_params", "flops_per_token", "seed_model_parallel", "apply_mup", "mup_fan_in_mults",
+    "mup_softmax_scale",
 ]
 
 _NORMALIZATION = {Norm.layernorm: "LayerNorm", Norm.rmsnorm: "RMSNorm"}
@@ -270,6 +272,17 @@ class _LocalRowLinear(RowParallelLinear):
     single_rank = _LocalColumnLinear.single_rank
 
 
+class _MupReadout(_LocalColumnLinear):
+    """The LM head under muP: logits x `output_mult` = base_hidden / hidden (`apply_mup`), tied or not."""
+
+    output_mult: float = 1.0
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        out, bias = super().forward(input_, weight, runtime_gather_output)
+        return out * self.output_mult, (None if bias is None else bias * self.output_mult)
+
+
 class _LocalGPTModel(GPTModel):
     """GPTModel whose loss at TP = 1 is `F.cross_entropy` over fp32 logits, the maths of megatron's vocab-parallel
     cross entropy (also fp32) without its three all-reduces over a one-rank group and its Python backward."""
@@ -345,6 +358,7 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype, use_cpu_init
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         cuda_graph_scope=[],  # the default ("full") only draws a deprecation warning on every build
+        softmax_scale=mup_softmax_scale(cfg) if cfg.mup is not None else None,
     )
 
 
@@ -383,7 +397,61 @@ def build_model(cfg: ModelConfig, vocab_size: int, params_dtype: torch.dtype = t
     )
     # GPTModel builds its output layer itself: same object, same init, only forward changes (a class swap)
     model.output_layer.__class__ = _LocalColumnLinear
-    return model.to(device=device, dtype=params_dtype)
+    model = model.to(device=device, dtype=params_dtype)
+    if cfg.mup is not None:
+        apply_mup(model, cfg)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# muP
+
+
+HIDDEN_MATRICES = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                   "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+"""The decoder's matrix-like weights (both dimensions grow with the width): muP's "hidden weights"."""
+
+
+def mup_fan_in_mults(cfg: ModelConfig) -> dict[str, float]:
+    """Each hidden matrix's fan-in over its fan-in in the base model (hidden = mup.base_hidden, same heads): d/d0
+    for QKV, attention out and fc1; ffn/ffn0 for fc2 (exactly d/d0 for gelu's 4 d; SwiGLU rounds its width)."""
+    base = dataclasses.replace(cfg, hidden=cfg.mup.base_hidden, mup=None)
+    width = cfg.hidden / base.hidden
+    return {HIDDEN_MATRICES[0]: width, HIDDEN_MATRICES[1]: width, HIDDEN_MATRICES[2]: width,
+            HIDDEN_MATRICES[3]: cfg.ffn / base.ffn}
+
+
+def mup_softmax_scale(cfg: ModelConfig) -> float:
+    """muP's 1/d_head attention (Tensor Programs V: attention logits q.k/d_head instead of q.k/sqrt(d_head)): q.k
+    scaled by sqrt(d0_head)/d_head = 1/sqrt(d_head) x sqrt(base_hidden/hidden), so that it is SP's 1/sqrt(d_head)
+    at the base width, bit for bit, and 1/d_head up to that constant elsewhere (heads fixed: d_head ~ hidden)."""
+    return 1.0 / math.sqrt(cfg.hidden // cfg.heads) * math.sqrt(cfg.mup.base_hidden / cfg.hidden)
+
+
+@torch.no_grad()
+def apply_mup(model: GPTModel, cfg: ModelConfig) -> None:
+    """muP for Adam on a built standard-parametrisation model (docs/method.md, "muP"; Yang et al. 2021, Tensor
+    Programs V, Table 3, in the multiplier form of the mup package's MuReadout / MuAdam):
+    - hidden matrices (HIDDEN_MATRICES): init std x (fan_in/fan_in0)^(-1/2), scaled in place (the same draws);
+      Adam LR x fan_in0/fan_in, declared as the parameter's `lr_mult` (cbs/pipeline/optim.py groups by it);
+    - embeddings (input, position), norms and biases: init and LR as in SP (vector-like: one dimension finite);
+    - the LM head: logits x base_hidden/hidden (`_MupReadout`); its weight keeps init and LR. Tied embeddings:
+      the shared matrix keeps the embedding's init and LR, and the logits take the same multiplier (the mup
+      package's MuSharedReadout);
+    - attention: `mup_softmax_scale` (set in `transformer_config`).
+    At hidden = base_hidden every multiplier is 1 and nothing changes."""
+    mults = mup_fan_in_mults(cfg)
+    for name, p in model.named_parameters():
+        suffix = next((s for s in HIDDEN_MATRICES if name.startswith("decoder.layers.") and name.endswith(s)), None)
+        if suffix is None:
+            continue
+        if mults[suffix] != 1.0:
+            p.mul_(mults[suffix] ** -0.5)
+        p.lr_mult = 1.0 / mults[suffix]
+    output_mult = cfg.mup.base_hidden / cfg.hidden
+    if output_mult != 1.0:
+        model.output_layer.__class__ = _MupReadout
+        model.output_layer.output_mult = output_mult
 
 
 def forward_loss(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

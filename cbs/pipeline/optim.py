@@ -14,17 +14,29 @@ from cbs.pipeline.config import ConfigError, OptimizerConfig, OptimizerKind, Sch
 
 
 def param_groups(model: torch.nn.Module, opt: OptimizerConfig) -> list[dict]:
-    """Two AdamW groups: matrices decay; norms, biases and embeddings (input and position) do not."""
-    decay, no_decay = [], []
+    """AdamW groups: matrices decay; norms, biases and embeddings (input and position) do not.
+
+    Standard parametrisation: exactly two groups. A parameter that declares an `lr_mult` (muP's hidden matrices,
+    cbs/pipeline/model.py `apply_mup`) goes to a decaying group per multiplier, with `lr_mult` in the group: the
+    trainer sets each group's LR to the schedule's LR x lr_mult. Its weight decay is divided by lr_mult so that
+    AdamW's per-step decay lr x weight_decay stays width-independent (the mup package's MuAdam default)."""
+    decay, no_decay, scaled = [], [], {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "embedding" in name:
+        if hasattr(p, "lr_mult"):
+            scaled.setdefault(float(p.lr_mult), []).append(p)
+        elif p.ndim < 2 or "embedding" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": opt.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if not scaled:
+        return groups
+    groups += [{"params": ps, "weight_decay": opt.weight_decay / mult, "lr_mult": mult}
+               for mult, ps in sorted(scaled.items())]
+    return [g for g in groups if g["params"]]  # tied muP has no other decaying matrix (the head is the embedding)
 
 
 def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Optimizer:

@@ -166,7 +166,7 @@ class Trainer:
             self.schedule_free.train()  # after sync: a stage's betas are set before y is formed from x and z
         lr = self._lr_at(self.step)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # muP's hidden matrices (cbs/pipeline/optim.py)
         batch = self.samples.step_batch(self.batches.seqs_before(self.step), self.stages.batch, self.dist.rank,
                                         self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)

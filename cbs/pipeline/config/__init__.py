@@ -15,7 +15,8 @@ from cbs.pipeline.config.loader import (ConfigError, TokenCount, _check, _coerce
                                         _UniqueKeyLoader, apply_overrides, from_dict, load_config, parse_tokens,
                                         read_yaml, to_dict)
 from cbs.pipeline.config.preprocess import OnError, PreprocessConfig, TokenizerConfig, TokenizerType
-from cbs.pipeline.config.model import _PAPER, MODEL_PRESETS, Activation, ModelConfig, Norm, PositionEmbedding
+from cbs.pipeline.config.model import (_PAPER, MODEL_PRESETS, Activation, ModelConfig, MupConfig, Norm,
+                                       PositionEmbedding)
 from cbs.pipeline.config.paper import (PAPER_BETA1, PAPER_BETA2, PAPER_TAU, BetaRule, HalfLifeBetas, half_life_beta,
                                       paper_value, rule_beta)
 from cbs.pipeline.config.batch_schedule import ADAPTIVE_SIGNALS, BatchScheduleConfig, Beta2Rule, LrScaling
@@ -30,7 +31,7 @@ from cbs.pipeline.config.study import (GENERATOR_KEYS, STUDY_SETS, BranchedConfi
 __all__ = [
     "ConfigError", "TokenCount", "apply_overrides", "from_dict", "load_config", "parse_tokens", "read_yaml", "to_dict",
     "OnError", "PreprocessConfig", "TokenizerConfig", "TokenizerType",
-    "MODEL_PRESETS", "Activation", "ModelConfig", "Norm", "PositionEmbedding",
+    "MODEL_PRESETS", "Activation", "ModelConfig", "MupConfig", "Norm", "PositionEmbedding",
     "PAPER_BETA1", "PAPER_BETA2", "PAPER_TAU", "BetaRule", "HalfLifeBetas", "half_life_beta", "paper_value", "rule_beta",
     "ADAPTIVE_SIGNALS", "BatchScheduleConfig", "Beta2Rule", "LrScaling",
     "CheckpointConfig", "EvalConfig", "EwaConfig", "InitFrom", "LogConfig", "OptimizerConfig", "OptimizerKind", "Precision",

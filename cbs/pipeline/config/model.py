@@ -44,8 +44,27 @@ MODEL_PRESETS: dict[str, dict] = {
 
 
 @dataclass
+class MupConfig:
+    """muP (Yang et al. 2021, "Tensor Programs V", arXiv 2203.03466): hyper-parameters tuned at width base_hidden
+    transfer to other widths (docs/method.md, "muP"). In YAML `mup: 128` is short for `mup: {base_hidden: 128}`."""
+
+    base_hidden: int
+    """The width H0 the learning rate and init were tuned at; at hidden = base_hidden the model is the standard
+    parametrisation bit for bit. It must split into the model's heads (the base model has the same heads)."""
+
+    @classmethod
+    def expand(cls, data: Any, key: str) -> Any:
+        return {"base_hidden": data} if isinstance(data, (int, str)) and not isinstance(data, bool) else data
+
+    def validate(self, p: str) -> None:
+        _check(self.base_hidden >= 1, f"{p}.base_hidden must be a width >= 1: got {self.base_hidden}")
+
+
+@dataclass
 class ModelConfig:
-    """A GPT built from megatron-core layers. `preset` fills every field not given explicitly."""
+    """A GPT built from megatron-core layers. `preset` fills every field not given explicitly; `scale` (consumed
+    on load) multiplies the width or depth: `{preset: tiny, scale: {width: 2}}` or `{depth: 4}` (same N = 12 L d^2;
+    cbs/pipeline/model_shapes.py)."""
 
     preset: Optional[str] = None
     """One of MODEL_PRESETS (85M 151M 302M 604M 1.2B gpt2-small tiny cpu-small); explicit fields override it.
@@ -78,6 +97,8 @@ class ModelConfig:
     """Share the input embedding with the output layer."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (output projections scaled by 1/sqrt(2L), as Megatron)."""
+    mup: Optional[MupConfig] = None
+    """muP instead of the standard parametrisation: {base_hidden: H0} (docs/method.md, "muP"); off by default."""
 
     @classmethod
     def expand(cls, data: Any, key: str) -> Any:
@@ -92,6 +113,10 @@ class ModelConfig:
             if name not in MODEL_PRESETS:
                 raise ConfigError(f"{key}.preset must be one of {', '.join(MODEL_PRESETS)}: got {name!r}")
             data = {**MODEL_PRESETS[name], **data}
+        if "scale" in data:
+            from cbs.pipeline.model_shapes import apply_scale
+
+            data = apply_scale(data, f"{key}.scale")
         return data
 
     def validate(self, p: str) -> None:
@@ -106,6 +131,12 @@ class ModelConfig:
         if self.position_embedding is PositionEmbedding.rope:
             _check((self.hidden // self.heads) % 2 == 0,
                    f"{p}: rope needs an even head size (hidden/heads = {self.hidden // self.heads})")
+        if self.mup is not None:
+            _check(self.mup.base_hidden % self.heads == 0,
+                   f"{p}.mup.base_hidden ({self.mup.base_hidden}) must be divisible by {p}.heads ({self.heads}): "
+                   f"muP's multipliers are ratios to a base model of the same heads; give a multiple of {self.heads}")
+            _check(self.ffn_hidden is None, f"{p}.ffn_hidden is set ({self.ffn_hidden}) with {p}.mup: muP here "
+                                            f"scales the MLP with the width; remove ffn_hidden (4 d, or ~8/3 d)")
 
     @property
     def ffn(self) -> int:
