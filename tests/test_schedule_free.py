@@ -224,3 +224,27 @@ def test_a_schedule_free_study_with_half_life_betas_end_to_end(stdlib_data, tmp_
     report = (out / "fit" / "report.md").read_text()
     assert "AdamW betas per batch: beta1 fixed, beta2 half_life (beta2(B) = clip(0.999^(B/4), 0.95, 0.9999))" \
         in report
+
+
+def test_a_branch_must_keep_the_optimizer(stdlib_data, sf_reference, tmp_path):
+    """init_from a schedule-free run with AdamW (whose state has no z, and no averaging weights) is refused."""
+    from cbs.pipeline.distributed import init_distributed
+
+    cfg = make_cfg(stdlib_data, tmp_path / "branch", init_from={"run_dir": str(sf_reference), "step": 10})
+    with pytest.raises(ConfigError, match=r"init_from: .* trained with optimizer\.kind schedule_free, whose state "
+                                          r"this run's adamw cannot continue"):
+        pretrain.Trainer(cfg, init_distributed(cfg.seed))
+
+
+def test_zero3_sub_groups_that_split_a_parameter_group_are_refused(stdlib_data, tmp_path):
+    """Each parameter group counts its own averaging steps; ZeRO-3 sub-groups smaller than a group would step it
+    more than once per step."""
+    from cbs.pipeline.distributed import init_distributed
+
+    ds = tmp_path / "zero3_small.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": 1000,
+                                                    "stage3_param_persistence_threshold": 0}}))
+    cfg = sf_cfg(stdlib_data, tmp_path / "run", ds)
+    with pytest.raises(ConfigError, match=r"under ZeRO-3 needs one sub-group per parameter group.*raise "
+                                          r"zero_optimization\.sub_group_size"):
+        pretrain.Trainer(cfg, init_distributed(cfg.seed))
