@@ -17,13 +17,8 @@ import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
+from cbs.analysis.horizons import GROUP_KEY, HORIZON_KEY
 from cbs.pipeline.config import ConfigError, ScheduleConfig, ScheduleKind
-
-HORIZON_KEY = "horizon"
-"""config.yaml `study.horizon`: the run's schedule length in multiples of its setting's data budget D."""
-GROUP_KEY = "horizon_group"
-"""config.yaml `study.horizon_group`: the run's name without its horizon suffix; the runs that share it differ only
-in their horizon, and the fit interpolates between them."""
 
 
 def needs_horizons(schedule: Any) -> bool:
