@@ -6,6 +6,8 @@ small real study through `cbs study` (which runs `cbs fit`)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import subprocess
@@ -192,3 +194,40 @@ def test_interpolation_bias_on_a_known_final_loss_curve():
     for h_true in (0.6, 0.9, 1.5, 3.0, 3.9):
         s = horizons.estimate(runs, l_inf + amp * (h_true * d) ** -alpha).steps
         assert 0 <= s / (1000 * h_true) - 1 < 0.02
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def test_a_small_cosine_study_gives_steps_per_batch(stdlib_data, tmp_path):
+    """`cbs study` with a cosine schedule, 2 batch sizes x 2 horizons (4 real runs), then its `cbs fit`: the
+    target is the final loss of the B0 run of horizon 1, and each batch's steps come from its horizon runs."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "cosine", "data": str(stdlib_data), "batch_sizes": [4, 8], "horizons": [1, 2],
+        "settings": {"generator": "fixed_model", "model": {"preset": "tiny", "seq_len": 32}, "tokens": [8000]},
+        "hparams": {"lr": [3e-3], "ewa_taus": [0.9]},
+        "base": {**BASE, "schedule": {"kind": "cosine", "warmup_tokens": 1024}}}))
+    out = tmp_path / "s"
+    proc = subprocess.run(cli("study", str(path), "--out", str(out), "--parallel", "2"), capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {p.name: json.loads((p / "result.json").read_text()) for p in (out / "runs").iterdir()}
+    stem = "mL2d128_d8K_b{}_lr0.003_h{}"
+    assert set(runs) == {stem.format(b, h) for b in (4, 8) for h in (1, 2)}
+    assert all(r["status"] == "completed" and r["steps"] == r["total_steps"] for r in runs.values())
+    final = {name: r["final"]["eval/loss_ewa/0.9"] for name, r in runs.items()}
+    target = json.loads((out / "targets.json").read_text())["mL2d128_d8K"]
+    assert target == {"loss": final[stem.format(4, 1)], "run": stem.format(4, 1)}  # the D-token run's final loss
+    rows = {int(r["batch_size"]): r for r in csv.DictReader(io.StringIO((out / "fit" / "steps.csv").read_text()))}
+    assert float(rows[4]["steps"]) == runs[stem.format(4, 1)]["steps"] == math.ceil(8000 / (4 * 32))
+    s1, s2 = runs[stem.format(8, 1)]["steps"], runs[stem.format(8, 2)]["steps"]
+    l1, l2 = final[stem.format(8, 1)], final[stem.format(8, 2)]
+    if l1 <= target["loss"]:  # the larger batch reached it already at D: an upper bound
+        assert float(rows[8]["steps"]) == s1 and rows[8]["upper_bound"] == "1"
+    elif l2 <= target["loss"]:
+        frac = (l1 - target["loss"]) / (l1 - l2)
+        assert float(rows[8]["steps"]) == pytest.approx(math.exp(math.log(s1) + frac * math.log(s2 / s1)))
+    else:
+        assert rows[8]["censored"] == "1" and float(rows[8]["censored_at_steps"]) == s2
+    assert "mL2d128_d8K" in (out / "fit" / "report.md").read_text()
