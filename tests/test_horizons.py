@@ -145,6 +145,22 @@ def test_both_sides_of_the_horizon_grid_are_censored_or_flagged(tmp_path):
     assert {p.batch_size for p in fitted.points if not p.censored} == {8, 16}
 
 
+def test_an_upper_bound_survives_steps_csv_and_is_said_in_the_report(tmp_path):
+    """steps.csv written by `cbs fit` reads back with its upper_bound flag; the report marks the point `<= S`."""
+    from cbs.analysis.api import fit
+
+    study_dir = tmp_path / "study"
+    for b, losses in ((4, (3.4, 3.2, 2.9)), (8, (3.5, 3.1, 2.95)), (16, (3.6, 3.3, 3.05)), (32, (2.9, 2.8, 2.7))):
+        for h, loss in zip((0.5, 1, 2), losses):
+            _horizon_run(study_dir, f"m_b{b}_lr1", b, h, int(400 * h / b * 4), loss, 3.0)
+    result = fit(study_dir, tmp_path / "fit")
+    p32 = result.table.points_of("m_d10K")[-1]
+    assert p32.upper_bound and p32.steps == 25
+    assert "<= 25 (3)" in (tmp_path / "fit" / "report.md").read_text()
+    back = load_steps(tmp_path / "fit" / "steps.csv")
+    assert [p.upper_bound for p in back.points_of("m_d10K")] == [False, False, False, True]
+
+
 def test_a_horizon_run_that_stopped_before_its_schedule_ended_has_no_final_loss():
     stopped = {"status": "completed", "steps": 90, "total_steps": 100, "final": {"eval/loss": 2.0}}
     assert horizons.final_loss(stopped, "raw") is None
