@@ -64,6 +64,8 @@ def test_constant_runs_are_unchanged_and_decay_is_a_function_of_the_schedule(tmp
     ({"horizons": [-1, 1], "base": COSINE}, r"study\.horizons must list at least 2 schedule lengths > 0"),
     ({"horizons": [0.5, 2], "base": COSINE}, r"study\.horizons must hold 1 with reference targets"),
     ({"horizons": [0.1, 1], "base": COSINE}, r"shortest horizon \(0\.1 x D = 2000 tokens .* ends inside the warmup"),
+    ({"horizons": [1, 2], "base": COSINE, "method": "branched"}, r"study\.horizons: method branched has no horizons"),
+    ({"method": "branched", "base": COSINE}, r"schedule\.kind is cosine: a study needs a constant learning rate"),
 ])
 def test_bad_horizons_are_refused_by_name(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
