@@ -200,7 +200,8 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
         raise ConfigError("study: two runs get the same name; give settings distinct names")
     for r in runs:
         r.config = run_config(cfg, r, study_dir, data_dir)
-    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings,
+    decaying = next((r for r in runs if needs_horizons(r.config.get("schedule"))), runs[0])
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(decaying.config)), "study.base"), settings,
                    cfg.horizons)
     return runs
 
