@@ -43,6 +43,8 @@ def test_a_decaying_schedule_trains_one_run_per_horizon(tmp_path):
         assert r.config["schedule"]["kind"] == "cosine"
         assert r.config["study"]["horizon"] == r.horizon
         assert r.config["study"]["horizon_group"] == r.name.rsplit("_h", 1)[0]
+    table = study.plan_table(cfg, runs, 4)
+    assert "mL2d128_d20K_b4_lr0.00316_h0.5: batch 4" in table and "10K tokens (horizon 0.5 x D, to the sch" in table
 
 
 def test_constant_runs_are_unchanged_and_decay_is_a_function_of_the_schedule(tmp_path):

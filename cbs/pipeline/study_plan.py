@@ -445,6 +445,8 @@ def plan_table(cfg: StudyConfig, runs: list[Run], b0: Optional[int]) -> str:
     for r in runs:
         batch = "ramp " + "->".join(str(st["batch"]) for st in r.schedule["stages"]) if r.schedule else r.batch
         lines.append(f"  {r.name}: batch {batch}, lr {r.lr:g}, beta2 {r.beta2:g}, taus {r.taus}, "
-                     f"{human(r.train_tokens)} tokens max, serves {', '.join(s.name for s in r.settings)}"
+                     + (f"{human(r.train_tokens)} tokens (horizon {r.horizon:g} x D, to the schedule's end)"
+                        if r.horizon is not None else f"{human(r.train_tokens)} tokens max")
+                     + f", serves {', '.join(s.name for s in r.settings)}"
                      + (" [reference]" if r.reference else ""))
     return "\n".join(lines)
