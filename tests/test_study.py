@@ -198,10 +198,12 @@ def test_base_keys_the_study_sets_are_refused_by_name(base, message):
 
 def test_schedules_that_decay_are_refused_with_the_reason(tmp_path):
     """Runs of a study train for different lengths, so a cosine/WSD schedule would give them different LR
-    curves: a cosine study used to run to the end without a word."""
+    curves: a cosine study used to run to the end without a word. Without study.horizons it is refused, and the
+    message says how to measure it (tests/test_horizons.py)."""
     for kind in ("cosine", "wsd"):
         cfg = study_cfg(base={**BASE, "schedule": {"kind": kind, "warmup_tokens": 2048}})
-        with pytest.raises(ConfigError, match=rf"schedule\.kind is {kind}: a study needs a constant learning rate"):
+        with pytest.raises(ConfigError, match=rf"schedule\.kind is {kind}: a {kind} schedule decays over each "
+                                              rf"run's own length.*give study\.horizons"):
             study.plan(cfg, tmp_path, tmp_path / "data")
 
 

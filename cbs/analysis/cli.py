@@ -142,7 +142,9 @@ def _throughput(args: argparse.Namespace, table: StepsTable, reader: MetricsRead
 def _summary(fit: StudyFit, out: Path, n_files: int, seconds: float) -> list[str]:
     n_ok = sum(e.fitted for e in fit.estimates)
     censored = sum(p.censored for p in fit.table.points)
+    at_most = sum(p.upper_bound for p in fit.table.points)
     lines = [f"cbs fit: {len(fit.estimates)} settings ({n_ok} fitted), {censored} censored batch point(s)"
+             + (f", {at_most} upper bound(s) (shortest horizon reached the target)" if at_most else "")
              + (f", {len(fit.table.unfinished_runs)} unfinished run(s) skipped" if fit.table.unfinished_runs else "")]
     for e in fit.estimates[:MAX_SUMMARY_SETTINGS]:
         ci = f" [{e.cbs_ci[0]:.4g}, {e.cbs_ci[1]:.4g}]" if math.isfinite(e.cbs_ci[0]) else ""

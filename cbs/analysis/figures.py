@@ -149,6 +149,10 @@ def figure_steps(est: CbsEstimate, points: list[StepsPoint], overhead: float):
     if bounds:
         ax.plot([p.batch_size for p in bounds], [p.censored_at_steps for p in bounds], "^", color="C2",
                 label="censored: S > steps trained")
+    at_most = [p for p in usable if p.upper_bound]
+    if at_most:
+        ax.plot([p.batch_size for p in at_most], [p.steps for p in at_most], "v", color="C3", ms=9,
+                label="shortest horizon reached it: S <= steps")
     for i, p in enumerate(p for p in points if p.censored and not p.lower_bound):
         ax.axvline(p.batch_size, ls=":", color="0.5", label="no observation" if i == 0 else None)
     if est.fit is not None:

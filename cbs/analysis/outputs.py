@@ -32,7 +32,8 @@ one-sided bound, lack of fit, no fit); `lack_of_fit`: the hyperbola does not des
 `warnings`); `noise_sd`, `noise_dof`: the residual scale of log S its intervals used (pooled over the study);
 `layers`, `hidden`: the model's shape (empty when unknown)."""
 STEPS_COLUMNS = ["setting", "model_params", "tokens", "batch_size", "steps", "censored", "runs", "best_run",
-                 "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual", "layers", "hidden"]
+                 "censored_at_steps", "diverged_after", "lost_runs", "fitted_steps", "residual", "layers", "hidden",
+                 "upper_bound"]
 DEGRADATION_COLUMNS = ["setting", "overhead", "cbs", "cbs_low", "cbs_high"]
 TIME_COLUMNS = ["setting", "batch_size", "gpus", "steps", "tokens_to_target", "tokens_per_s", "hours",
                 "gpu_hours", "throughput", "fastest"]
@@ -80,7 +81,8 @@ def steps_csv(fit: StudyFit) -> bytes:
             fitted = float(f.steps(p.batch_size)) if f is not None else None
             residual = math.log(p.steps / fitted) if fitted and not p.censored else None
             rows.append([s.name, s.model_params, s.tokens, p.batch_size, p.steps, p.censored, p.runs, p.best_run,
-                         p.censored_at_steps, p.diverged_after, p.lost_runs, fitted, residual, s.layers, s.hidden])
+                         p.censored_at_steps, p.diverged_after, p.lost_runs, fitted, residual, s.layers, s.hidden,
+                         p.upper_bound])
     return csv_bytes(STEPS_COLUMNS, rows)
 
 

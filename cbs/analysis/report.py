@@ -111,14 +111,17 @@ def _steps_table_lines(t: StepsTable) -> list[str]:
         cells = {}
         for p in t.points_of(s.name):
             if not p.censored:
-                cells[p.batch_size] = f"{fmt(p.steps, 4)} ({p.runs})" + (" †" if p.diverged_after else "")
+                cells[p.batch_size] = (("<= " if p.upper_bound else "") + f"{fmt(p.steps, 4)} ({p.runs})"
+                                       + (" †" if p.diverged_after else ""))
             elif p.lower_bound:
                 cells[p.batch_size] = f"> {fmt(p.censored_at_steps, 4)} ({p.runs})"
             else:
                 cells[p.batch_size] = f"no observation ({p.runs})"
         rows.append([s.name, fmt(s.model_params), fmt(s.tokens)] + [cells.get(b, "") for b in batches])
     lines = ["## Steps to target", "", "S(B) (runs at B) for each global batch B in sequences; `> S`: censored, no "
-             "run reached the target within S steps; † the best run diverged after crossing the target.", "",
+             "run reached the target within S steps; † the best run diverged after crossing the target"
+             + ("; `<= S`: the shortest horizon already reached the target (S at most that)"
+                if any(p.upper_bound for p in t.points) else "") + ".", "",
              *md_table(["setting", "N", "D"] + [f"B={b}" for b in batches], rows), ""]
     flagged = [p for p in t.points if p.diverged_after]
     if flagged:

@@ -11,7 +11,10 @@ What each run says (docs/method.md, "Steps to target" and "Censored fit"):
   where every run is like that is *censored* at the smallest such bound (S(B) is a min over runs), and enters
   the fit as a lower bound;
 - a diverged or failed run without a crossing is no observation (it says nothing about the best run's S);
-- a run without result.json, or whose status is `preempted` (stopped by a signal, to be resumed), is unfinished.
+- a run without result.json, or whose status is `preempted` (stopped by a signal, to be resumed), is unfinished;
+- runs with a horizon (`study.horizon` in config.yaml: a cosine/WSD schedule ending at h x D) are one observation
+  per group of horizons (`study.horizon_group`), interpolated between their final losses (cbs/analysis/horizons.py):
+  censored when the longest horizon misses the target, an upper bound (`upper_bound`) when the shortest reaches it.
 
 Two inputs:
 - a study directory: `runs/<run>/config.yaml` (`global_batch_seqs`, `study.settings`, `model.seq_len`,
@@ -33,7 +36,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from cbs.analysis import InputError, read_csv_lines
+from cbs.analysis import InputError, horizons, read_csv_lines
 from cbs.runfiles import CONFIG, ENDED, RESULT, RESUMABLE, RUNS, Status, as_float, known_statuses
 
 CSV_COLUMNS = ("setting", "model_params", "tokens", "batch_size", "steps")
@@ -95,6 +98,9 @@ class StepsPoint:
     """The run that gives `steps` diverged after it crossed the target."""
     lost_runs: int = 0
     """Runs that diverged or failed before reaching the target: no observation."""
+    upper_bound: bool = False
+    """S(B) <= steps: the best group of horizon runs reached the target already at its shortest horizon (steps is
+    that horizon's; the true S may be smaller). Enters the fit at `steps`, flagged in the report."""
 
     @property
     def censored(self) -> bool:
@@ -169,6 +175,8 @@ class _Observation:
     """The run diverged (after its crossing, when `steps` is set)."""
     lost: int = 0
     """Runs behind this observation that diverged or failed without a crossing."""
+    at_most: bool = False
+    """`steps` is an upper bound (horizon runs whose shortest horizon already reached the target)."""
 
 
 def load_steps(path: str | Path, target_kind: str | TargetKind = TargetKind.EWA) -> StepsTable:
@@ -217,7 +225,8 @@ def reduce_observations(observations: Iterable[_Observation]) -> list[StepsPoint
             setting=obs[0].setting, batch_size=batch, steps=best.steps if best else None,
             runs=sum(o.runs for o in obs), best_run=best.run_name if best else "",
             censored_at_steps=min(caps) if caps and not best else None,
-            diverged_after=bool(best and best.diverged), lost_runs=sum(o.lost for o in obs)))
+            diverged_after=bool(best and best.diverged), lost_runs=sum(o.lost for o in obs),
+            upper_bound=bool(best and best.at_most)))
     return points
 
 
@@ -336,7 +345,8 @@ def _csv_observation(row: dict, where: str, settings: dict[str, Setting]) -> _Ob
         positive_int(row["runs"], f"{where}: runs") if row.get("runs") else 1, row.get("best_run") or "",
         censored_at=positive_number(cap, f"{where}: censored_at_steps") if cap and censored else None,
         diverged=_csv_bool(row.get("diverged_after", ""), f"{where}: diverged_after"),
-        lost=_count(row.get("lost_runs"), f"{where}: lost_runs"))
+        lost=_count(row.get("lost_runs"), f"{where}: lost_runs"),
+        at_most=_csv_bool(row.get("upper_bound", ""), f"{where}: upper_bound") and not censored)
 
 
 def _optional_int(value: Any, what: str) -> int | None:
@@ -371,6 +381,7 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
                          "result.json); run the study first")
     settings: dict[str, Setting] = {}
     observations, seq_lens, shared, infos = [], set(), False, []
+    groups: dict[str, list] = {}
     for run in finished:
         config = read_yaml(run / CONFIG)
         _check_sweep_run(config, run / CONFIG)
@@ -378,11 +389,16 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
         shared |= len(run_settings) > 1
         seq_lens.add(seq_len_of(config))
         batch = positive_int(config.get("global_batch_seqs"), f"{run / CONFIG}: global_batch_seqs")
-        observations += _run_observations(run, batch, results[run], run_settings, target_kind)
+        horizon = _horizon(config, run / CONFIG)
+        if horizon is not None:
+            groups.setdefault(horizon[1], []).append((run, batch, horizon[0], results[run], run_settings))
+        else:
+            observations += _run_observations(run, batch, results[run], run_settings, target_kind)
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
                              _study(config).get("reference") is True, tuple(s.name for s in run_settings),
                              _device(config), _betas(config)))
+    observations += [_horizon_observation(name, members, target_kind) for name, members in sorted(groups.items())]
     seq_lens.discard(None)
     return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
@@ -507,6 +523,32 @@ def _run_observations(run: Path, batch: int, result: dict, run_settings: list[Se
         out.append(_Observation(s, batch, steps, 1, run.name, censored_at=cap if steps is None else None,
                                 diverged=status == Status.DIVERGED, lost=lost))
     return out
+
+
+def _horizon(config: dict, where: Path) -> tuple[float, str] | None:
+    try:
+        return horizons.horizon_of(_study(config))
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def _horizon_observation(group: str, members: list, kind: TargetKind) -> _Observation:
+    """One observation from the finished horizon runs of one group (cbs/analysis/horizons.py)."""
+    run, batch, _, _, run_settings = members[0]
+    if len(run_settings) != 1 or any((m[1], m[4]) != (batch, run_settings) for m in members):
+        raise InputError(f"{run / CONFIG}: the runs of horizon group {group!r} must serve one setting at one "
+                         "batch size; one study directory holds the runs of one study")
+    setting, points, lost = run_settings[0], [], 0
+    for path, _, h, result, _ in members:
+        status = check_status(result, path / "result.json")
+        loss = horizons.final_loss(result, kind.value)
+        lost += int(loss is None and status != "completed")
+        steps = as_float(result.get("steps"))
+        if steps is not None and steps > 0:
+            points.append(horizons.HorizonRun(path.name, h, steps, loss))
+    est = horizons.estimate(points, setting.target_loss)
+    return _Observation(setting, batch, est.steps, len(members), est.run_name or group,
+                        censored_at=est.censored_at, lost=lost, at_most=est.upper_bound)
 
 
 def _find_target(targets: list, s: Setting, required: bool) -> dict | None:

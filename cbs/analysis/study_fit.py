@@ -131,6 +131,11 @@ def study_warnings(fit: StudyFit) -> list[str]:
     if lost:
         out.append(f"{lost} (run, setting) observation(s) lost: the run diverged or failed before reaching the "
                    "setting's target; check their learning rates")
+    at_most = [p for p in fit.table.points if p.upper_bound]
+    if at_most:
+        out.append(f"{len(at_most)} point(s) reached the target already at their shortest horizon (`<= S` under "
+                   "Steps to target): the fit takes that horizon's steps, which may overestimate S; add a shorter "
+                   "horizon to study.horizons")
     diverged_after = [p for p in fit.table.points if p.diverged_after]
     if diverged_after:
         out.append(f"{len(diverged_after)} point(s) come from a run that diverged after crossing the target "

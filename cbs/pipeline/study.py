@@ -179,7 +179,10 @@ def _frozen(study_dir: Path) -> dict[str, dict]:
 
 def reference_targets(runs: list[Run], study_dir: Path) -> dict[str, dict]:
     """Each setting's target: the best EWA eval loss (over the reference runs at B0 and their taus) at the first
-    eval having seen the setting's tokens (pretrain evaluates exactly there: eval.at_tokens)."""
+    eval having seen the setting's tokens (pretrain evaluates exactly there: eval.at_tokens). With study.horizons
+    the reference runs are those at B0 of horizon 1, whose schedule ends at exactly D: that eval is their last,
+    the final loss that the fit compares every horizon run's final loss with (docs/method.md, "Decaying
+    schedules")."""
     targets: dict[str, dict] = {}
     for run in (r for r in runs if r.reference):
         path = run_path(study_dir, run.name)

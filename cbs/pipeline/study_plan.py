@@ -2,9 +2,10 @@
 
 Pure planning: nothing here trains, reads run directories or imports torch. `plan` checks the whole grid before
 anything runs (every run's pretrain config validates), and refuses grids that would measure the wrong thing:
-a learning-rate schedule that is not constant after warmup (one sweep reads every budget off runs of different
-lengths; docs/method.md, "Target loss"), and a warmup that ends after a setting's budget (its target would be a
-mid-warmup loss).
+a learning-rate schedule that is not constant after warmup without `study.horizons` (one sweep reads every budget
+off runs of different lengths; docs/method.md, "Target loss"; with horizons, one run per horizon instead:
+cbs/pipeline/study_horizons.py), and a warmup that ends after a setting's budget (its target would be a mid-warmup
+loss).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cbs.pipeline.config import (PAPER_TAU, BetaRule, ConfigError, LrScaling, Mo
                                  paper_value, parse_tokens, rule_beta, steps_for, to_dict)
 from cbs.pipeline.config.loader import _coerce
 from cbs.pipeline.config.study import SettingEntry, SettingsGenerator, StudySettings, check_model
+from cbs.pipeline.study_horizons import check_horizons, check_warmup, expand, needs_horizons, study_keys
 from cbs.pipeline.utils import log
 from cbs.runfiles import RUNS
 WARMUP_SHARE_WARNING = 0.5
@@ -58,6 +60,8 @@ class Run:
     """method ramp: the ramp run's pretrain batch_schedule (it trains no fixed batch); None otherwise."""
     beta1: Optional[float] = None
     """AdamW beta1 (hparams.beta1_rule at the run's batch); None: base.optimizer.beta1 or its default."""
+    horizon: Optional[float] = None
+    """study.horizons: this run's schedule length in multiples of its setting's budget D; None otherwise."""
 
 
 def human(n: float) -> str:
@@ -127,9 +131,10 @@ def reference_batch(cfg: StudyConfig) -> Optional[int]:
     return ref.batch if ref and ref.batch else min(cfg.batch_sizes)
 
 
-def _groups(cfg: StudyConfig, settings: list[Setting]) -> list[list[Setting]]:
-    """Settings that one sweep of runs serves: all budgets of one model (one_sweep), else each alone."""
-    if not cfg.one_sweep:
+def _groups(cfg: StudyConfig, settings: list[Setting], decays: bool = False) -> list[list[Setting]]:
+    """Settings that one sweep of runs serves: all budgets of one model (one_sweep), else each alone. Runs whose
+    schedule decays (`decays`) never share: each horizon run ends at h x D of its own setting."""
+    if not cfg.one_sweep or decays:
         return [[s] for s in settings]
     groups: dict[str, list[Setting]] = {}
     for s in settings:
@@ -155,20 +160,26 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path, data_parallel: int =
 def plan_sweep(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_dir: Path) -> list[Run]:
     """The paper's method: every setting group x batch x hyper-parameters x seed, one full run each."""
     b0 = reference_batch(cfg)
+    decays = needs_horizons(cfg.base.get("schedule"))
+    if decays and cfg.horizons and len(_groups(cfg, settings)) < len(settings):
+        log.info("study: one_sweep does not apply to runs with horizons: each trains to h x D of its own setting")
     runs = []
-    for group in _groups(cfg, settings):
+    for group in _groups(cfg, settings, decays):
         top = group[-1].tokens
         for batch in sorted(cfg.batch_sizes):
             for lr in cfg.hparams.lr:
                 for beta2 in beta2_values(cfg, batch):
                     for seed in cfg.seeds:
-                        runs.append(_run(cfg, group, batch, lr, beta2, seed, reference=batch == b0, top=top))
+                        run = _run(cfg, group, batch, lr, beta2, seed, reference=batch == b0, top=top)
+                        runs += with_horizons(cfg, run, decays)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError("study: two runs get the same name; give settings distinct names")
     for r in runs:
         r.config = run_config(cfg, r, study_dir, data_dir)
-    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    decaying = next((r for r in runs if needs_horizons(r.config.get("schedule"))), runs[0])
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(decaying.config)), "study.base"), settings,
+                   cfg.horizons)
     return runs
 
 
@@ -211,6 +222,14 @@ def _splits(run: Run, micro: Optional[int], data_parallel: int, batch: int) -> b
     return batching.splits(batch, batching.micro_batch_for(run.batch, micro), data_parallel)
 
 
+def with_horizons(cfg: StudyConfig, run: Run, decays: bool) -> list[Run]:
+    """The run itself (a constant schedule), or one run per study.horizons h (a decaying one: `decays`, which is
+    `needs_horizons` of the run's resolved schedule), each trained to the end of its schedule at h x D tokens."""
+    if not decays or not cfg.horizons:  # a decaying schedule without horizons: refused by check_schedule
+        return [run]
+    return expand(run, cfg.horizons)
+
+
 def _fill_explicit_targets(cfg: StudyConfig, settings: list[Setting]) -> None:
     """study.targets.losses: every setting's target, given; nothing with reference targets."""
     if cfg.targets.losses:
@@ -226,16 +245,22 @@ def run_path(study_dir: Path, name: str) -> Path:
     return Path(study_dir) / RUNS / name
 
 
-def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
+def check_schedule(run: PretrainConfig, settings: list[Setting], horizons: Optional[list[float]] = None,
+                   sweep: bool = True) -> None:
     """Refuse what would make S(B) compare different things; warn about a long warmup.
 
     A study reads every batch's steps-to-target off runs trained for different lengths (the reference runs to
     the budget, the others up to max_tokens_factor x the budget), and one sweep reads several budgets off the
     same runs. A cosine or WSD schedule decays over each run's own length, so the runs would follow different
-    LR curves. A target measured before the warmup ends is the loss of a run that never saw its peak LR.
+    LR curves: a sweep needs study.horizons for it (one run per horizon; `check_horizons`), the other methods
+    refuse it. A target measured before the warmup ends is the loss of a run that never saw its peak LR.
     """
     schedule = run.schedule
-    if schedule.kind is not ScheduleKind.constant:
+    if sweep:
+        check_horizons(horizons, needs_horizons(schedule), schedule.kind.value)
+        if horizons:
+            check_warmup(horizons, schedule.warmup_tokens, {s.name: s.tokens for s in settings})
+    elif schedule.kind is not ScheduleKind.constant:
         raise ConfigError(
             f"study.base.schedule.kind is {schedule.kind.value}: a study needs a constant learning rate after "
             f"warmup (the paper's method, with EWA), because its runs train for different lengths (the reference "
@@ -339,11 +364,11 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
         "train_tokens": run.train_tokens, "seed": run.seed,
         "optimizer": {"lr": run.lr, "beta2": run.beta2, **({"beta1": run.beta1} if run.beta1 is not None else {})},
         "ewa": {"taus": run.taus},
-        "targets": targets, "stop_at_targets": bool(targets) and not run.reference,
+        "targets": targets, "stop_at_targets": bool(targets) and not run.reference and run.horizon is None,
         "stop_weights": "ewa" if run.taus else "any",
         "study": {"name": cfg.name, "method": cfg.method.value, "reference": run.reference, "settings": [
             {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
-            for s in run.settings], "betas": beta_record(cfg)},
+            for s in run.settings], "betas": beta_record(cfg), **study_keys(run)},
     }
     if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
         over.update(global_batch_seqs=None, batch_schedule=run.schedule)
@@ -410,7 +435,8 @@ def plan_ramp(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_d
             runs.append(_seeded(cfg, run))
     for r in runs:
         r.config = run_config(cfg, r, study_dir, data_dir)
-    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings,
+                   sweep=False)
     return runs
 
 
@@ -447,7 +473,8 @@ def plan_branched(cfg: StudyConfig, settings: list[Setting], study_dir: Path, da
                      for batch in sorted(cfg.batch_sizes)]
     for r in runs:
         from_dict(PretrainConfig, json.loads(json.dumps(r.config)), f"study run {r.name}")
-    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings,
+                   sweep=False)
     warmup = runs[0].config.get("schedule", {}).get("warmup_tokens", 0)
     early = [r.branch["base_tokens"] for r in runs if r.branch and r.branch["base_tokens"] < warmup]
     if early:
@@ -489,6 +516,8 @@ def plan_table(cfg: StudyConfig, runs: list[Run], b0: Optional[int]) -> str:
         batch = "ramp " + "->".join(str(st["batch"]) for st in r.schedule["stages"]) if r.schedule else r.batch
         beta1 = r.beta1 if r.beta1 is not None else OptimizerConfig.beta1
         lines.append(f"  {r.name}: batch {batch}, lr {r.lr:g}, beta1 {beta1:g}, beta2 {r.beta2:g}, taus {r.taus}, "
-                     f"{human(r.train_tokens)} tokens max, serves {', '.join(s.name for s in r.settings)}"
+                     + (f"{human(r.train_tokens)} tokens (horizon {r.horizon:g} x D, to the schedule's end)"
+                        if r.horizon is not None else f"{human(r.train_tokens)} tokens max")
+                     + f", serves {', '.join(s.name for s in r.settings)}"
                      + (" [reference]" if r.reference else ""))
     return "\n".join(lines)

@@ -295,6 +295,12 @@ class StudyConfig:
     ramp: Optional[BatchScheduleConfig] = None
     """method: ramp: the batch schedule (stages or a `cbs forecast --ramp --out` file, lr_scaling, beta2) every
     setting's ramp run trains; batch_sizes are its first and largest batch (the fixed runs)."""
+    horizons: Optional[list[float]] = None
+    """Schedule lengths, as multiples of each setting's data budget D, for runs whose LR schedule decays (cosine,
+    wsd): each (setting, batch, lr, beta2, seed) trains one run per horizon h, its schedule ending at h x D tokens,
+    and S(B) is interpolated between the final losses of its horizons (docs/method.md, "Decaying schedules").
+    Sorted, distinct, > 0, at least 2; with reference targets it must hold 1 (the reference run of exactly D
+    tokens). Refused when no run's schedule decays."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -316,6 +322,8 @@ class StudyConfig:
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
         if self.method is StudyMethod.ramp:
             self._validate_ramp(p)
+        if self.horizons is not None:
+            self._validate_horizons(p)
         beta1 = (self.base.get("optimizer") or {}).get("beta1") if isinstance(self.base, dict) else None
         _check(beta1 is None or self.hparams.beta1_rule is BetaRule.fixed,
                f"{p}.base.optimizer.beta1 is set but {p}.hparams.beta1_rule is {self.hparams.beta1_rule.value}, "
@@ -328,6 +336,19 @@ class StudyConfig:
         self._validate_base(p)
         if isinstance(self.data, dict):  # its output_dir defaults to STUDY_DIR/data: any path checks the rest
             from_dict(PreprocessConfig, {"output_dir": "data", **self.data}, f"{p}.data")
+
+    def _validate_horizons(self, p: str) -> None:
+        h = self.horizons
+        _check(isinstance(h, list) and len(h) >= 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                          and math.isfinite(x) and x > 0 for x in h),
+               f"{p}.horizons must list at least 2 schedule lengths > 0, in multiples of the data budget D (e.g. "
+               f"[0.5, 1, 2, 4]): got {h!r}")
+        _check(all(a < b for a, b in zip(h, h[1:])), f"{p}.horizons must be sorted and distinct: got {h}")
+        _check(self.method is StudyMethod.sweep, f"{p}.horizons: method {self.method.value} has no horizons (they "
+                                                 f"belong to method sweep with a cosine or wsd schedule): remove it")
+        _check(self.targets.losses is not None or any(math.isclose(x, 1.0) for x in h),
+               f"{p}.horizons must hold 1 with reference targets: a setting's target is the final loss of the "
+               f"reference batch's run of exactly D tokens (horizon 1); add 1 to {h}, or give targets.losses")
 
     def _validate_base(self, p: str) -> None:
         """Every key of base as pretrain reads it (a misspelt key, a bad value: named as study.base.KEY), with
