@@ -335,7 +335,7 @@ class StudyConfig:
             _check(node is None, f"{p}.base.{dotted} is set by the study for each run ({where}): remove it from base")
         self._validate_base(p)
         if isinstance(self.data, dict):  # its output_dir defaults to STUDY_DIR/data: any path checks the rest
-            from_dict(PreprocessConfig, {"output_dir": "data", **self.data}, f"{p}.data")
+            from_dict(PreprocessConfig, {**self.data, "output_dir": self.data.get("output_dir") or "data"}, f"{p}.data")
 
     def _validate_horizons(self, p: str) -> None:
         h = self.horizons
