@@ -1034,6 +1034,13 @@ class StudyConfig:
     ramp: Optional[BatchScheduleConfig] = None
     """method: ramp: the batch schedule (stages or a `cbs forecast --ramp --out` file, lr_scaling, beta2) every
     setting's ramp run trains; batch_sizes are its first and largest batch (the fixed runs)."""
+    variants: Optional[dict] = None
+    """Recipes swept side by side over the same grid: {name: pretrain keys over base, `model` fields over each
+    setting's model, `hparams` in place of study.hparams} (cbs/pipeline/study_variants.py)."""
+    axes: Optional[dict] = None
+    """Variants as a product: {axis: {value: keys}} -> one variant per combination, named value1-value2."""
+    reference_variant: Optional[str] = None
+    """The variant whose reference runs set the target losses every variant shares; default: the first."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -1055,6 +1062,10 @@ class StudyConfig:
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
         if self.method is StudyMethod.ramp:
             self._validate_ramp(p)
+        if self.variants is not None or self.axes is not None or self.reference_variant is not None:
+            from cbs.pipeline.study_variants import expand_variants  # it imports this module
+
+            expand_variants(self)
         for dotted, where in STUDY_SETS.items():
             node = self.base
             for part in dotted.split("."):

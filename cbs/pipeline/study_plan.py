@@ -18,6 +18,7 @@ from typing import Any, Optional
 from cbs.pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
                                  ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, parse_tokens,
                                  steps_for, to_dict)
+from cbs.pipeline.study_variants import Variant, expand_variants, reference_variant
 from cbs.pipeline.utils import log
 
 RUNS = "runs"
@@ -55,6 +56,8 @@ class Run:
     """method branched: where this branch starts (base run, tokens, step) and its multiplier; None otherwise."""
     schedule: Optional[dict] = None
     """method ramp: the ramp run's pretrain batch_schedule (it trains no fixed batch); None otherwise."""
+    variant: Optional[Variant] = None
+    """study.variants: the recipe this run trains (its keys over study.base); None in a study without variants."""
 
 
 def human(n: float) -> str:
@@ -172,26 +175,50 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
     if cfg.method is StudyMethod.ramp:
         return plan_ramp(cfg, settings, study_dir, data_dir)
     b0 = reference_batch(cfg)
-    micro = cfg.base.get("micro_batch_seqs")
-    if micro:
-        bad = [b for b in cfg.batch_sizes if b % min(b, int(micro))]
-        if bad:
-            raise ConfigError(f"study.batch_sizes {bad} are not divisible by base.micro_batch_seqs ({micro}); "
-                              f"use multiples of it (batches smaller than it use themselves as micro-batch)")
+    variants = expand_variants(cfg) or [None]
     runs = []
-    for group in _groups(cfg, settings):
-        top = group[-1].tokens
-        for batch in sorted(cfg.batch_sizes):
-            for lr in cfg.hparams.lr:
-                for beta2 in cfg.hparams.beta2 or [paper_value(PAPER_BETA2, batch)]:
-                    for seed in cfg.seeds:
-                        runs.append(_run(cfg, group, batch, lr, beta2, seed, reference=batch == b0, top=top))
+    for variant in variants:
+        _check_micro(cfg, variant)
+        runs += _sweep_runs(cfg, settings, b0, variant, reference_variant(cfg))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError("study: two runs get the same name; give settings distinct names")
     for r in runs:
         r.config = run_config(cfg, r, study_dir, data_dir)
-    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(runs[0].config)), "study.base"), settings)
+    for variant in variants:  # each variant's schedule, read off its first run
+        first = next(r for r in runs if r.variant is variant)
+        check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(first.config)), "study.base"), settings,
+                       variant.key("schedule") if variant else "study.base.schedule")
+    return runs
+
+
+def _check_micro(cfg: StudyConfig, variant: Optional[Variant]) -> None:
+    """Every batch of the sweep splits into micro-batches of (the variant's, else base's) micro_batch_seqs."""
+    micro = (variant.base if variant else {}).get("micro_batch_seqs") or cfg.base.get("micro_batch_seqs")
+    if micro:
+        bad = [b for b in cfg.batch_sizes if b % min(b, int(micro))]
+        if bad:
+            where = variant.key("micro_batch_seqs") if variant and variant.base.get("micro_batch_seqs") \
+                else "base.micro_batch_seqs"
+            raise ConfigError(f"study.batch_sizes {bad} are not divisible by {where} ({micro}); "
+                              f"use multiples of it (batches smaller than it use themselves as micro-batch)")
+
+
+def _sweep_runs(cfg: StudyConfig, settings: list[Setting], b0: Optional[int], variant: Optional[Variant],
+                ref_variant: Optional[str]) -> list[Run]:
+    """The runs of one variant (or of a study without variants): groups x batches x lr x beta2 x seeds. Only the
+    reference variant's runs at B0 are reference runs: the targets they set are shared by every variant."""
+    hparams = variant.hparams if variant else cfg.hparams
+    is_ref_variant = variant is None or variant.name == ref_variant
+    runs = []
+    for group in _groups(cfg, settings):
+        top = group[-1].tokens
+        for batch in sorted(cfg.batch_sizes):
+            for lr in hparams.lr:
+                for beta2 in hparams.beta2 or [paper_value(PAPER_BETA2, batch)]:
+                    for seed in cfg.seeds:
+                        runs.append(_run(cfg, group, batch, lr, beta2, seed, is_ref_variant and batch == b0, top,
+                                         variant))
     return runs
 
 
@@ -210,7 +237,7 @@ def run_path(study_dir: Path, name: str) -> Path:
     return Path(study_dir) / RUNS / name
 
 
-def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
+def check_schedule(run: PretrainConfig, settings: list[Setting], key: str = "study.base.schedule") -> None:
     """Refuse what would make S(B) compare different things; warn about a long warmup.
 
     A study reads every batch's steps-to-target off runs trained for different lengths (the reference runs to
@@ -221,7 +248,7 @@ def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
     schedule = run.schedule
     if schedule.kind is not ScheduleKind.constant:
         raise ConfigError(
-            f"study.base.schedule.kind is {schedule.kind.value}: a study needs a constant learning rate after "
+            f"{key}.kind is {schedule.kind.value}: a study needs a constant learning rate after "
             f"warmup (the paper's method, with EWA), because its runs train for different lengths (the reference "
             f"runs to the budget, the others up to max_tokens_factor x it) and a {schedule.kind.value} schedule "
             f"decays over each run's own length, so S(B) would compare different schedules; set "
@@ -229,7 +256,7 @@ def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
     for s in settings:
         if schedule.warmup_tokens >= s.tokens:
             raise ConfigError(
-                f"study.base.schedule.warmup_tokens ({schedule.warmup_tokens}) >= the budget of setting {s.name} "
+                f"{key}.warmup_tokens ({schedule.warmup_tokens}) >= the budget of setting {s.name} "
                 f"({s.tokens} tokens): its target would be measured before the warmup ends; warm up over at "
                 f"most a fraction of the smallest budget (the paper: 25%)")
         if schedule.warmup_tokens > WARMUP_SHARE_WARNING * s.tokens:
@@ -238,15 +265,19 @@ def check_schedule(run: PretrainConfig, settings: list[Setting]) -> None:
 
 
 def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: float, seed: int, reference: bool,
-         top: int) -> Run:
+         top: int, variant: Optional[Variant] = None) -> Run:
+    hparams = variant.hparams if variant else cfg.hparams
     name = _stem(group[0].model_label, top, batch, lr)
-    if cfg.hparams.beta2 and len(cfg.hparams.beta2) > 1:
+    if hparams.beta2 and len(hparams.beta2) > 1:
         name += f"_beta2{beta2:g}"
     if len(cfg.seeds) > 1:
         name += f"_s{seed}"
-    taus = cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)]
+    if variant is not None:
+        name += f"_{variant.name}"
+    # ewa_taus: [] trains without EWA weights (a variant's ablation); unset: the paper's tau for the batch
+    taus = hparams.ewa_taus if hparams.ewa_taus is not None else [paper_value(PAPER_TAU, batch)]
     tokens = top if reference else int(cfg.max_tokens_factor * top)
-    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens)
+    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens, variant=variant)
 
 
 def _stem(model_label: str, tokens: int, batch: int, lr: float) -> str:
@@ -263,20 +294,23 @@ def _merge(base: dict, over: dict) -> dict:
 
 def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> dict:
     """The pretrain config of one run: the study's base, then what the study decides for this run."""
-    base = cfg.base
+    base = run.variant.merged_base(cfg.base) if run.variant else cfg.base
+    model = run.variant.model_of(run.settings[0].model) if run.variant else run.settings[0].model
     micro = min(run.batch, int(base.get("micro_batch_seqs") or 8))
     targets = [s.target for s in run.settings if s.target is not None]
     over = {
         "data_dir": str(data_dir), "run_dir": str(run_path(study_dir, run.name)),
-        "model": to_dict(run.settings[0].model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
+        "model": to_dict(model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
         "train_tokens": run.train_tokens, "seed": run.seed,
         "optimizer": {"lr": run.lr, "beta2": run.beta2}, "ewa": {"taus": run.taus},
         "targets": targets, "stop_at_targets": bool(targets) and not run.reference,
         "stop_weights": "ewa" if run.taus else "any",
         "study": {"name": cfg.name, "method": cfg.method.value, "reference": run.reference, "settings": [
-            {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
+            {"name": s.name, "model_params": model.non_embedding_params, "tokens": s.tokens, "target_loss": s.target}
             for s in run.settings]},
     }
+    if run.variant is not None:  # how `cbs fit` knows a run's variant (cbs/analysis/variants.py)
+        over["study"]["variant"] = run.variant.name
     if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
         over.update(global_batch_seqs=None, batch_schedule=run.schedule)
     if run.reference and cfg.method in (StudyMethod.sweep, StudyMethod.ramp):
@@ -287,8 +321,15 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
     try:  # every run validates now
         from_dict(PretrainConfig, json.loads(json.dumps(merged)), f"study run {run.name}")
     except ConfigError as e:
-        raise _blame_base(e, run.name, base, over) from None
+        error = _blame_base(e, run.name, base, over)
+        raise (_blame_variant(error, run, over) if run.variant else error) from None
     return merged
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _blame_base(error: ConfigError, name: str, base: dict, over: dict) -> ConfigError:
@@ -298,13 +339,20 @@ def _blame_base(error: ConfigError, name: str, base: dict, over: dict) -> Config
     if not message.startswith(prefix):
         return error
     dotted = message[len(prefix):].split(" ", 1)[0].split("[", 1)[0]
-    in_base, in_over = base, over
-    for part in dotted.split("."):
-        in_base = in_base.get(part) if isinstance(in_base, dict) else None
-        in_over = in_over.get(part) if isinstance(in_over, dict) else None
-    if in_base is None or in_over is not None:
+    if _lookup(base, dotted) is None or _lookup(over, dotted) is not None:
         return error
     return ConfigError(message.replace(prefix, "study.base."))
+
+
+def _blame_variant(error: ConfigError, run: Run, over: dict) -> ConfigError:
+    """An error in a key a variant set (merged over base) names the variant's key, not study.base's."""
+    message = str(error)
+    for prefix in (f"study run {run.name}.", "study.base."):
+        if message.startswith(prefix):
+            dotted = message[len(prefix):].split(" ", 1)[0].split("[", 1)[0]
+            if _lookup(run.variant.base, dotted) is not None and _lookup(over, dotted) is None:
+                return ConfigError(message.replace(prefix, run.variant.key() + "."))
+    return error
 
 
 # ---------------------------------------------------------------------------------------------------- ramp
