@@ -29,9 +29,8 @@ from typing import Any, Optional
 from cbs.pipeline.config import (STUDY_SETS, ConfigError, HparamGrid, ModelConfig, PretrainConfig, StudyConfig,
                                  StudyMethod, from_dict, to_dict)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
-"""A variant (or axis value) name: it goes into run directory names, so letters, digits, '.', '+', '-'; no '_'
-(run names use it between their parts) and no '/'."""
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+"""A variant (or axis value) name: it ends run directory names, so letters, digits, '_', '.', '+', '-'."""
 OWN_KEYS = ("model", "hparams")
 """Keys of a variant that are not merged over study.base: the setting's model fields and the hparams grid."""
 PLACEHOLDER = {"data_dir": "-", "run_dir": "-", "train_tokens": 10 ** 18, "global_batch_seqs": 1}
@@ -82,7 +81,7 @@ def expand_variants(cfg: StudyConfig) -> list[Variant]:
         raise ConfigError(f"study.variants: method {cfg.method.value} is not supported with variants (a "
                           f"{cfg.method.value} study compares its own runs, not recipes swept over batch sizes); "
                           f"use method: sweep, or run one {cfg.method.value} study per recipe")
-    raw = _variant_mapping(cfg.variants) if cfg.variants is not None else _axes_product(cfg.axes)
+    raw = _variant_mapping(cfg.variants) if cfg.variants is not None else _axes_product(cfg, cfg.axes)
     variants = [_variant(cfg, name, keys) for name, keys in raw.items()]
     names = [v.name for v in variants]
     if cfg.reference_variant is not None and cfg.reference_variant not in names:
@@ -109,7 +108,7 @@ def _variant_mapping(raw: Any) -> dict[str, dict]:
     return {str(k): dict(v or {}) for k, v in raw.items()}
 
 
-def _axes_product(raw: Any) -> dict[str, dict]:
+def _axes_product(cfg: StudyConfig, raw: Any) -> dict[str, dict]:
     """{axis: {value: keys}} -> {"v1-v2": keys merged in axis order}: every combination of one value per axis."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("study.axes must map axis names to {value name: pretrain keys}, e.g. {schedule: {ewa: {}, "
@@ -122,6 +121,7 @@ def _axes_product(raw: Any) -> dict[str, dict]:
             _check_name(name, f"study.axes.{axis}.{name}")
             if keys is not None and not isinstance(keys, dict):
                 raise ConfigError(f"study.axes.{axis}.{name} must be a mapping of pretrain keys: got {keys!r}")
+            _variant(cfg, str(name), dict(keys or {}), f"study.axes.{axis}.{name}")  # errors name where it is written
         levels.append([(str(k), dict(v or {})) for k, v in values.items()])
     out: dict[str, dict] = {}
     for combo in itertools.product(*levels):
@@ -134,8 +134,8 @@ def _axes_product(raw: Any) -> dict[str, dict]:
 
 def _check_name(name: Any, key: str) -> None:
     if not isinstance(name, str) or not NAME.match(name):
-        raise ConfigError(f"{key}: the name {name!r} goes into run names: use letters, digits, '.', '+' and '-' "
-                          f"(no '_' or '/')")
+        raise ConfigError(f"{key}: the name {name!r} goes into run names: use letters, digits, '_', '.', '+' "
+                          f"and '-'")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -146,10 +146,10 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _variant(cfg: StudyConfig, name: str, keys: dict) -> Variant:
+def _variant(cfg: StudyConfig, name: str, keys: dict, where: str = "") -> Variant:
     """Check one variant's keys and build it: STUDY_SETS refused, the model fields and the pretrain keys
-    validated alone (over the defaults) so that an error names the variant's key."""
-    where = f"study.variants.{name}"
+    validated alone (over the defaults) so that an error names the variant's key (`where`)."""
+    where = where or f"study.variants.{name}"
     base = {k: v for k, v in keys.items() if k not in OWN_KEYS}
     for dotted, source in STUDY_SETS.items():
         if dotted == "model" or dotted.split(".")[0] in OWN_KEYS:
