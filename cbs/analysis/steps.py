@@ -62,6 +62,9 @@ class Setting:
     tokens: int
     """Data budget D in tokens."""
     target_loss: float | None = None
+    variant: str = ""
+    """The study variant (recipe) whose runs measured this setting (`study.variant` of their config.yaml, a
+    `variant` column of a CSV); empty for a study without variants. Fits are per (setting, variant)."""
 
     @property
     def compute(self) -> float:
@@ -115,6 +118,10 @@ class RunInfo:
     """Names of the settings the run serves."""
     device: str | None = None
     """'cpu' or 'cuda' (`resolved.device` in config.yaml, without the index); None when not recorded."""
+    variant: str = ""
+    """`study.variant` in config.yaml: the recipe the run trains (empty without variants)."""
+    seq_len: int | None = None
+    """`model.seq_len` in config.yaml: tokens per sequence (a variant may change it)."""
 
 
 @dataclass
@@ -134,6 +141,27 @@ class StepsTable:
     """True when some run serves several settings (one sweep read at several budgets)."""
     runs: list[RunInfo] = field(default_factory=list)
     """Finished runs of a study (empty for CSV input)."""
+    variant_order: list[str] = field(default_factory=list)
+    """The study's variants in the order it lists them (`study.variants` of the runs' config.yaml); empty for a
+    study without variants (cbs/analysis/variants.py)."""
+    reference_variant: str | None = None
+    """The variant whose reference runs set the targets every variant shares."""
+
+    @property
+    def variants(self) -> list[str]:
+        """The variants with points, in the study's order ([] for a study without variants)."""
+        have = {p.setting.variant for p in self.points} - {""}
+        return [v for v in self.variant_order if v in have] + sorted(have - set(self.variant_order))
+
+    def of_variant(self, variant: str) -> "StepsTable":
+        """The points and runs of one variant: a table the single-recipe fit reads as a study without variants."""
+        runs = [r for r in self.runs if r.variant == variant]
+        seq_lens = {r.seq_len for r in runs} - {None}
+        return StepsTable(points=[p for p in self.points if p.setting.variant == variant], source=self.source,
+                          input_kind=self.input_kind, target_kind=self.target_kind, finished_runs=len(runs),
+                          unfinished_runs=self.unfinished_runs, seq_len=seq_lens.pop() if len(seq_lens) == 1 else
+                          (self.seq_len if self.input_kind == "csv" else None), shared_runs=self.shared_runs,
+                          runs=runs)
 
     def settings(self) -> list[Setting]:
         unique = {p.setting.name: p.setting for p in self.points}
@@ -195,11 +223,11 @@ def reduce_observations(observations: Iterable[_Observation]) -> list[StepsPoint
     Without a crossing at B the point is censored at the smallest bound of the completed runs (S(B) = min_r S_r
     and S_r > cap_r, so S(B) > min_r cap_r); runs that diverged or failed without a crossing add no bound.
     """
-    groups: dict[tuple[str, int], list[_Observation]] = {}
+    groups: dict[tuple[str, str, int], list[_Observation]] = {}
     for ob in observations:
-        groups.setdefault((ob.setting.name, ob.batch_size), []).append(ob)
+        groups.setdefault((ob.setting.variant, ob.setting.name, ob.batch_size), []).append(ob)
     points = []
-    for (_, batch), obs in sorted(groups.items()):
+    for (_, _, batch), obs in sorted(groups.items()):
         reached = [o for o in obs if o.steps is not None]
         best = min(reached, key=lambda o: (o.steps, o.run_name)) if reached else None
         caps = [o.censored_at for o in obs if o.steps is None and o.censored_at is not None]
@@ -211,9 +239,9 @@ def reduce_observations(observations: Iterable[_Observation]) -> list[StepsPoint
     return points
 
 
-def _register(settings: dict[str, Setting], s: Setting, where: str) -> Setting:
-    """Keep one Setting per name; the same name with other numbers is an error."""
-    known = settings.setdefault(s.name, s)
+def _register(settings: dict, s: Setting, where: str) -> Setting:
+    """Keep one Setting per (variant, name); the same name with other numbers is an error."""
+    known = settings.setdefault((s.variant, s.name), s)
     same_target = (known.target_loss is None and s.target_loss is None) or (
         known.target_loss is not None and s.target_loss is not None
         and math.isclose(known.target_loss, s.target_loss, rel_tol=1e-9))
@@ -324,7 +352,8 @@ def _csv_observation(row: dict, where: str, settings: dict[str, Setting]) -> _Ob
     if not name:
         raise InputError(f"{where}: empty setting name")
     setting = _register(settings, Setting(name, positive_int(row["model_params"], f"{where}: model_params"),
-                                          positive_int(row["tokens"], f"{where}: tokens")), where)
+                                          positive_int(row["tokens"], f"{where}: tokens"),
+                                          variant=row.get("variant") or ""), where)
     censored = _csv_bool(row.get("censored", ""), f"{where}: censored")
     if censored and row.get("steps"):
         raise InputError(f"{where}: censored is {row['censored']!r} but steps is {row['steps']!r}; a censored row "
@@ -364,24 +393,49 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     if not finished:
         raise InputError(f"{study_dir}: no finished runs ({len(unfinished)} run director(y/ies) without a final "
                          "result.json); run the study first")
-    settings: dict[str, Setting] = {}
-    observations, seq_lens, shared, infos = [], set(), False, []
+    settings: dict = {}
+    observations, seq_lens, shared, infos, order = [], set(), False, [], {}
     for run in finished:
         config = read_yaml(run / "config.yaml")
         _check_sweep_run(config, run / "config.yaml")
-        run_settings = _run_settings(config, run / "config.yaml", settings)
+        variant = _variant(config, run / "config.yaml")
+        run_settings = _run_settings(config, run / "config.yaml", settings, variant)
         shared |= len(run_settings) > 1
         seq_lens.add(seq_len_of(config))
         batch = positive_int(config.get("global_batch_seqs"), f"{run / 'config.yaml'}: global_batch_seqs")
-        observations += _run_observations(run, batch, results[run], run_settings, target_kind)
+        kind = target_kind if target_kind is not TargetKind.EWA or _has_ewa(config) else TargetKind.RAW
+        observations += _run_observations(run, batch, results[run], run_settings, kind)
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
                              _study(config).get("reference") is True, tuple(s.name for s in run_settings),
-                             _device(config)))
+                             _device(config), variant, seq_len_of(config)))
+        if variant:
+            order.setdefault(tuple(_study(config).get("variants") or ()), _study(config).get("reference_variant"))
     seq_lens.discard(None)
-    return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
-                      target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
-                      seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared, runs=infos)
+    table = StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
+                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
+                       seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared, runs=infos)
+    if order:
+        table.variant_order, table.reference_variant = list(max(order, key=len)), order[max(order, key=len)]
+    return table
+
+
+def _variant(config: dict, where: Path) -> str:
+    """`study.variant` of a run's config.yaml: the recipe it trains ('' without variants)."""
+    variant = _study(config).get("variant")
+    if variant is None:
+        return ""
+    if not isinstance(variant, str) or not variant:
+        raise InputError(f"{where}: study.variant must be a variant name: got {variant!r}")
+    return variant
+
+
+def _has_ewa(config: dict) -> bool:
+    """Whether the run kept EWA weights (`ewa.taus` in config.yaml). A run trained without them (a variant's
+    ablation, `hparams.ewa_taus: []`) has only raw crossings, and --target-kind ewa reads those for it; a
+    config.yaml without the key (hand-made) is taken to have them, as before."""
+    ewa = config.get("ewa")
+    return not (isinstance(ewa, dict) and isinstance(ewa.get("taus"), list) and not ewa["taus"])
 
 
 def read_yaml(path: Path) -> dict:
@@ -422,7 +476,7 @@ def _check_sweep_run(config: dict, where: Path) -> None:
                          "one study directory holds the runs of one study; move the other study's runs out")
 
 
-def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> list[Setting]:
+def _run_settings(config: dict, where: Path, settings: dict, variant: str = "") -> list[Setting]:
     study = config.get("study")
     entries = study.get("settings") if isinstance(study, dict) else None
     if not isinstance(entries, list) or not entries:
@@ -435,7 +489,7 @@ def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> li
             raise InputError(f"{key} must be a mapping with a name")
         s = Setting(e["name"], positive_int(e.get("model_params"), f"{key}.model_params"),
                     positive_int(e.get("tokens"), f"{key}.tokens"),
-                    positive_number(e.get("target_loss"), f"{key}.target_loss"))
+                    positive_number(e.get("target_loss"), f"{key}.target_loss"), variant)
         out.append(_register(settings, s, str(where)))
     return out
 

@@ -309,8 +309,9 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
             {"name": s.name, "model_params": model.non_embedding_params, "tokens": s.tokens, "target_loss": s.target}
             for s in run.settings]},
     }
-    if run.variant is not None:  # how `cbs fit` knows a run's variant (cbs/analysis/variants.py)
-        over["study"]["variant"] = run.variant.name
+    if run.variant is not None:  # how `cbs fit` knows a run's variant, their order and the reference one
+        over["study"].update(variant=run.variant.name, variants=[v.name for v in expand_variants(cfg)],
+                             reference_variant=reference_variant(cfg))
     if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
         over.update(global_batch_seqs=None, batch_schedule=run.schedule)
     if run.reference and cfg.method in (StudyMethod.sweep, StudyMethod.ramp):
