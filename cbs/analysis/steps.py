@@ -122,6 +122,8 @@ class RunInfo:
     """`study.variant` in config.yaml: the recipe the run trains (empty without variants)."""
     seq_len: int | None = None
     """`model.seq_len` in config.yaml: tokens per sequence (a variant may change it)."""
+    has_ewa: bool = True
+    """Whether the run kept EWA weights (`ewa.taus` not empty); one without counts its raw crossings."""
 
 
 @dataclass
@@ -157,8 +159,11 @@ class StepsTable:
         """The points and runs of one variant: a table the single-recipe fit reads as a study without variants."""
         runs = [r for r in self.runs if r.variant == variant]
         seq_lens = {r.seq_len for r in runs} - {None}
+        kind = self.target_kind
+        if kind == TargetKind.EWA.value and runs and not any(r.has_ewa for r in runs):
+            kind = "raw (the runs keep no EWA weights)"
         return StepsTable(points=[p for p in self.points if p.setting.variant == variant], source=self.source,
-                          input_kind=self.input_kind, target_kind=self.target_kind, finished_runs=len(runs),
+                          input_kind=self.input_kind, target_kind=kind, finished_runs=len(runs),
                           unfinished_runs=self.unfinished_runs, seq_len=seq_lens.pop() if len(seq_lens) == 1 else
                           (self.seq_len if self.input_kind == "csv" else None), shared_runs=self.shared_runs,
                           runs=runs)
@@ -408,7 +413,7 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
                              _study(config).get("reference") is True, tuple(s.name for s in run_settings),
-                             _device(config), variant, seq_len_of(config)))
+                             _device(config), variant, seq_len_of(config), _has_ewa(config)))
         if variant:
             order.setdefault(tuple(_study(config).get("variants") or ()), _study(config).get("reference_variant"))
     seq_lens.discard(None)
