@@ -18,7 +18,7 @@ from typing import Any, Optional
 from cbs.pipeline.config import (PAPER_BETA2, PAPER_TAU, ConfigError, LrScaling, ModelConfig, PretrainConfig,
                                  ScheduleKind, StudyConfig, StudyMethod, from_dict, paper_value, parse_tokens,
                                  steps_for, to_dict)
-from cbs.pipeline.study_variants import Variant, expand_variants, reference_variant
+from cbs.pipeline.study_variants import Variant, expand_variants
 from cbs.pipeline.utils import log
 
 RUNS = "runs"
@@ -179,7 +179,7 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path) -> list[Run]:
     runs = []
     for variant in variants:
         _check_micro(cfg, variant)
-        runs += _sweep_runs(cfg, settings, b0, variant, reference_variant(cfg))
+        runs += _sweep_runs(cfg, settings, b0, variant)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError("study: two runs get the same name; give settings distinct names")
@@ -204,12 +204,11 @@ def _check_micro(cfg: StudyConfig, variant: Optional[Variant]) -> None:
                               f"use multiples of it (batches smaller than it use themselves as micro-batch)")
 
 
-def _sweep_runs(cfg: StudyConfig, settings: list[Setting], b0: Optional[int], variant: Optional[Variant],
-                ref_variant: Optional[str]) -> list[Run]:
+def _sweep_runs(cfg: StudyConfig, settings: list[Setting], b0: Optional[int], variant: Optional[Variant]) -> list[Run]:
     """The runs of one variant (or of a study without variants): groups x batches x lr x beta2 x seeds. Only the
     reference variant's runs at B0 are reference runs: the targets they set are shared by every variant."""
     hparams = variant.hparams if variant else cfg.hparams
-    is_ref_variant = variant is None or variant.name == ref_variant
+    is_ref_variant = variant is None or variant.name == variant.reference
     runs = []
     for group in _groups(cfg, settings):
         top = group[-1].tokens
@@ -310,8 +309,7 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
             for s in run.settings]},
     }
     if run.variant is not None:  # how `cbs fit` knows a run's variant, their order and the reference one
-        over["study"].update(variant=run.variant.name, variants=[v.name for v in expand_variants(cfg)],
-                             reference_variant=reference_variant(cfg))
+        over["study"].update(run.variant.metadata())
     if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
         over.update(global_batch_seqs=None, batch_schedule=run.schedule)
     if run.reference and cfg.method in (StudyMethod.sweep, StudyMethod.ramp):

@@ -20,6 +20,7 @@ target are comparable. Pure planning: nothing here trains or imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -48,6 +49,15 @@ class Variant:
     """Model fields over each setting's model (empty: the setting's)."""
     hparams: HparamGrid
     """The lr / beta2 / ewa_taus grid of this variant's runs."""
+    study_variants: tuple[str, ...] = ()
+    """Every variant of the study, in its order (recorded in each run's config for `cbs fit`)."""
+    reference: str = ""
+    """The study's reference variant: its runs at B0 set the targets all variants share."""
+
+    def metadata(self) -> dict:
+        """What a run of this variant records under `study` in its config: how `cbs fit` knows its variant, the
+        study's variants in order and the reference one."""
+        return {"variant": self.name, "variants": list(self.study_variants), "reference_variant": self.reference}
 
     def model_of(self, model: ModelConfig) -> ModelConfig:
         """A setting's model with this variant's model fields over it."""
@@ -87,13 +97,8 @@ def expand_variants(cfg: StudyConfig) -> list[Variant]:
     if cfg.reference_variant is not None and cfg.reference_variant not in names:
         raise ConfigError(f"study.reference_variant {cfg.reference_variant!r} is not a variant: give one of "
                           f"{', '.join(names)}")
-    return variants
-
-
-def reference_variant(cfg: StudyConfig) -> Optional[str]:
-    """The variant whose reference runs set every setting's target (the first by default); None without."""
-    variants = expand_variants(cfg)
-    return (cfg.reference_variant or variants[0].name) if variants else None
+    reference = cfg.reference_variant or names[0]
+    return [dataclasses.replace(v, study_variants=tuple(names), reference=reference) for v in variants]
 
 
 def _variant_mapping(raw: Any) -> dict[str, dict]:
