@@ -154,23 +154,33 @@ TRUTH = {"ewa": (1000.0, 100.0, 128), "plain": (700.0, 400.0, 64)}  # S_min, B_n
 SWEEP = [16, 32, 64, 128, 256, 512, 1024]
 
 
-def synthetic_study(root: Path, truth: dict, batches=SWEEP, reference: str = "ewa", sd: float = 0.01) -> Path:
+def synthetic_study(root: Path, truth: dict, batches=SWEEP, reference: str = "ewa", sd: float = 0.01,
+                    budgets: dict | None = None) -> Path:
     """A study directory as `cbs study` leaves one, with variants of known S(B) = S_min (1 + B_noise / B): runs
-    of the `plain` variant keep no EWA weights (only raw crossings), as a `hparams.ewa_taus: []` variant."""
+    of the `plain` variant keep no EWA weights (only raw crossings), as a `hparams.ewa_taus: []` variant.
+    `budgets`: {setting: (tokens, {variant: (S_min, B_noise)})} served by the same runs (one sweep), instead of
+    the one setting s1 of `truth`."""
     rng = np.random.default_rng(0)
-    for variant, (s_min, b_noise, seq_len) in truth.items():
+    budgets = budgets or {"s1": (10**8, {v: t[:2] for v, t in truth.items()})}
+    for variant, (_, _, seq_len) in truth.items():
         for b in batches:
             run = root / "runs" / f"m_b{b}_{variant}"
             run.mkdir(parents=True)
             has_ewa = variant != "plain"
+            settings = [{"name": name, "model_params": 10**6, "tokens": tokens, "target_loss": 3.0 + i}
+                        for i, (name, (tokens, _)) in enumerate(budgets.items())]
             (run / "config.yaml").write_text(yaml.safe_dump({
                 "global_batch_seqs": b, "model": {"seq_len": seq_len}, "ewa": {"taus": [0.99] if has_ewa else []},
                 "study": {"variant": variant, "variants": list(truth), "reference_variant": reference,
-                          "settings": [{"name": "s1", "model_params": 10**6, "tokens": 10**8, "target_loss": 3.0}]}}))
-            steps = round(s_min * (1 + b_noise / b) * math.exp(rng.normal(0, sd)), 3)
-            crossing = {"step": math.ceil(steps), "tokens": 1, "step_interp": steps}
-            target = {"loss": 3.0, "raw": None if has_ewa else crossing, "ewa": {"0.99": crossing} if has_ewa else {}}
-            (run / "result.json").write_text(json.dumps({"status": "completed", "steps": 10**6, "targets": [target]}))
+                          "settings": settings}}))
+            targets = []
+            for i, (tokens, fits) in enumerate(budgets.values()):
+                s_min, b_noise = fits[variant]
+                steps = round(s_min * (1 + b_noise / b) * math.exp(rng.normal(0, sd)), 3)
+                crossing = {"step": math.ceil(steps), "tokens": 1, "step_interp": steps}
+                targets.append({"loss": 3.0 + i, "raw": None if has_ewa else crossing,
+                                "ewa": {"0.99": crossing} if has_ewa else {}})
+            (run / "result.json").write_text(json.dumps({"status": "completed", "steps": 10**6, "targets": targets}))
     return root
 
 
@@ -238,6 +248,23 @@ def test_curves_that_do_not_cross_in_the_sweep_say_so(tmp_path, capsys):
     assert fit_main([str(tmp_path / "far"), "--out", str(tmp_path / "fit2"), "--bootstrap", "0"]) == 0
     (cross,) = read_csv(tmp_path / "fit2" / "crossovers.csv")
     assert cross["crossover_batch"] == "" and float(cross["crossover_outside_sweep"]) == pytest.approx(2870, rel=0.5)
+
+
+def test_laws_per_variant_recover_each_variants_exponent(tmp_path):
+    """B_noise ~ D^0.5 for ewa and D^0.25 for plain over three budgets: each variant's law has its own exponent."""
+    budgets = {f"d{k}": (10**8 * 4 ** k, {"ewa": (1000.0 * 4 ** k, 50.0 * 2 ** k),
+                                          "plain": (800.0 * 4 ** k, 60.0 * 2 ** (k / 2))}) for k in range(3)}
+    study_dir = synthetic_study(tmp_path / "study", TRUTH, sd=0.002, budgets=budgets)
+    assert fit_main([str(study_dir), "--out", str(tmp_path / "fit"), "--bootstrap", "100"]) == 0
+    scaling = json.loads((tmp_path / "fit" / "scaling.json").read_text())
+    for variant, exponent in (("ewa", 0.5), ("plain", 0.25)):
+        law = scaling["variants"][variant]["laws_b_noise"]["tokens"]
+        assert law["exponent"] == pytest.approx(exponent, abs=0.03), variant
+    assert scaling["laws_b_noise"]["tokens"]["exponent"] == pytest.approx(0.5, abs=0.03)  # the reference's
+    report = (tmp_path / "fit" / "report.md").read_text()
+    assert "## Laws per variant" in report and "| plain | B_noise | D^0.2" in report
+    crossings = read_csv(tmp_path / "fit" / "crossovers.csv")
+    assert [c["setting"] for c in crossings] == ["d0", "d1", "d2"]
 
 
 def test_a_study_without_variants_keeps_its_columns(tmp_path):
