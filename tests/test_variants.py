@@ -309,9 +309,8 @@ def test_two_variants_end_to_end(stdlib_data, tmp_path):
     steps = read_csv(out / "fit" / "steps.csv")
     assert {(r["variant"], int(r["batch_size"])) for r in steps} == {(v, b) for v in ("ewa", "raw16")
                                                                      for b in (4, 8, 16)}
-    reached = {r["variant"]: [r for r in steps if r["variant"] == r["variant"] and r["censored"] == "0"]
-               for r in steps}
-    assert all(reached.values())  # each variant reached the shared target at some batch
+    for variant in ("ewa", "raw16"):  # each variant reached the shared target at some batch
+        assert any(r["variant"] == variant and r["censored"] == "0" for r in steps), steps
     cbs = {r["variant"]: r for r in read_csv(out / "fit" / "cbs.csv")}
     assert (cbs["ewa"]["seq_len"], cbs["raw16"]["seq_len"]) == ("32", "16")
     assert (out / "fit" / "figures" / "variants_mL2d128_d12K.png").is_file()
