@@ -4,6 +4,7 @@ report) and the figures (each variant's under figures/<variant>/, and S(B) per v
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from cbs.analysis.figures import (legend, new_axes, plain_log_axes_y, png_bytes,
 from cbs.analysis.outputs import (CBS_COLUMNS, DEGRADATION_COLUMNS, STEPS_COLUMNS, TIME_COLUMNS, cbs_rows, csv_bytes,
                                   degradation_rows, scaling_doc, steps_rows, time_table_rows)
 from cbs.analysis.report import _with_ci, fmt, md_table, report_md
-from cbs.analysis.study_fit import StudyFit
+from cbs.analysis.study_fit import StudyFit, study_warnings
 from cbs.analysis.variants import CSV_VARIANT_COLUMN, TOKEN_COLUMNS, Crossover, VariantsFit, slug
 
 CROSSOVER_COLUMNS = ["setting", "reference", "variant", "crossover_batch", "faster_below", "faster_above",
@@ -43,8 +44,6 @@ def _cbs_token_rows(fit: StudyFit) -> list[list]:
 def variant_scaling_json(vfit: VariantsFit) -> bytes:
     """The reference variant's scaling.json (what `cbs forecast` reads), with `variant` naming it and `variants`
     holding every variant's laws."""
-    import json
-
     doc = scaling_doc(vfit.fits[vfit.reference_variant])
     doc["variant"] = vfit.reference_variant
     doc["variants"] = {v: {k: d[k] for k in SCALING_VARIANT_KEYS}
@@ -225,6 +224,9 @@ def variant_summary(vfit: VariantsFit) -> list[str]:
             tokens = f" = {fmt(e.cbs * fit.seq_len)} tokens" if fit.seq_len else ""
             lines.append(f"  {e.setting.name} [{variant}]: CBS {e.cbs:.4g}{ci} sequences{tokens}")
     lines += [f"  {c.sentence()}" for c in vfit.crossovers]
+    warnings = sum(len(study_warnings(f)) for f in vfit.fits.values())
+    if warnings:
+        lines.append(f"  {warnings} warning(s): see report.md")
     return lines
 
 
