@@ -119,6 +119,7 @@ def test_every_variant_shares_the_reference_variants_targets(tmp_path):
     ({"axes": {"x": {"v": {"ewa": {"taus": [0.9]}}}}}, r"study\.axes\.x\.v\.ewa\.taus is set by the study"),
     ({"variants": {"a": {}}, "method": "branched", "hparams": {"lr": [1e-3]}},
      r"study\.variants: method branched is not supported with variants"),
+    ({"method": "branched", "hparams": {"ewa_taus": []}}, r"study\.hparams\.ewa_taus: \[\] \(no EWA\) is for method sweep"),
 ])
 def test_bad_variants_are_named_at_load(kw, message):
     with pytest.raises(ConfigError, match=message):

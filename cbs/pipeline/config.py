@@ -1062,6 +1062,9 @@ class StudyConfig:
                    f"{p}.targets: method branched has no target losses (it compares branch losses): remove targets")
         if self.method is StudyMethod.ramp:
             self._validate_ramp(p)
+        _check(self.method is StudyMethod.sweep or self.hparams.ewa_taus != [],
+               f"{p}.hparams.ewa_taus: [] (no EWA) is for method sweep; a {self.method.value} study keeps EWA weights: "
+               f"give taus, or omit it for the paper's")
         if self.variants is not None or self.axes is not None or self.reference_variant is not None:
             from cbs.pipeline.study_variants import expand_variants  # it imports this module
 
