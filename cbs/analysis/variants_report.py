@@ -36,7 +36,7 @@ def _cbs_token_rows(fit: StudyFit) -> list[list]:
     seq = fit.seq_len
     rows = []
     for row, e in zip(cbs_rows(fit), fit.estimates):
-        tokens = [v * seq if seq and math.isfinite(v) else None for v in (e.cbs, *e.cbs_ci)]
+        tokens = [v * seq if seq and not math.isnan(v) else None for v in (e.cbs, *e.cbs_ci)]  # inf stays inf
         rows.append(row + [seq, *tokens])
     return rows
 
