@@ -14,6 +14,7 @@ does). Like the rest of cbs/analysis/, it never imports torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from cbs.analysis.ramp import Ramp, batch_ramp, curve_from_law, read_curve
 from cbs.analysis.run_metrics import MetricsReader
 from cbs.analysis.steps import load_steps
 from cbs.analysis.study_fit import StudyFit, fit_study
+from cbs.analysis.variants import VariantsFit, fit_variants, slug
+from cbs.analysis.variants_report import figure_variants, render_variant_outputs, variant_figure_names
 
 __all__ = ["fit", "cbs_table", "figures", "forecast", "ramp", "export", "Planned", "InputError"]
 
@@ -60,17 +63,26 @@ def fit(path: str | Path, out: str | Path | None = None, target_kind: str = "ewa
     else:
         table = load_steps(str(path), target_kind)
         reader = MetricsReader()
-        throughput = ThroughputModel(tuple(study_throughput(table.runs, reader)), "the runs' metrics.jsonl")
-        result = fit_study(table, overhead, None, bootstrap, seed, LEVEL, None, throughput, None, None, reader)
+
+        def fit_one(t):
+            throughput = ThroughputModel(tuple(study_throughput(t.runs, reader)), "the runs' metrics.jsonl")
+            return fit_study(t, overhead, None, bootstrap, seed, LEVEL, None, throughput, None, None, reader)
+
+        result = fit_variants(table, fit_one) if table.variants else fit_one(table)
     if out is not None:
-        files = render_branched_outputs(result) if isinstance(result, BranchedFit) else render_outputs(result)
-        write_outputs(Path(out), files)
+        render = {BranchedFit: render_branched_outputs, VariantsFit: render_variant_outputs}.get(type(result),
+                                                                                                 render_outputs)
+        write_outputs(Path(out), render(result))
     return result
 
 
-def cbs_table(result: StudyFit | BranchedFit) -> list[dict]:
+def cbs_table(result: StudyFit | BranchedFit | VariantsFit) -> list[dict]:
     """One row per setting (a sweep: S_min, B_noise, CBS and its interval) or per branch point (a branched study:
-    the local CBS(t) and its interval), in sequences; NaN where there is no estimate."""
+    the local CBS(t) and its interval), in sequences; NaN where there is no estimate. A study with variants: one
+    row per (setting, variant), with `variant` and the CBS in tokens."""
+    if isinstance(result, VariantsFit):
+        return [{**row, "variant": v, "seq_len": f.seq_len, "cbs_tokens": row["cbs"] * (f.seq_len or math.nan)}
+                for v, f in result.fits.items() for row in cbs_table(f)]
     if isinstance(result, BranchedFit):
         return [{"setting": p.setting.name, "tokens": p.tokens, "cbs": p.cbs, "cbs_low": p.cbs_low,
                  "cbs_high": p.cbs_high, "complete": p.complete} for p in result.points]
@@ -79,10 +91,15 @@ def cbs_table(result: StudyFit | BranchedFit) -> list[dict]:
              "cbs_low": e.cbs_ci[0], "cbs_high": e.cbs_ci[1], "note": e.note} for e in result.estimates]
 
 
-def figures(result: StudyFit | BranchedFit) -> dict:
+def figures(result: StudyFit | BranchedFit | VariantsFit) -> dict:
     """The figures `cbs fit` would write, as matplotlib Figures keyed by their path under --out."""
     if isinstance(result, BranchedFit):
         return branched_figures(result)
+    if isinstance(result, VariantsFit):
+        figs = {path.replace("figures/", f"figures/{slug(v)}/", 1): fig for v, f in result.fits.items()
+                for path, fig in figures(f).items()}
+        return {**figs, **{path: figure_variants(result, name)
+                           for name, path in variant_figure_names(result).items()}}
     return study_figures(result.table, result.estimates, result.laws.cbs, result.laws.b_noise, result.overhead,
                          result.b_simple)
 

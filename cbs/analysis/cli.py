@@ -32,6 +32,8 @@ from cbs.analysis.ramp_compare import (RAMP_COLUMNS, figure_ramp, is_ramp_dir, r
 from cbs.analysis.run_metrics import MetricsReader
 from cbs.analysis.steps import StepsTable, TargetKind, load_steps
 from cbs.analysis.study_fit import StudyFit, fit_study, study_warnings
+from cbs.analysis.variants import fit_variants
+from cbs.analysis.variants_report import render_variant_outputs, variant_summary
 
 MAX_SUMMARY_SETTINGS = 20
 
@@ -228,6 +230,8 @@ def _fit(argv: list[str]) -> int:
     table = load_steps(args.input, args.target_kind)
     _progress(table, args.bootstrap, start)
     reader = MetricsReader()  # one pass over each run's metrics.jsonl for the throughput and the noise scale
+    if table.variants:
+        return _fit_variants(args, table, reader, out, start)
     throughput = _throughput(args, table, reader)
     fit = fit_study(table, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL, args.overheads,
                     throughput, args.gpus, args.seq_len, reader)
@@ -235,6 +239,21 @@ def _fit(argv: list[str]) -> int:
     files = render_outputs(fit)
     _write(out, files)
     print("\n".join(_summary(fit, out, len(files), time.perf_counter() - start)))
+    return 0
+
+
+def _fit_variants(args: argparse.Namespace, table: StepsTable, reader: MetricsReader, out: Path,
+                  start: float) -> int:
+    """A study with variants: each variant's table fitted as a study, then side by side (cbs/analysis/variants.py)."""
+    def fit_one(sub: StepsTable) -> StudyFit:
+        return fit_study(sub, args.overhead, args.reference_batch, args.bootstrap, args.seed, LEVEL, args.overheads,
+                         _throughput(args, sub, reader), args.gpus, args.seq_len, reader)
+
+    vfit = fit_variants(table, fit_one)
+    files = render_variant_outputs(vfit)
+    _write(out, files)
+    print("\n".join(variant_summary(vfit) + [f"wrote {out} ({len(files)} files) in "
+                                             f"{time.perf_counter() - start:.1f} s"]))
     return 0
 
 

@@ -72,6 +72,10 @@ def csv_bytes(columns: list[str], rows: list[list]) -> bytes:
 
 
 def steps_csv(fit: StudyFit) -> bytes:
+    return csv_bytes(STEPS_COLUMNS, steps_rows(fit))
+
+
+def steps_rows(fit: StudyFit) -> list[list]:
     """One row per (setting, batch); `fitted_steps` on the setting's curve, `residual` = log S - log fitted."""
     fits = {e.setting.name: e.fit for e in fit.estimates}
     rows = []
@@ -83,10 +87,15 @@ def steps_csv(fit: StudyFit) -> bytes:
             rows.append([s.name, s.model_params, s.tokens, p.batch_size, p.steps, p.censored, p.runs, p.best_run,
                          p.censored_at_steps, p.diverged_after, p.lost_runs, fitted, residual, s.layers, s.hidden,
                          p.upper_bound])
-    return csv_bytes(STEPS_COLUMNS, rows)
+    return rows
 
 
 def cbs_csv(fit: StudyFit) -> bytes:
+    return csv_bytes(CBS_COLUMNS, cbs_rows(fit))
+
+
+def cbs_rows(fit: StudyFit) -> list[list]:
+    """One row per setting, in CBS_COLUMNS order."""
     in_laws = set(next(iter(fit.laws.cbs.values())).settings) if fit.laws.cbs else set()
     in_noise_laws = set(next(iter(fit.laws.b_noise.values())).settings) if fit.laws.b_noise else set()
     rows = []
@@ -100,22 +109,32 @@ def cbs_csv(fit: StudyFit) -> bytes:
                      e.noise.sigma if e.noise else None, e.noise.dof if e.noise else None, e.setting.layers,
                      e.setting.hidden, " | ".join(e.warnings), noise and noise.value, noise and noise.source,
                      noise and noise.unusable])
-    return csv_bytes(CBS_COLUMNS, rows)
+    return rows
 
 
 def degradation_csv(fit: StudyFit) -> bytes:
-    rows = [[e.setting.name, d.overhead, d.batch, d.low, d.high] for e in fit.estimates for d in e.degradation]
-    return csv_bytes(DEGRADATION_COLUMNS, rows)
+    return csv_bytes(DEGRADATION_COLUMNS, degradation_rows(fit))
+
+
+def degradation_rows(fit: StudyFit) -> list[list]:
+    return [[e.setting.name, d.overhead, d.batch, d.low, d.high] for e in fit.estimates for d in e.degradation]
 
 
 def time_csv(fit: StudyFit) -> bytes:
+    return csv_bytes(TIME_COLUMNS, time_table_rows(fit))
+
+
+def time_table_rows(fit: StudyFit) -> list[list]:
     best = {name: fastest(fit.times_of(name)) for name in {r.setting for r in fit.times}}
-    rows = [[r.setting, r.batch_size, r.gpus, r.steps, r.tokens, r.tokens_per_s, r.hours, r.gpu_hours,
+    return [[r.setting, r.batch_size, r.gpus, r.steps, r.tokens, r.tokens_per_s, r.hours, r.gpu_hours,
              "measured" if r.measured else "modelled", r is best[r.setting]] for r in fit.times]
-    return csv_bytes(TIME_COLUMNS, rows)
 
 
 def scaling_json(fit: StudyFit) -> bytes:
+    return (json.dumps(scaling_doc(fit), indent=2) + "\n").encode("utf-8")
+
+
+def scaling_doc(fit: StudyFit) -> dict:
     """Laws keyed by variable ('tokens' = D, 'model_params' = N, 'compute' = C, 'joint' = (D, N)), plus what a
     forecast needs to plan a batch and its time."""
     laws = fit.laws
@@ -145,7 +164,7 @@ def scaling_json(fit: StudyFit) -> bytes:
             {"model_params": p.model_params, "batch_size": p.batch_size, "gpus": p.gpus,
              "tokens_per_s": p.tokens_per_s} for p in fit.throughput.points]},
     }
-    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    return doc
 
 
 def render_outputs(fit: StudyFit) -> dict[str, bytes]:

@@ -68,6 +68,9 @@ class Setting:
     hidden: int | None = None
     """The model's width d (`model.hidden`, or the CSV column); None: unknown. With `layers` it tells models of one
     N apart by shape (cbs/analysis/shapes.py)."""
+    variant: str = ""
+    """The study variant (recipe) whose runs measured this setting (`study.variant` of their config.yaml, a
+    `variant` column of a CSV); empty for a study without variants. Fits are per (setting, variant)."""
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -131,6 +134,12 @@ class RunInfo:
     """'cpu' or 'cuda' (`resolved.device` in config.yaml, without the index); None when not recorded."""
     betas: tuple = ()
     """(beta1, beta2, the rules as recorded in `study.betas`) of config.yaml; () when not recorded."""
+    variant: str = ""
+    """`study.variant` in config.yaml: the recipe the run trains (empty without variants)."""
+    seq_len: int | None = None
+    """`model.seq_len` in config.yaml: tokens per sequence (a variant may change it)."""
+    has_ewa: bool = True
+    """Whether the run kept EWA weights (`ewa.taus` not empty); one without counts its raw crossings."""
 
 
 @dataclass
@@ -150,6 +159,30 @@ class StepsTable:
     """True when some run serves several settings (one sweep read at several budgets)."""
     runs: list[RunInfo] = field(default_factory=list)
     """Finished runs of a study (empty for CSV input)."""
+    variant_order: list[str] = field(default_factory=list)
+    """The study's variants in the order it lists them (`study.variants` of the runs' config.yaml); empty for a
+    study without variants (cbs/analysis/variants.py)."""
+    reference_variant: str | None = None
+    """The variant whose reference runs set the targets every variant shares."""
+
+    @property
+    def variants(self) -> list[str]:
+        """The variants with points, in the study's order ([] for a study without variants)."""
+        have = {p.setting.variant for p in self.points} - {""}
+        return [v for v in self.variant_order if v in have] + sorted(have - set(self.variant_order))
+
+    def of_variant(self, variant: str) -> "StepsTable":
+        """The points and runs of one variant: a table the single-recipe fit reads as a study without variants."""
+        runs = [r for r in self.runs if r.variant == variant]
+        seq_lens = {r.seq_len for r in runs} - {None}
+        kind = self.target_kind
+        if kind == TargetKind.EWA.value and runs and not any(r.has_ewa for r in runs):
+            kind = "raw (the runs keep no EWA weights)"
+        return StepsTable(points=[p for p in self.points if p.setting.variant == variant], source=self.source,
+                          input_kind=self.input_kind, target_kind=kind, finished_runs=len(runs),
+                          unfinished_runs=self.unfinished_runs, seq_len=seq_lens.pop() if len(seq_lens) == 1 else
+                          (self.seq_len if self.input_kind == "csv" else None), shared_runs=self.shared_runs,
+                          runs=runs)
 
     def settings(self) -> list[Setting]:
         unique = {p.setting.name: p.setting for p in self.points}
@@ -213,11 +246,11 @@ def reduce_observations(observations: Iterable[_Observation]) -> list[StepsPoint
     Without a crossing at B the point is censored at the smallest bound of the completed runs (S(B) = min_r S_r
     and S_r > cap_r, so S(B) > min_r cap_r); runs that diverged or failed without a crossing add no bound.
     """
-    groups: dict[tuple[str, int], list[_Observation]] = {}
+    groups: dict[tuple[str, str, int], list[_Observation]] = {}
     for ob in observations:
-        groups.setdefault((ob.setting.name, ob.batch_size), []).append(ob)
+        groups.setdefault((ob.setting.variant, ob.setting.name, ob.batch_size), []).append(ob)
     points = []
-    for (_, batch), obs in sorted(groups.items()):
+    for (_, _, batch), obs in sorted(groups.items()):
         reached = [o for o in obs if o.steps is not None]
         best = min(reached, key=lambda o: (o.steps, o.run_name)) if reached else None
         caps = [o.censored_at for o in obs if o.steps is None and o.censored_at is not None]
@@ -230,9 +263,9 @@ def reduce_observations(observations: Iterable[_Observation]) -> list[StepsPoint
     return points
 
 
-def _register(settings: dict[str, Setting], s: Setting, where: str) -> Setting:
-    """Keep one Setting per name; the same name with other numbers is an error."""
-    known = settings.setdefault(s.name, s)
+def _register(settings: dict, s: Setting, where: str) -> Setting:
+    """Keep one Setting per (variant, name); the same name with other numbers is an error."""
+    known = settings.setdefault((s.variant, s.name), s)
     same_target = (known.target_loss is None and s.target_loss is None) or (
         known.target_loss is not None and s.target_loss is not None
         and math.isclose(known.target_loss, s.target_loss, rel_tol=1e-9))
@@ -333,7 +366,8 @@ def _csv_observation(row: dict, where: str, settings: dict[str, Setting]) -> _Ob
     setting = _register(settings, Setting(name, positive_int(row["model_params"], f"{where}: model_params"),
                                           positive_int(row["tokens"], f"{where}: tokens"),
                                           layers=_optional_int(row.get("layers"), f"{where}: layers"),
-                                          hidden=_optional_int(row.get("hidden"), f"{where}: hidden")), where)
+                                          hidden=_optional_int(row.get("hidden"), f"{where}: hidden"),
+                                          variant=row.get("variant") or ""), where)
     censored = _csv_bool(row.get("censored", ""), f"{where}: censored")
     if censored and row.get("steps"):
         raise InputError(f"{where}: censored is {row['censored']!r} but steps is {row['steps']!r}; a censored row "
@@ -379,30 +413,58 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     if not finished:
         raise InputError(f"{study_dir}: no finished runs ({len(unfinished)} run director(y/ies) without a final "
                          "result.json); run the study first")
-    settings: dict[str, Setting] = {}
-    observations, seq_lens, shared, infos = [], set(), False, []
+    settings: dict[tuple, Setting] = {}
+    observations, seq_lens, shared, infos, order = [], set(), False, [], {}
     groups: dict[str, list] = {}
+    group_kinds: dict[str, TargetKind] = {}
     for run in finished:
         config = read_yaml(run / CONFIG)
         _check_sweep_run(config, run / CONFIG)
-        run_settings = _run_settings(config, run / CONFIG, settings)
+        variant = _variant(config, run / CONFIG)
+        run_settings = _run_settings(config, run / CONFIG, settings, variant)
         shared |= len(run_settings) > 1
         seq_lens.add(seq_len_of(config))
         batch = positive_int(config.get("global_batch_seqs"), f"{run / CONFIG}: global_batch_seqs")
+        kind = target_kind if target_kind is not TargetKind.EWA or _has_ewa(config) else TargetKind.RAW
         horizon = _horizon(config, run / CONFIG)
         if horizon is not None:
             groups.setdefault(horizon[1], []).append((run, batch, horizon[0], results[run], run_settings))
+            group_kinds[horizon[1]] = kind
         else:
-            observations += _run_observations(run, batch, results[run], run_settings, target_kind)
+            observations += _run_observations(run, batch, results[run], run_settings, kind)
         infos.append(RunInfo(run.name, run, batch, _world_size(config),
                              tuple(sorted({s.model_params for s in run_settings})),
                              _study(config).get("reference") is True, tuple(s.name for s in run_settings),
-                             _device(config), _betas(config)))
-    observations += [_horizon_observation(name, members, target_kind) for name, members in sorted(groups.items())]
+                             _device(config), _betas(config), variant, seq_len_of(config), _has_ewa(config)))
+        if variant:
+            order.setdefault(tuple(_study(config).get("variants") or ()), _study(config).get("reference_variant"))
+    observations += [_horizon_observation(name, members, group_kinds[name])
+                     for name, members in sorted(groups.items())]
     seq_lens.discard(None)
-    return StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
-                      target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
-                      seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared, runs=infos)
+    table = StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
+                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
+                       seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared, runs=infos)
+    if order:
+        table.variant_order, table.reference_variant = list(max(order, key=len)), order[max(order, key=len)]
+    return table
+
+
+def _variant(config: dict, where: Path) -> str:
+    """`study.variant` of a run's config.yaml: the recipe it trains ('' without variants)."""
+    variant = _study(config).get("variant")
+    if variant is None:
+        return ""
+    if not isinstance(variant, str) or not variant:
+        raise InputError(f"{where}: study.variant must be a variant name: got {variant!r}")
+    return variant
+
+
+def _has_ewa(config: dict) -> bool:
+    """Whether the run kept EWA weights (`ewa.taus` in config.yaml). A run trained without them (a variant's
+    ablation, `hparams.ewa_taus: []`) has only raw crossings, and --target-kind ewa reads those for it; a
+    config.yaml without the key (hand-made) is taken to have them, as before."""
+    ewa = config.get("ewa")
+    return not (isinstance(ewa, dict) and isinstance(ewa.get("taus"), list) and not ewa["taus"])
 
 
 def read_yaml(path: Path) -> dict:
@@ -443,7 +505,7 @@ def _check_sweep_run(config: dict, where: Path) -> None:
                          "one study directory holds the runs of one study; move the other study's runs out")
 
 
-def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> list[Setting]:
+def _run_settings(config: dict, where: Path, settings: dict, variant: str = "") -> list[Setting]:
     study = config.get("study")
     entries = study.get("settings") if isinstance(study, dict) else None
     if not isinstance(entries, list) or not entries:
@@ -458,7 +520,7 @@ def _run_settings(config: dict, where: Path, settings: dict[str, Setting]) -> li
             raise InputError(f"{key} must be a mapping with a name")
         s = Setting(e["name"], positive_int(e.get("model_params"), f"{key}.model_params"),
                     positive_int(e.get("tokens"), f"{key}.tokens"),
-                    positive_number(e.get("target_loss"), f"{key}.target_loss"), **shape)
+                    positive_number(e.get("target_loss"), f"{key}.target_loss"), variant=variant, **shape)
         out.append(_register(settings, s, str(where)))
     return out
 

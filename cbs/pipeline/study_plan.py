@@ -10,6 +10,7 @@ loss).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from cbs.pipeline.config import (PAPER_TAU, BetaRule, ConfigError, LrScaling, Mo
 from cbs.pipeline.config.loader import _coerce
 from cbs.pipeline.config.study import SettingEntry, SettingsGenerator, StudySettings, check_model
 from cbs.pipeline.study_horizons import check_horizons, check_warmup, expand, needs_horizons, study_keys
+from cbs.pipeline.study_variants import Variant, expand_variants
 from cbs.pipeline.utils import log
 from cbs.runfiles import RUNS
 WARMUP_SHARE_WARNING = 0.5
@@ -62,6 +64,8 @@ class Run:
     """AdamW beta1 (hparams.beta1_rule at the run's batch); None: base.optimizer.beta1 or its default."""
     horizon: Optional[float] = None
     """study.horizons: this run's schedule length in multiples of its setting's budget D; None otherwise."""
+    variant: Optional[Variant] = None
+    """study.variants: the recipe this run trains (its keys over study.base); None in a study without variants."""
 
 
 def human(n: float) -> str:
@@ -160,32 +164,66 @@ def plan(cfg: StudyConfig, study_dir: Path, data_dir: Path, data_parallel: int =
 def plan_sweep(cfg: StudyConfig, settings: list[Setting], study_dir: Path, data_dir: Path) -> list[Run]:
     """The paper's method: every setting group x batch x hyper-parameters x seed, one full run each."""
     b0 = reference_batch(cfg)
-    decays = needs_horizons(cfg.base.get("schedule"))
-    if decays and cfg.horizons and len(_groups(cfg, settings)) < len(settings):
-        log.info("study: one_sweep does not apply to runs with horizons: each trains to h x D of its own setting")
+    variants = expand_variants(cfg) or [None]
     runs = []
-    for group in _groups(cfg, settings, decays):
-        top = group[-1].tokens
-        for batch in sorted(cfg.batch_sizes):
-            for lr in cfg.hparams.lr:
-                for beta2 in beta2_values(cfg, batch):
-                    for seed in cfg.seeds:
-                        run = _run(cfg, group, batch, lr, beta2, seed, reference=batch == b0, top=top)
-                        runs += with_horizons(cfg, run, decays)
+    for variant in variants:
+        runs += _sweep_runs(cfg, settings, b0, variant)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError("study: two runs get the same name; give settings distinct names")
     for r in runs:
         r.config = run_config(cfg, r, study_dir, data_dir)
-    decaying = next((r for r in runs if needs_horizons(r.config.get("schedule"))), runs[0])
-    check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(decaying.config)), "study.base"), settings,
-                   cfg.horizons)
+    decaying = [v for v in variants if needs_horizons(_view(cfg, v).base.get("schedule"))]
+    if cfg.horizons and not decaying:
+        check_horizons(cfg.horizons, False, "constant")  # horizons on a constant schedule: refused
+    for variant in variants:  # each variant's schedule, read off its first run
+        first = next(r for r in runs if r.variant is variant)
+        check_schedule(from_dict(PretrainConfig, json.loads(json.dumps(first.config)), "study.base"), settings,
+                       cfg.horizons if variant in decaying else None, key=variant.key() if variant else "study.base")
+    return runs
+
+
+def _view(cfg: StudyConfig, variant: Optional[Variant]) -> StudyConfig:
+    """The study as one variant's runs see it: the variant's keys merged over base and its hparams grid (the study
+    itself without variants), for the rules each run follows (betas, EWA decays, schedule-free, micro-batch)."""
+    if variant is None:
+        return cfg
+    return dataclasses.replace(cfg, base=variant.merged_base(cfg.base), hparams=variant.hparams)
+
+
+def _sweep_runs(cfg: StudyConfig, settings: list[Setting], b0: Optional[int], variant: Optional[Variant]) -> list[Run]:
+    """The runs of one variant (or of a study without variants): groups x batches x lr x beta2 x seeds, one run
+    per horizon where the variant's schedule decays. Only the reference variant's runs at B0 are reference runs:
+    the targets they set are shared by every variant."""
+    view = _view(cfg, variant)
+    decays = needs_horizons(view.base.get("schedule"))
+    if decays and cfg.horizons and len(_groups(cfg, settings)) < len(settings):
+        log.info("study: one_sweep does not apply to runs with horizons: each trains to h x D of its own setting")
+    is_ref_variant = variant is None or variant.name == variant.reference
+    runs = []
+    for group in _groups(cfg, settings, decays):
+        top = group[-1].tokens
+        for batch in sorted(cfg.batch_sizes):
+            for lr in view.hparams.lr:
+                for beta2 in beta2_values(view, batch):
+                    for seed in cfg.seeds:
+                        run = _run(view, group, batch, lr, beta2, seed, is_ref_variant and batch == b0, top, variant)
+                        runs += with_horizons(cfg, run, decays)
     return runs
 
 
 def check_layouts(cfg: StudyConfig, runs: list[Run], data_parallel: int, ranks: str) -> None:
     """Refuse at plan time every batch a run would refuse at its start: each batch it trains at (a ramp's every
-    stage) must split into the run's micro-batch x `data_parallel` ranks (cbs.batching, pretrain's own rule)."""
+    stage) must split into the run's micro-batch x `data_parallel` ranks (cbs.batching, pretrain's own rule).
+    Each variant's runs with its own micro-batch (a variant may set micro_batch_seqs)."""
+    variants = {id(r.variant): r.variant for r in runs}
+    for variant in variants.values():
+        key = variant.key("micro_batch_seqs") if variant and "micro_batch_seqs" in variant.base else \
+            "base.micro_batch_seqs"
+        _check_layout(_view(cfg, variant), [r for r in runs if r.variant is variant], data_parallel, ranks, key)
+
+
+def _check_layout(cfg: StudyConfig, runs: list[Run], data_parallel: int, ranks: str, key: str) -> None:
     micro = base_micro_batch(cfg)
     bad = sorted({b for r in runs for b in _batches(r) if not _splits(r, micro, data_parallel, b)})
     if not bad:
@@ -193,13 +231,13 @@ def check_layouts(cfg: StudyConfig, runs: list[Run], data_parallel: int, ranks: 
     in_sizes = [b for b in bad if b in cfg.batch_sizes]
     where = f"study.batch_sizes {in_sizes}" if in_sizes else f"study.ramp's stage batches {bad}"
     if data_parallel == 1:
-        raise ConfigError(f"{where} are not divisible by base.micro_batch_seqs ({micro}); use multiples of it "
+        raise ConfigError(f"{where} are not divisible by {key} ({micro}); use multiples of it "
                           f"(batches smaller than it use themselves as micro-batch)")
-    given = f"base.micro_batch_seqs ({micro})" if micro else \
-        f"{batching.DEFAULT_MICRO_BATCH_SEQS} sequences (the default; base.micro_batch_seqs is not set)"
+    given = f"{key} ({micro})" if micro else \
+        f"{batching.DEFAULT_MICRO_BATCH_SEQS} sequences (the default; {key} is not set)"
     fits = [m for m in range(int(micro or batching.DEFAULT_MICRO_BATCH_SEQS) - 1, 0, -1)
             if all(_splits(r, m, data_parallel, b) for r in runs for b in _batches(r))]
-    fix = (f"set base.micro_batch_seqs: {fits[0]}, " if fits else "") + \
+    fix = (f"set {key}: {fits[0]}, " if fits else "") + \
         f"use batches that are multiples of {data_parallel} x the micro-batch, or train each run on fewer ranks"
     raise ConfigError(f"{where} cannot be split over {data_parallel} data-parallel ranks ({ranks}) with micro-batches "
                       f"of {given}: every rank trains the same whole micro-batches, so a batch must be a multiple "
@@ -246,7 +284,7 @@ def run_path(study_dir: Path, name: str) -> Path:
 
 
 def check_schedule(run: PretrainConfig, settings: list[Setting], horizons: Optional[list[float]] = None,
-                   sweep: bool = True) -> None:
+                   sweep: bool = True, key: str = "study.base") -> None:
     """Refuse what would make S(B) compare different things; warn about a long warmup.
 
     A study reads every batch's steps-to-target off runs trained for different lengths (the reference runs to
@@ -257,12 +295,12 @@ def check_schedule(run: PretrainConfig, settings: list[Setting], horizons: Optio
     """
     schedule = run.schedule
     if sweep:
-        check_horizons(horizons, needs_horizons(schedule), schedule.kind.value)
+        check_horizons(horizons, needs_horizons(schedule), schedule.kind.value, key)
         if horizons:
             check_warmup(horizons, schedule.warmup_tokens, {s.name: s.tokens for s in settings})
     elif schedule.kind is not ScheduleKind.constant:
         raise ConfigError(
-            f"study.base.schedule.kind is {schedule.kind.value}: a study needs a constant learning rate after "
+            f"{key}.schedule.kind is {schedule.kind.value}: a study needs a constant learning rate after "
             f"warmup (the paper's method, with EWA), because its runs train for different lengths (the reference "
             f"runs to the budget, the others up to max_tokens_factor x it) and a {schedule.kind.value} schedule "
             f"decays over each run's own length, so S(B) would compare different schedules; set "
@@ -270,7 +308,7 @@ def check_schedule(run: PretrainConfig, settings: list[Setting], horizons: Optio
     for s in settings:
         if schedule.warmup_tokens >= s.tokens:
             raise ConfigError(
-                f"study.base.schedule.warmup_tokens ({schedule.warmup_tokens}) >= the budget of setting {s.name} "
+                f"{key}.schedule.warmup_tokens ({schedule.warmup_tokens}) >= the budget of setting {s.name} "
                 f"({s.tokens} tokens): its target would be measured before the warmup ends; warm up over at "
                 f"most a fraction of the smallest budget (the paper: 25%)")
         if schedule.warmup_tokens > WARMUP_SHARE_WARNING * s.tokens:
@@ -291,7 +329,8 @@ def ewa_taus(cfg: StudyConfig, batch: int) -> list[float]:
             raise ConfigError("study.hparams.ewa_taus is set but study.base.optimizer.kind is schedule_free, whose "
                               "evaluated weights already are an average: remove hparams.ewa_taus")
         return []
-    return list(cfg.hparams.ewa_taus or [paper_value(PAPER_TAU, batch)])
+    # ewa_taus: [] trains without EWA weights (a variant's ablation); unset: the paper's tau for the batch
+    return list(cfg.hparams.ewa_taus if cfg.hparams.ewa_taus is not None else [paper_value(PAPER_TAU, batch)])
 
 
 def beta2_rule(cfg: StudyConfig) -> BetaRule:
@@ -330,15 +369,19 @@ def beta_record(cfg: StudyConfig) -> dict:
 
 
 def _run(cfg: StudyConfig, group: list[Setting], batch: int, lr: float, beta2: float, seed: int, reference: bool,
-         top: int) -> Run:
+         top: int, variant: Optional[Variant] = None) -> Run:
+    """One run of `cfg` (the variant's view of the study: `_view`)."""
     name = _stem(group[0].model_label, top, batch, lr)
     if cfg.hparams.beta2 and len(cfg.hparams.beta2) > 1:
         name += f"_beta2{beta2:g}"
     if len(cfg.seeds) > 1:
         name += f"_s{seed}"
+    if variant is not None:
+        name += f"_{variant.name}"
     taus = ewa_taus(cfg, batch)
     tokens = top if reference else int(cfg.max_tokens_factor * top)
-    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens, beta1=beta1_value(cfg, batch))
+    return Run(name, group, batch, lr, beta2, list(taus), seed, reference, tokens, beta1=beta1_value(cfg, batch),
+               variant=variant)
 
 
 def _stem(model_label: str, tokens: int, batch: int, lr: float) -> str:
@@ -355,21 +398,25 @@ def _merge(base: dict, over: dict) -> dict:
 
 def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> dict:
     """The pretrain config of one run: the study's base, then what the study decides for this run."""
-    base = cfg.base
-    micro = batching.micro_batch_for(run.batch, base_micro_batch(cfg))  # pretrain's rule, made explicit
+    view = _view(cfg, run.variant)
+    base = view.base
+    model = run.variant.model_of(run.settings[0].model) if run.variant else run.settings[0].model
+    micro = batching.micro_batch_for(run.batch, base_micro_batch(view))  # pretrain's rule, made explicit
     targets = [s.target for s in run.settings if s.target is not None]
     over = {
         "data_dir": str(data_dir), "run_dir": str(run_path(study_dir, run.name)),
-        "model": to_dict(run.settings[0].model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
+        "model": to_dict(model), "global_batch_seqs": run.batch, "micro_batch_seqs": micro,
         "train_tokens": run.train_tokens, "seed": run.seed,
         "optimizer": {"lr": run.lr, "beta2": run.beta2, **({"beta1": run.beta1} if run.beta1 is not None else {})},
         "ewa": {"taus": run.taus},
         "targets": targets, "stop_at_targets": bool(targets) and not run.reference and run.horizon is None,
         "stop_weights": "ewa" if run.taus else "any",
         "study": {"name": cfg.name, "method": cfg.method.value, "reference": run.reference, "settings": [
-            {"name": s.name, "model_params": s.model_params, "tokens": s.tokens, "target_loss": s.target}
-            for s in run.settings], "betas": beta_record(cfg), **study_keys(run)},
+            {"name": s.name, "model_params": model.non_embedding_params, "tokens": s.tokens, "target_loss": s.target}
+            for s in run.settings], "betas": beta_record(view), **study_keys(run)},
     }
+    if run.variant is not None:  # how `cbs fit` knows a run's variant, their order and the reference one
+        over["study"].update(run.variant.metadata())
     if run.schedule is not None:  # a ramp run: its stages instead of a fixed batch
         over.update(global_batch_seqs=None, batch_schedule=run.schedule)
     if run.reference and cfg.method in (StudyMethod.sweep, StudyMethod.ramp):
@@ -380,8 +427,15 @@ def run_config(cfg: StudyConfig, run: Run, study_dir: Path, data_dir: Path) -> d
     try:  # every run validates now
         from_dict(PretrainConfig, json.loads(json.dumps(merged)), f"study run {run.name}")
     except ConfigError as e:
-        raise _blame_base(e, run.name, base, over) from None
+        error = _blame_base(e, run.name, base, over)
+        raise (_blame_variant(error, run, over) if run.variant else error) from None
     return merged
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _blame_base(error: ConfigError, name: str, base: dict, over: dict) -> ConfigError:
@@ -391,13 +445,20 @@ def _blame_base(error: ConfigError, name: str, base: dict, over: dict) -> Config
     if not message.startswith(prefix):
         return error
     dotted = message[len(prefix):].split(" ", 1)[0].split("[", 1)[0]
-    in_base, in_over = base, over
-    for part in dotted.split("."):
-        in_base = in_base.get(part) if isinstance(in_base, dict) else None
-        in_over = in_over.get(part) if isinstance(in_over, dict) else None
-    if in_base is None or in_over is not None:
+    if _lookup(base, dotted) is None or _lookup(over, dotted) is not None:
         return error
     return ConfigError(message.replace(prefix, "study.base."))
+
+
+def _blame_variant(error: ConfigError, run: Run, over: dict) -> ConfigError:
+    """An error in a key a variant set (merged over base) names the variant's key, not study.base's."""
+    message = str(error)
+    for prefix in (f"study run {run.name}.", "study.base."):
+        if message.startswith(prefix):
+            dotted = message[len(prefix):].split(" ", 1)[0].split("[", 1)[0]
+            if _lookup(run.variant.base, dotted) is not None and _lookup(over, dotted) is None:
+                return ConfigError(message.replace(prefix, run.variant.key() + "."))
+    return error
 
 
 # ---------------------------------------------------------------------------------------------------- ramp

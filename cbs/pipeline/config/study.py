@@ -301,6 +301,13 @@ class StudyConfig:
     and S(B) is interpolated between the final losses of its horizons (docs/method.md, "Decaying schedules").
     Sorted, distinct, > 0, at least 2; with reference targets it must hold 1 (the reference run of exactly D
     tokens). Refused when no run's schedule decays."""
+    variants: Optional[dict] = None
+    """Recipes swept side by side over the same grid: {name: pretrain keys over base, `model` fields over each
+    setting's model, `hparams` in place of study.hparams} (cbs/pipeline/study_variants.py)."""
+    axes: Optional[dict] = None
+    """Variants as a product: {axis: {value: keys}} -> one variant per combination, named value1-value2."""
+    reference_variant: Optional[str] = None
+    """The variant whose reference runs set the target losses every variant shares; default: the first."""
 
     def validate(self, p: str) -> None:
         _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
@@ -324,6 +331,13 @@ class StudyConfig:
             self._validate_ramp(p)
         if self.horizons is not None:
             self._validate_horizons(p)
+        _check(self.method is StudyMethod.sweep or self.hparams.ewa_taus != [],
+               f"{p}.hparams.ewa_taus: [] (no EWA) is for method sweep; a {self.method.value} study keeps EWA weights: "
+               f"give taus, or omit it for the paper's")
+        if self.variants is not None or self.axes is not None or self.reference_variant is not None:
+            from cbs.pipeline.study_variants import expand_variants  # it imports this module
+
+            expand_variants(self)
         beta1 = (self.base.get("optimizer") or {}).get("beta1") if isinstance(self.base, dict) else None
         _check(beta1 is None or self.hparams.beta1_rule is BetaRule.fixed,
                f"{p}.base.optimizer.beta1 is set but {p}.hparams.beta1_rule is {self.hparams.beta1_rule.value}, "
