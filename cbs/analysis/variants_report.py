@@ -108,8 +108,9 @@ def figure_variants(vfit: VariantsFit, setting: str):
             b = [p.batch_size for p in points]
             grid = np.geomspace(min(b) / 1.3, max(b) * 1.3, 200)
             cbs = f", CBS {est.cbs:.3g}" if est.fitted else ""
-            ax.plot(grid, est.fit.steps(grid), "-", color=color,
-                    label=f"{variant} fit: S_min {est.fit.s_min:.3g}, B_noise {est.fit.b_noise:.3g}{cbs}")
+            text = ("S ~ 1/B throughout (no saturation: B_noise at the search bound)" if est.fit.bound == 1 else
+                    f"S_min {est.fit.s_min:.3g}, B_noise {est.fit.b_noise:.3g}{cbs}")
+            ax.plot(grid, est.fit.steps(grid), "-", color=color, label=f"{variant} fit: {text}")
         batches.update(p.batch_size for p in points)
         shown += [p.steps for p in usable] + [p.censored_at_steps for p in bounds]
     for c in vfit.crossovers:
