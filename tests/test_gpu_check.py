@@ -67,7 +67,7 @@ def test_wheel_check_finds_providers_versions_markers_and_duplicates(tmp_path):
                                              'probe-d; extra == "dev"', "numpy"])
     wheels = make_wheel(tmp_path, "probe-b", "2.1", [])
     assumed = {"numpy", "torch", "sentencepiece", "protobuf", "pyarrow", "tensorboard", "pyyaml", "scipy",
-               "statsmodels", "matplotlib", "tqdm", "deepspeed", "megatron-core", "datasets"}
+               "statsmodels", "matplotlib", "tqdm", "deepspeed", "megatron-core", "datasets", "schedulefree"}
     errors, warns, met = wheel_check.check(wheels, "3.12", assumed, set())
     assert errors == [] and warns == []
     assert any("probe-a 1.0 needs probe-b>=2: wheel probe-b 2.1" in m for m in met)
