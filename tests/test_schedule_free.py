@@ -184,8 +184,8 @@ def test_a_study_of_schedule_free_runs_keeps_no_ewa(tmp_path):
     runs = study.plan(study_cfg(base=base), tmp_path, tmp_path / "data")
     assert {(tuple(r.taus), r.config["stop_weights"], r.config["optimizer"]["kind"]) for r in runs} == {
         ((), "any", "schedule_free")}
-    with pytest.raises(ConfigError, match=r"study\.hparams\.ewa_taus is set but study\.base\.optimizer\.kind is "
-                                          r"schedule_free.*remove hparams\.ewa_taus"):
+    with pytest.raises(ConfigError, match=r"hparams\.ewa_taus \[0\.99\] is given for runs whose optimizer\.kind is "
+                                          r"schedule_free.*remove ewa_taus from study\.hparams"):
         study.plan(study_cfg(base=base, hparams={"ewa_taus": [0.99]}), tmp_path, tmp_path / "data")
 
 
@@ -224,6 +224,7 @@ def test_a_schedule_free_study_with_half_life_betas_end_to_end(stdlib_data, tmp_
     report = (out / "fit" / "report.md").read_text()
     assert "AdamW betas per batch: beta1 fixed, beta2 half_life (beta2(B) = clip(0.999^(B/4), 0.95, 0.9999))" \
         in report
+    assert "target crossing: raw (the runs keep no EWA weights)" in report  # the fit reads x, their raw weights
 
 
 def test_a_branch_must_keep_the_optimizer(stdlib_data, sf_reference, tmp_path):

@@ -126,6 +126,35 @@ def test_bad_variants_are_named_at_load(kw, message):
         study_cfg(**kw)
 
 
+
+def test_each_variant_follows_its_own_beta_rules_and_optimizer(tmp_path):
+    """A variant's hparams merge over the study's key by key (half_life constants too); its own beta2 rule drops
+    the study's fixed beta2 values; a schedule-free variant keeps no EWA though the study's others do; the study's
+    fit reads each run at the weights it kept."""
+    cfg = study_cfg(hparams={"ewa_taus": [0.9], "beta2": [0.98]}, variants={
+        "fixed": {},
+        "hl": {"hparams": {"beta2_rule": "half_life", "half_life": {"ref_batch": 8}}},
+        "sf": {"optimizer": {"kind": "schedule_free"}}})
+    runs = {r.name: r for r in study.plan(cfg, tmp_path, tmp_path / "data")}
+    at4 = {v: runs[f"mL2d128_d60K_b4_lr0.00316_{v}"].config for v in ("fixed", "hl", "sf")}
+    assert at4["fixed"]["optimizer"]["beta2"] == 0.98 and at4["sf"]["optimizer"]["beta2"] == 0.98
+    assert at4["hl"]["optimizer"]["beta2"] == pytest.approx(0.999 ** (4 / 8), abs=1e-6)  # ref_batch 8, ref 0.999
+    assert at4["hl"]["study"]["betas"]["beta2_rule"] == "half_life"
+    assert at4["sf"]["ewa"]["taus"] == [] and at4["sf"]["stop_weights"] == "any"
+    assert at4["fixed"]["ewa"]["taus"] == [0.9]
+
+
+@pytest.mark.parametrize("variants, key", [
+    ({"a": {}, "b1": {"optimizer": {"beta1": 0.9}, "hparams": {"beta1_rule": "half_life"}}},
+     r"study\.variants\.b1\.optimizer\.beta1 is 0\.9 but study\.variants\.b1\.hparams\.beta1_rule is half_life"),
+    ({"a": {}, "b1": {"optimizer": {"beta1": 0.9}}},  # the study's rule would replace the variant's beta1
+     r"study\.variants\.b1\.optimizer\.beta1 is 0\.9 but study\.variants\.b1\.hparams\.beta1_rule is paper"),
+])
+def test_a_variant_beta1_that_a_beta1_rule_would_replace_is_refused(variants, key):
+    hparams = {"ewa_taus": [0.9]} if "hparams" in variants["b1"] else {"ewa_taus": [0.9], "beta1_rule": "paper"}
+    with pytest.raises(ConfigError, match=key):
+        study_cfg(hparams=hparams, variants=variants)
+
 def test_a_variant_value_that_clashes_with_base_names_the_variant(tmp_path):
     """Checked alone a variant's keys are fine; merged over base into a run they may not be: the error names the
     variant's key, not study.base's or the run's."""

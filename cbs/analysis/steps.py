@@ -175,9 +175,8 @@ class StepsTable:
         """The points and runs of one variant: a table the single-recipe fit reads as a study without variants."""
         runs = [r for r in self.runs if r.variant == variant]
         seq_lens = {r.seq_len for r in runs} - {None}
-        kind = self.target_kind
-        if kind == TargetKind.EWA.value and runs and not any(r.has_ewa for r in runs):
-            kind = "raw (the runs keep no EWA weights)"
+        kind = _kind_label(TargetKind(self.target_kind), runs) if self.target_kind in {k.value for k in TargetKind} \
+            else self.target_kind
         return StepsTable(points=[p for p in self.points if p.setting.variant == variant], source=self.source,
                           input_kind=self.input_kind, target_kind=kind, finished_runs=len(runs),
                           unfinished_runs=self.unfinished_runs, seq_len=seq_lens.pop() if len(seq_lens) == 1 else
@@ -401,6 +400,14 @@ def _csv_bool(value: str, what: str) -> bool:
 # study directory input
 
 
+def _kind_label(target_kind: TargetKind, runs: list) -> str:
+    """The crossing the table reports: --target-kind, or raw where no run kept EWA weights (each such run is read
+    at its raw weights: schedule-free runs, `ewa_taus: []`)."""
+    if target_kind is TargetKind.EWA and runs and not any(r.has_ewa for r in runs):
+        return "raw (the runs keep no EWA weights)"
+    return target_kind.value
+
+
 def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
     """`runs/*/config.yaml` + `result.json` -> table; runs without a final result.json are counted as unfinished."""
     runs_dir = study_dir / RUNS
@@ -442,7 +449,7 @@ def read_study(study_dir: Path, target_kind: TargetKind) -> StepsTable:
                      for name, members in sorted(groups.items())]
     seq_lens.discard(None)
     table = StepsTable(points=reduce_observations(observations), source=str(study_dir), input_kind="study",
-                       target_kind=target_kind.value, finished_runs=len(finished), unfinished_runs=unfinished,
+                       target_kind=_kind_label(target_kind, infos), finished_runs=len(finished), unfinished_runs=unfinished,
                        seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, shared_runs=shared, runs=infos)
     if order:
         table.variant_order, table.reference_variant = list(max(order, key=len)), order[max(order, key=len)]

@@ -12,7 +12,7 @@ Torch-free: the config loader applies `scale` (ModelConfig.expand), and a study 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cbs.pipeline.config import ModelConfig

@@ -42,8 +42,7 @@ from cbs.pipeline.config import (ConfigError, PreprocessConfig, PretrainConfig, 
 from cbs.pipeline.executors import (PROGRESS_EVERY_S, Executor, ExecutorError, LocalExecutor, RunJob, read_result,
                                     run_status)
 from cbs.pipeline.metrics import eval_records
-from cbs.pipeline.study_plan import (Run, human, plan, plan_table, reference_batch, run_config, run_path,
-                                     schedule_free)
+from cbs.pipeline.study_plan import Run, human, plan, plan_table, reference_batch, run_config, run_path
 from cbs.pipeline.study_slurm import SlurmExecutor
 from cbs.pipeline.targets import TargetTracker, crossings_match, eval_key, targets_reached, weight_kinds
 from cbs.runfiles import (DATA, FIT, LOG, MANIFEST, PREPROCESS_FILE, RUN_INPUT, RUNS, SETTLED, STALE, STALE_RESULT,
@@ -286,8 +285,8 @@ def run_phases(cfg: StudyConfig, runs: list[Run], study_dir: Path, data_dir: Pat
     if not dry_run:
         todo = [p for p in todo if run_status(p) == Status.COMPLETED and not (p / rundir.EVAL).exists()]
     executor.evaluate(todo)
-    fit_args = ["--target-kind", "raw"] if schedule_free(cfg) else FIT_ARGS  # x, its average: no EWA to read
-    return executor.fit(study_dir, study_dir / FIT, fit_args + (["--reference-batch", str(b0)] if b0 else []))
+    # runs without EWA weights (schedule-free: x already is an average) are read at their raw weights by the fit
+    return executor.fit(study_dir, study_dir / FIT, FIT_ARGS + (["--reference-batch", str(b0)] if b0 else []))
 
 
 # ---------------------------------------------------------------------------------------------------- branches

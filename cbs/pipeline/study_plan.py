@@ -326,8 +326,9 @@ def ewa_taus(cfg: StudyConfig, batch: int) -> list[float]:
     """The EWA decays of a run at `batch`: hparams.ewa_taus, else the paper's; none for schedule-free runs."""
     if schedule_free(cfg):
         if cfg.hparams.ewa_taus:
-            raise ConfigError("study.hparams.ewa_taus is set but study.base.optimizer.kind is schedule_free, whose "
-                              "evaluated weights already are an average: remove hparams.ewa_taus")
+            raise ConfigError(f"hparams.ewa_taus {cfg.hparams.ewa_taus} is given for runs whose optimizer.kind is "
+                              f"schedule_free, whose evaluated weights already are an average: remove ewa_taus from "
+                              f"study.hparams (or from the schedule-free variant's hparams)")
         return []
     # ewa_taus: [] trains without EWA weights (a variant's ablation); unset: the paper's tau for the batch
     return list(cfg.hparams.ewa_taus if cfg.hparams.ewa_taus is not None else [paper_value(PAPER_TAU, batch)])

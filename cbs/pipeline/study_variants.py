@@ -10,7 +10,7 @@ A variant's keys are:
   for each run (config.STUDY_SETS: batch, lr, beta2, EWA decays, ...), refused as in `base`;
 - `model`: fields over each setting's model (`model: {seq_len: 64}`: context length as an axis; batches stay in
   sequences, so a step of batch B trains B x seq_len tokens);
-- `hparams`: the variant's own lr / beta2 / ewa_taus grid in place of `study.hparams` (`ewa_taus: []` trains
+- `hparams`: the variant's lr / beta2 / ewa_taus / beta rules, merged over `study.hparams` key by key (`ewa_taus: []` trains
   without EWA weights; the fit then reads the raw weights' crossings).
 
 Targets are SHARED: the reference runs (at B0) of `study.reference_variant` (default: the first variant) set each
@@ -25,7 +25,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from cbs.pipeline.config import (STUDY_SETS, ConfigError, HparamGrid, ModelConfig, PretrainConfig, StudyConfig,
                                  StudyMethod, from_dict, to_dict)
@@ -174,15 +174,37 @@ def _variant(cfg: StudyConfig, name: str, keys: dict, where: str = "") -> Varian
     if "preset" in model:
         raise ConfigError(f"{where}.model.preset: a variant changes fields of each setting's model (e.g. seq_len), "
                           f"not the model itself; give the models in study.settings")
-    hparams = keys.get("hparams")
-    grid = cfg.hparams if hparams is None else from_dict(
-        HparamGrid, {**to_dict(cfg.hparams), **_hparams_dict(hparams, where)}, f"{where}.hparams")
     alone = {**PLACEHOLDER, **json.loads(json.dumps(base)), "model": {**to_dict(ModelConfig()), **model}}
     from_dict(PretrainConfig, alone, where)
+    grid = _grid(cfg, merge(cfg.base, base), _hparams_dict(keys.get("hparams") or {}, where), where)
+    _check_beta1(merge(cfg.base, base), grid, "optimizer" in base and "beta1" in (base["optimizer"] or {}), where)
     return Variant(name, base, dict(model), grid)
 
 
+def _grid(cfg: StudyConfig, merged_base: dict, own: dict, where: str) -> HparamGrid:
+    """The variant's hparams: its own keys merged over study.hparams, mapping by mapping (`half_life` key by key).
+    A beta2 rule of its own drops the study's beta2 values (they belong to the fixed rule), and a schedule-free
+    variant keeps no EWA unless it gives its own ewa_taus (its evaluated weights x already are an average)."""
+    data = merge(to_dict(cfg.hparams), own)
+    if own.get("beta2_rule") not in (None, "fixed") and "beta2" not in own:
+        data["beta2"] = None
+    if (merged_base.get("optimizer") or {}).get("kind") == "schedule_free" and "ewa_taus" not in own:
+        data["ewa_taus"] = []
+    return from_dict(HparamGrid, data, f"{where}.hparams")
+
+
+def _check_beta1(merged_base: dict, grid: HparamGrid, own_beta1: bool, where: str) -> None:
+    """A beta1 given in the variant's pretrain keys (or inherited from base) with a per-batch beta1 rule: the rule
+    would silently replace it, so the two recipes would train the same beta1."""
+    beta1 = (merged_base.get("optimizer") or {}).get("beta1")
+    if beta1 is not None and grid.beta1_rule.value != "fixed":
+        key = f"{where}.optimizer.beta1" if own_beta1 else "study.base.optimizer.beta1"
+        raise ConfigError(f"{key} is {beta1} but {where}.hparams.beta1_rule is {grid.beta1_rule.value}, which sets "
+                          f"beta1 per batch and would replace it: remove the beta1, or set the variant's "
+                          f"hparams.beta1_rule: fixed")
+
+
 def _hparams_dict(raw: Any, where: str) -> dict:
-    if not isinstance(raw, dict):
+    if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{where}.hparams must be a mapping (lr, beta2, ewa_taus): got {raw!r}")
     return raw

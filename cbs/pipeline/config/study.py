@@ -303,7 +303,7 @@ class StudyConfig:
     tokens). Refused when no run's schedule decays."""
     variants: Optional[dict] = None
     """Recipes swept side by side over the same grid: {name: pretrain keys over base, `model` fields over each
-    setting's model, `hparams` in place of study.hparams} (cbs/pipeline/study_variants.py)."""
+    setting's model, `hparams` merged over study.hparams} (cbs/pipeline/study_variants.py)."""
     axes: Optional[dict] = None
     """Variants as a product: {axis: {value: keys}} -> one variant per combination, named value1-value2."""
     reference_variant: Optional[str] = None
