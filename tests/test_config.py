@@ -155,6 +155,6 @@ def test_typed_study_sections_round_trip(tmp_path):
     text = (STUDY + "settings: {generator: fixed_model, model: tiny, tokens: [300K, 1M]}\n"
             "slurm: {partition: gpu, nodes: 2, gpus_per_node: 4, extra: ['--qos=high']}\n")
     cfg = load_config(StudyConfig, write(tmp_path, text), ["slurm.time=01:00:00"])
-    assert cfg.settings.tokens == [300_000, 1_000_000] and cfg.slurm.ranks == 8
+    assert cfg.settings.tokens == [300_000, 1_000_000] and cfg.slurm.processes == 8
     assert cfg.slurm.fields({"nodes": 1})["nodes"] == 1 and cfg.slurm.time == "01:00:00"
     assert from_dict(StudyConfig, to_dict(cfg), "study") == cfg

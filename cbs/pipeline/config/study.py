@@ -14,6 +14,7 @@ from cbs.pipeline.config.model import ModelConfig
 from cbs.pipeline.config.paper import BetaRule, HalfLifeBetas
 from cbs.pipeline.config.preprocess import PreprocessConfig
 from cbs.pipeline.config.pretrain import PretrainConfig
+from cbs.pipeline.slurm import SlurmError, SlurmResources
 
 
 # Pretrain keys a study decides for each run, and where to set them instead; `base` may not hold them.
@@ -189,30 +190,15 @@ StudySettings = Union[list[SettingEntry], SettingsGenerator]
 
 
 @dataclass
-class SlurmConfig:
-    """`study.slurm`: the resources of each job under --executor slurm (cbs/pipeline/slurm.py's SlurmResources
-    checks them); command-line flags override them."""
+class SlurmConfig(SlurmResources):
+    """`study.slurm`: the resources of each job under --executor slurm, the fields of cbs/pipeline/slurm.py's
+    SlurmResources (partition, account, nodes, gpus_per_node, cpus_per_task, time, max_parallel, extra), checked by
+    `validate` once loaded so that an error names `study.slurm.KEY`; command-line flags override them."""
 
-    partition: Optional[str] = None
-    """`--partition`; default: the cluster's default partition."""
-    account: Optional[str] = None
-    """`--account` to charge; default: the user's default account."""
-    nodes: int = 1
-    """`--nodes` per training job: each run trains on nodes x gpus_per_node data-parallel ranks."""
-    gpus_per_node: int = 0
-    """`--gres=gpu:N` and the ranks per node; 0: one CPU process."""
-    cpus_per_task: Optional[int] = None
-    """`--cpus-per-task`."""
-    time: Optional[str] = None
-    """`--time` limit, "HH:MM:SS" or "D-HH:MM:SS"."""
-    max_parallel: Optional[int] = None
-    """At most this many runs of a phase at once (the `%N` of `--array`); default: no limit."""
-    extra: list[str] = field(default_factory=list)
-    """Raw sbatch flags added last, e.g. ["--qos=high"]."""
+    def __post_init__(self) -> None:
+        """No check here: the loader builds the dataclass first, then `validate` checks it and names the key."""
 
     def validate(self, p: str) -> None:
-        from cbs.pipeline.slurm import SlurmError, SlurmResources
-
         try:
             SlurmResources(**self.fields())
         except SlurmError as e:  # its messages start with "slurm.KEY"
@@ -221,11 +207,6 @@ class SlurmConfig:
     def fields(self, overrides: Optional[dict] = None) -> dict:
         """SlurmResources' keyword arguments: these, then `overrides` (the command line's flags) over them."""
         return {**to_dict(self), **(overrides or {})}
-
-    @property
-    def ranks(self) -> int:
-        """Data-parallel ranks of a training job: one per GPU, or one CPU process."""
-        return self.nodes * max(self.gpus_per_node, 1)
 
 
 @dataclass
